@@ -1,0 +1,295 @@
+"""The command line: parse options, call the library, render. The only module that prints.
+
+Generated text goes to stdout; progress, summaries, warnings and errors go to stderr, so
+`charlm sample > out.txt` holds only text.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+
+from charlm import __version__
+from charlm.errors import CharlmError
+
+app = typer.Typer(
+    name="charlm",
+    help="Character-level recurrent language models: train on any text file, sample from it.",
+    no_args_is_help=True,
+    add_completion=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+DATA, MODEL, TRAIN, SAMPLING, OUTPUT, RUN = "Data", "Model", "Training", "Sampling", "Output", "Runtime"
+
+# ---------------------------------------------------------------------------------------------- shared options
+CheckpointOpt = Annotated[Optional[Path], typer.Option(
+    "--checkpoint", "-c", help="A checkpoint file or run directory [default: the newest run under ./checkpoints].",
+    rich_help_panel=DATA)]
+DeviceOpt = Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.", rich_help_panel=RUN)]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed: the same seed gives the same result.",
+                                                rich_help_panel=RUN)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object to stdout instead of a table.",
+                                       rich_help_panel=OUTPUT)]
+EncodingOpt = Annotated[str, typer.Option(help="Text encoding of the file.", rich_help_panel=DATA)]
+UnknownOpt = Annotated[str, typer.Option(help="Characters outside the vocabulary: error or skip.",
+                                         rich_help_panel=DATA)]
+
+
+def version_callback(value: bool):
+    if value:
+        typer.echo(f"charlm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=version_callback, is_eager=True,
+                                                    help="Show the version and exit.")] = None,
+):
+    """Character-level recurrent language models: train on any text file, sample from it.
+
+    [bold]Example[/bold]: charlm train --corpus python-stdlib --max-time 2m && charlm sample --prime "def "
+    """
+
+
+def reports_errors(command):
+    """A CharlmError inside a command becomes one line on stderr and its exit code, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except CharlmError as exc:
+            err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(exc.exit_code)
+
+    return wrapper
+
+
+# ---------------------------------------------------------------------------------------------- train
+@app.command()
+@reports_errors
+def train(
+    corpus: Annotated[Optional[Path], typer.Argument(help="A UTF-8 text file to learn from.", show_default=False)] = None,
+    named: Annotated[Optional[str], typer.Option("--corpus", help="A named corpus instead of a file: python-stdlib "
+                                                 "(offline) or tinyshakespeare (downloaded).", rich_help_panel=DATA)] = None,
+    encoding: EncodingOpt = "utf-8",
+    keep_crlf: Annotated[bool, typer.Option(help="Keep CRLF line ends (by default they become LF).",
+                                            rich_help_panel=DATA)] = False,
+    val_frac: Annotated[float, typer.Option(help="Fraction of the text, from its end, held out for validation.",
+                                            rich_help_panel=DATA)] = 0.1,
+    cell: Annotated[str, typer.Option(help="Recurrent cell: rnn, gru or lstm.", rich_help_panel=MODEL)] = "rnn",
+    nonlinearity: Annotated[str, typer.Option(help="rnn cell only: tanh or relu.", rich_help_panel=MODEL)] = "tanh",
+    hidden: Annotated[int, typer.Option(min=1, help="Units per layer.", rich_help_panel=MODEL)] = 512,
+    layers: Annotated[int, typer.Option(min=1, help="Recurrent layers.", rich_help_panel=MODEL)] = 2,
+    dropout: Annotated[float, typer.Option(help="Dropout between layers and before the decoder.",
+                                           rich_help_panel=MODEL)] = 0.0,
+    embedding: Annotated[int, typer.Option(min=0, help="0 = one-hot input; N = a learned N-dim embedding.",
+                                           rich_help_panel=MODEL)] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Parallel streams per step (B).", rich_help_panel=TRAIN)] = 64,
+    seq_len: Annotated[int, typer.Option(min=1, help="Characters per truncated-BPTT chunk (T).",
+                                         rich_help_panel=TRAIN)] = 128,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.", rich_help_panel=TRAIN)] = 2e-3,
+    optimizer: Annotated[str, typer.Option(help="adamw, adam, rmsprop or sgd.", rich_help_panel=TRAIN)] = "adamw",
+    weight_decay: Annotated[float, typer.Option(min=0.0, help="AdamW weight decay.", rich_help_panel=TRAIN)] = 0.01,
+    warmup: Annotated[int, typer.Option(min=0, help="Warmup steps.", rich_help_panel=TRAIN)] = 50,
+    clip: Annotated[float, typer.Option(help="Gradient clipping by global norm.", rich_help_panel=TRAIN)] = 1.0,
+    epochs: Annotated[Optional[float], typer.Option(help="Stop after this many passes over the text.",
+                                                    rich_help_panel=TRAIN)] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.",
+                                                     rich_help_panel=TRAIN)] = None,
+    max_time: Annotated[Optional[str], typer.Option(help="Stop after this much training time: 90s, 10m, 1.5h "
+                                                    "[default: 10m when no limit is given].",
+                                                    rich_help_panel=TRAIN, show_default=False)] = None,
+    eval_every: Annotated[int, typer.Option(min=1, help="Steps between validation passes and checkpoints.",
+                                            rich_help_panel=TRAIN)] = 200,
+    patience: Annotated[int, typer.Option(min=0, help="Stop after this many evaluations without a new best "
+                                          "(0 = never).", rich_help_panel=TRAIN)] = 10,
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed and flags give the same run.",
+                                      rich_help_panel=RUN)] = 1337,
+    device: DeviceOpt = "auto",
+    precision: Annotated[str, typer.Option(help="auto, fp32 or bf16 (autocast). auto = bf16 where the hardware "
+                                           "does bf16 natively.", rich_help_panel=RUN)] = "auto",
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the model (GPU; opt-in).",
+                                                rich_help_panel=RUN)] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Run directory [default: checkpoints/<corpus name>].",
+                                                rich_help_panel=OUTPUT, show_default=False)] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out (or the newest run of this corpus) "
+                                         "exactly where it stopped.", rich_help_panel=OUTPUT)] = False,
+    init_from: Annotated[Optional[Path], typer.Option(help="Fine-tune an existing checkpoint on this corpus "
+                                                      "(keeps its vocabulary and architecture).",
+                                                      rich_help_panel=OUTPUT)] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing run in --out; resume on a changed corpus.",
+                                        rich_help_panel=OUTPUT)] = False,
+    preview: Annotated[bool, typer.Option(help="Show a short sample at every evaluation.",
+                                          rich_help_panel=OUTPUT)] = True,
+):
+    """Train a model on a text file; checkpoints go to checkpoints/<name>/{best.pt,last.pt,metrics.jsonl}.
+
+    [bold]Examples[/bold]:
+      charlm train corpus.txt
+      charlm train --corpus python-stdlib --max-time 2m
+      charlm train corpus.txt --cell lstm --hidden 256 --max-time 30m
+      charlm train corpus.txt --resume          (after Ctrl-C: the same command plus --resume)
+      torchrun --standalone --nproc_per_node=2 -m charlm train corpus.txt
+    """
+    from charlm.commands import TrainRequest, run_train
+
+    request = TrainRequest(**{k: v for k, v in locals().items() if k in TrainRequest.__dataclass_fields__})
+    run_train(request, err)
+
+
+# ---------------------------------------------------------------------------------------------- sample
+@app.command()
+@reports_errors
+def sample(
+    checkpoint: CheckpointOpt = None,
+    prime: Annotated[Optional[str], typer.Option("--prime", "-p", help="Text to start from (printed first).",
+                                                 rich_help_panel=SAMPLING)] = None,
+    prime_file: Annotated[Optional[Path], typer.Option(help="Read the prime from a file.",
+                                                       rich_help_panel=SAMPLING)] = None,
+    length: Annotated[int, typer.Option("--length", "-n", help="New characters to generate per sample.",
+                                        rich_help_panel=SAMPLING)] = 500,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="< 1: safer text, > 1: wilder.",
+                                               rich_help_panel=SAMPLING)] = 0.8,
+    top_k: Annotated[int, typer.Option(help="Sample among the k most likely characters (0 = all).",
+                                       rich_help_panel=SAMPLING)] = 0,
+    top_p: Annotated[float, typer.Option(help="Sample among the most likely characters whose probabilities "
+                                         "reach p (1 = all).", rich_help_panel=SAMPLING)] = 1.0,
+    greedy: Annotated[bool, typer.Option(help="Always take the most likely character.",
+                                         rich_help_panel=SAMPLING)] = False,
+    num_samples: Annotated[int, typer.Option(help="Samples generated together as one batch.",
+                                             rich_help_panel=SAMPLING)] = 1,
+    stop: Annotated[Optional[str], typer.Option(help="End a sample once it produces this text.",
+                                                rich_help_panel=SAMPLING)] = None,
+    unknown: UnknownOpt = "error",
+    seed: SeedOpt = None,
+    novelty: Annotated[bool, typer.Option(help="Report the longest part of each sample found verbatim in the "
+                                          "training corpus.", rich_help_panel=OUTPUT)] = False,
+    interactive: Annotated[bool, typer.Option("--interactive", "-i", help="A prompt loop that keeps the model's "
+                                              "state between turns.", rich_help_panel=SAMPLING)] = False,
+    separator: Annotated[str, typer.Option(help="Printed between samples when --num-samples > 1.",
+                                           rich_help_panel=OUTPUT)] = "\n---\n",
+    as_json: JsonOpt = False,
+    device: DeviceOpt = "auto",
+):
+    """Generate text: warm the model on the prime, then sample one character at a time.
+
+    [bold]Examples[/bold]:
+      charlm sample --prime "ROMEO:" --length 300
+      charlm sample -c checkpoints/corpus --temperature 0.5 --num-samples 4 --seed 1
+      charlm sample --prime "def " --stop "\\n\\n" > snippet.py
+      charlm sample --interactive
+    """
+    from charlm.commands import SampleRequest, run_sample
+
+    request = SampleRequest(**{k: v for k, v in locals().items() if k in SampleRequest.__dataclass_fields__})
+    run_sample(request, err)
+
+
+# ---------------------------------------------------------------------------------------------- eval / info / plot
+@app.command(name="eval")
+@reports_errors
+def evaluate(
+    corpus: Annotated[Path, typer.Argument(help="A text file to score.", show_default=False)],
+    checkpoint: CheckpointOpt = None,
+    encoding: EncodingOpt = "utf-8",
+    unknown: UnknownOpt = "error",
+    streams: Annotated[int, typer.Option(min=1, help="Parallel streams (each warmed on the text before it).",
+                                         rich_help_panel=RUN)] = 8,
+    as_json: JsonOpt = False,
+    device: DeviceOpt = "auto",
+):
+    """Score a text file with a trained model: loss (nats/char), bits per character, perplexity.
+
+    [bold]Example[/bold]: charlm eval held_out.txt --checkpoint checkpoints/corpus --json
+    """
+    from charlm.commands import run_eval
+
+    run_eval(corpus, checkpoint, encoding, unknown, streams, as_json, device, err)
+
+
+@app.command()
+@reports_errors
+def info(
+    path: Annotated[Optional[Path], typer.Argument(help="A checkpoint file or run directory [default: the newest "
+                                                   "run].", show_default=False)] = None,
+    as_json: JsonOpt = False,
+):
+    """Summarise a model: layers and parameter counts, vocabulary, training configuration and progress.
+
+    [bold]Example[/bold]: charlm info checkpoints/corpus
+    """
+    from charlm.commands import run_info
+
+    run_info(path, as_json, err)
+
+
+@app.command()
+@reports_errors
+def plot(
+    run_dir: Annotated[Optional[Path], typer.Argument(help="A run directory [default: the newest run].",
+                                                      show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write a PNG (needs matplotlib: "
+                                                   "pip install 'charlm[plot]'); without it, draw in the "
+                                                   "terminal.")] = None,
+):
+    """Plot training and validation loss against step.
+
+    [bold]Examples[/bold]: charlm plot checkpoints/corpus    charlm plot checkpoints/corpus -o curve.png
+    """
+    from charlm.commands import run_plot
+
+    run_plot(run_dir, output, err)
+
+
+@app.command()
+def corpora():
+    """List the named corpora that `charlm train --corpus NAME` can make or fetch.
+
+    [bold]Example[/bold]: charlm corpora
+    """
+    from charlm.datasets import NAMES
+
+    for name, text in NAMES.items():
+        typer.echo(f"{name:<16} {text}")
+
+
+def _usage_errors() -> tuple:
+    """The exception types Typer raises for bad command lines (TyperException from 0.2x; click's before)."""
+    found = [getattr(typer, "TyperException", None)]
+    try:
+        import click
+
+        found.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(e for e in found if e is not None)
+
+
+def main():
+    """Entry point: one line on stderr and a non-zero exit for any bad input, never a traceback."""
+    try:
+        code = app(standalone_mode=False)
+    except CharlmError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except _usage_errors() as exc:
+        if not exc.format_message():  # bare `charlm`: the help was the answer
+            sys.exit(0)
+        where = getattr(getattr(exc, "ctx", None), "command_path", "charlm")
+        err.print(f"[red]error:[/red] {escape(exc.format_message())} (see: {where} --help)", soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

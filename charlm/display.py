@@ -1,0 +1,143 @@
+"""Rendering for the command line: training progress, summaries, sparklines and terminal charts.
+
+Everything here writes to the stderr console it is given, except where a function returns a string.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, List, Optional, Sequence
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from charlm.vocab import describe_chars
+
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: Sequence[float]) -> str:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return ""
+    lo, hi = min(vals), max(vals)
+    span = (hi - lo) or 1.0
+    return "".join(SPARKS[min(len(SPARKS) - 1, int((v - lo) / span * (len(SPARKS) - 1) + 0.5))] for v in vals)
+
+
+def human_count(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def human_time(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def eval_line(r: dict) -> str:
+    mark = " *" if r.get("best") else ""
+    return (f"step {r['step']:>6} | epoch {r['epoch']:6.2f} | train {r['train_loss']:.4f} | "
+            f"val {r['val_loss']:.4f} ({r['bpc']:.3f} bpc) | lr {r['lr']:.1e} | "
+            f"{human_count(r['chars_per_s'])} ch/s | {human_time(r['elapsed_s'])}{mark}")
+
+
+class TrainDisplay:
+    """The training callback: a transient progress bar on a terminal, one permanent line per evaluation,
+    and (optionally) a short sample from the model at each evaluation."""
+
+    def __init__(self, console: Console, preview: Optional[Callable[[object], List[str]]] = None):
+        self.console = console
+        self.preview = preview
+        self.live = console.is_terminal
+        self.progress = None
+        self.task = None
+        self._last_draw = 0.0
+
+    def __enter__(self):
+        if self.live:
+            self.progress = Progress(
+                TextColumn("[bold]training"), BarColumn(bar_width=24), TextColumn("{task.fields[where]}"),
+                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} ch/s"),
+                TextColumn("ETA {task.fields[eta]}"), TimeElapsedColumn(),
+                console=self.console, transient=True,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=1000, where="", loss="-", rate="-", eta="-")
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.stop()
+
+    def __call__(self, event: str, data: dict) -> None:
+        if event == "step" and self.progress is not None:
+            now = time.perf_counter()
+            if now - self._last_draw < 0.1:
+                return
+            self._last_draw = now
+            p, elapsed = data["progress"], data["elapsed_s"]
+            limits = data["limits"]
+            where = f"step {data['step']}" + (f"/{limits['max_steps']}" if "max_steps" in limits else "")
+            eta = human_time(elapsed / p - elapsed) if p > 0.002 else "-"
+            self.progress.update(self.task, completed=int(p * 1000), where=where, loss=f"{data['loss']:.3f}",
+                                 rate=human_count(data["chars_per_s"]), eta=eta)
+        elif event == "eval":
+            self.console.print(eval_line(data), highlight=False)
+            if self.preview is not None:
+                for line in self.preview(data["model"]):
+                    self.console.print(Text("  " + line, style="dim"), highlight=False)
+
+
+def run_summary(console: Console, info: dict) -> None:
+    """The start-of-run block: corpus, vocabulary, model size, layout, device, and warnings."""
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in info["rows"]:
+        table.add_row(key, escape(value))
+    console.print(table)
+    for warning in info.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
+
+
+def vocab_preview(chars: str, limit: int = 80) -> str:
+    shown = describe_chars(chars[:limit])
+    return shown + (f" ... (+{len(chars) - limit})" if len(chars) > limit else "")
+
+
+def terminal_chart(series: dict, width: int = 64, height: int = 14) -> str:
+    """A text plot of named (x, y) series: each series gets its own mark; axes labelled with ranges."""
+    marks = "*o+x"
+    points = [(x, y) for xs_ys in series.values() for x, y in zip(*xs_ys) if y is not None and math.isfinite(y)]
+    if not points:
+        return "(nothing to plot yet)"
+    xmin, xmax = min(p[0] for p in points), max(p[0] for p in points)
+    ymin, ymax = min(p[1] for p in points), max(p[1] for p in points)
+    xspan, yspan = (xmax - xmin) or 1, (ymax - ymin) or 1
+    grid = [[" "] * width for _ in range(height)]
+    for mark, (name, (xs, ys)) in zip(marks, series.items()):
+        for x, y in zip(xs, ys):
+            if y is None or not math.isfinite(y):
+                continue
+            col = int((x - xmin) / xspan * (width - 1) + 0.5)
+            row = height - 1 - int((y - ymin) / yspan * (height - 1) + 0.5)
+            grid[row][col] = mark
+    label_w = 8
+    lines = []
+    for i, row in enumerate(grid):
+        label = f"{ymax:.3f}" if i == 0 else (f"{ymin:.3f}" if i == height - 1 else "")
+        lines.append(f"{label:>{label_w}} |" + "".join(row))
+    lines.append(" " * label_w + " +" + "-" * width)
+    lines.append(" " * label_w + f"  {xmin:<{width // 2}g}{xmax:>{width - width // 2}g}")
+    legend = "   ".join(f"{m} {name}" for m, name in zip(marks, series))
+    lines.append(" " * label_w + "  " + legend)
+    return "\n".join(lines)

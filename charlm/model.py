@@ -1,0 +1,155 @@
+"""CharRNN: characters in, next-character logits out, hidden state carried. Pure model: no I/O.
+
+    ids (B, T) --encoder--> (B, T, I) --nn.RNN/GRU/LSTM stack--> (B, T, H) --decoder--> logits (B, T, V)
+
+The encoder is one-hot (I = V, the design's default) or a learned embedding (I = --embedding). Two ways run
+the same weights: `forward` walks a whole chunk with PyTorch's fused recurrent kernel (training, evaluation,
+warming on a prime), and `step` advances one character with a hand-written cell (sampling), where the
+fused kernel's per-call overhead would dominate. Both take and return the carried state (state.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from charlm import state as st
+
+CELLS = ("rnn", "gru", "lstm")
+GATES = {"rnn": 1, "gru": 3, "lstm": 4}  # weight rows per hidden unit: PyTorch stacks the gates
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    # tanh RNN by default: at a fixed CPU time budget it sees ~2-3x more text per second than a GRU or an
+    # LSTM of the same width, and that beat their better per-step modelling in our measurements (README).
+    cell: str = "rnn"
+    hidden: int = 512  # large enough for ~1 MB corpora; char-rnn's rule: parameters ~ corpus characters
+    layers: int = 2  # a second layer buys more than a wider first one; a third rarely pays on a CPU
+    dropout: float = 0.0  # between layers and before the decoder; raise it when val loss turns up
+    nonlinearity: str = "tanh"  # rnn only; relu learns faster at first but is less stable
+    embedding: int = 0  # 0 = one-hot input (the design); N = a learned N-dim embedding
+
+    def __post_init__(self):
+        if self.cell not in CELLS:
+            raise ValueError(f"cell must be one of {CELLS}, got {self.cell!r}")
+        if self.nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity must be tanh or relu, got {self.nonlinearity!r}")
+        if min(self.vocab_size, self.hidden, self.layers) < 1 or self.embedding < 0:
+            raise ValueError("vocab_size, hidden and layers must be positive, embedding >= 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CharRNN(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.embed = nn.Embedding(c.vocab_size, c.embedding) if c.embedding else None
+        in_size = c.embedding or c.vocab_size
+        kwargs = dict(num_layers=c.layers, batch_first=True, dropout=c.dropout if c.layers > 1 else 0.0)
+        if c.cell == "rnn":
+            self.rnn = nn.RNN(in_size, c.hidden, nonlinearity=c.nonlinearity, **kwargs)
+        else:
+            self.rnn = (nn.GRU if c.cell == "gru" else nn.LSTM)(in_size, c.hidden, **kwargs)
+        self.drop = nn.Dropout(c.dropout)
+        self.decoder = nn.Linear(c.hidden, c.vocab_size)
+
+    def init_state(self, batch: int, device=None) -> st.State:
+        c = self.config
+        return st.zeros(c.cell, c.layers, batch, c.hidden, device=device)
+
+    def encode(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, I) inputs. One-hot is built one chunk at a time, never for a whole corpus."""
+        if self.embed is not None:
+            return self.embed(ids)
+        return F.one_hot(ids, self.config.vocab_size).to(self.decoder.weight.dtype)
+
+    def forward(self, ids: torch.Tensor, state: st.State):
+        """ids (B, T), state -> logits (B, T, V), new state. Teacher forcing: ids are the true characters."""
+        x = self.encode(ids)  # (B, T, I)
+        onednn = torch.backends.mkldnn
+        before, onednn.enabled = onednn.enabled, self._use_onednn(x)
+        try:
+            out, state = self.rnn(x, state)  # (B, T, H)
+        finally:
+            onednn.enabled = before
+        return self.decoder(self.drop(out)), state
+
+    def _use_onednn(self, x: torch.Tensor) -> bool:
+        """oneDNN's fused RNN is the faster CPU kernel for LSTM and for bf16, PyTorch's own for fp32 RNN/GRU
+        (bench/throughput.py measures both; 1.2-1.3x either way on a 2-core CPU)."""
+        if x.device.type != "cpu":
+            return True
+        return self.config.cell == "lstm" or torch.is_autocast_enabled("cpu")
+
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor, state: st.State):
+        """One character per stream: ids (B,), state -> logits (B, V), new state. Same maths as forward,
+        written out per layer so that a step costs one pass over the weights and a handful of kernels."""
+        c = self.config
+        rnn = self.rnn
+        if self.embed is not None:
+            x, first_is_lookup = self.embed(ids), False  # (B, E)
+        else:
+            x, first_is_lookup = None, True
+        hs, cs = (state if c.cell == "lstm" else (state, None))
+        new_h, new_c = [], []
+        for k in range(c.layers):
+            w_ih, w_hh = getattr(rnn, f"weight_ih_l{k}"), getattr(rnn, f"weight_hh_l{k}")
+            b_ih, b_hh = getattr(rnn, f"bias_ih_l{k}"), getattr(rnn, f"bias_hh_l{k}")
+            if k == 0 and first_is_lookup:
+                gi = w_ih.t()[ids] + b_ih  # (B, G*H): the one-hot product is a column lookup
+            else:
+                gi = F.linear(x, w_ih, b_ih)  # (B, G*H)
+            gh = F.linear(hs[k], w_hh, b_hh)  # (B, G*H)
+            if c.cell == "rnn":
+                act = torch.tanh if c.nonlinearity == "tanh" else torch.relu
+                h = act(gi + gh)
+            elif c.cell == "gru":
+                i_r, i_z, i_n = gi.chunk(3, dim=1)
+                h_r, h_z, h_n = gh.chunk(3, dim=1)
+                r = torch.sigmoid(i_r + h_r)
+                z = torch.sigmoid(i_z + h_z)
+                n = torch.tanh(i_n + r * h_n)
+                h = n + z * (hs[k] - n)  # = (1 - z) * n + z * h
+            else:
+                i, f, g, o = (gi + gh).chunk(4, dim=1)
+                cell = torch.sigmoid(f) * cs[k] + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(cell)
+                new_c.append(cell)
+            new_h.append(h)
+            x = h  # dropout is off at sampling time
+        h_all = torch.stack(new_h)  # (layers, B, H)
+        new_state = (h_all, torch.stack(new_c)) if c.cell == "lstm" else h_all
+        return self.decoder(x), new_state
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def layer_parameter_counts(config: ModelConfig) -> list:
+    """(name, shape description, parameter count) per layer, by the same formulas PyTorch's modules use:
+    a recurrent layer with input I and H units has G*H*(I + H) weights and 2*G*H biases (G gates)."""
+    c = config
+    g = GATES[c.cell]
+    rows = []
+    if c.embedding:
+        rows.append(("embedding", f"{c.vocab_size} -> {c.embedding}", c.vocab_size * c.embedding))
+    else:
+        rows.append(("one-hot", f"{c.vocab_size} -> {c.vocab_size}", 0))
+    in_size = c.embedding or c.vocab_size
+    for k in range(c.layers):
+        name = f"{c.cell}{'-' + c.nonlinearity if c.cell == 'rnn' else ''} {k}"
+        rows.append((name, f"{in_size} -> {c.hidden}", g * c.hidden * (in_size + c.hidden) + 2 * g * c.hidden))
+        in_size = c.hidden
+    rows.append(("decoder", f"{c.hidden} -> {c.vocab_size}", c.hidden * c.vocab_size + c.vocab_size))
+    return rows

@@ -1,0 +1,144 @@
+"""Generation: warm the carried state on a prime, then feed each sampled character back in, one step at a time.
+
+    prime "hel" --forward (the training path)--> state, logits
+    loop: logits --temperature/top-k/top-p--> char c --step(c, state)--> state, logits
+
+The prefix is never run again: a step costs one pass over the weights whatever the length so far.
+`Sampler` keeps the state between calls, so an interactive session can alternate feed() and generate().
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, List, Optional
+
+import torch
+
+from charlm.model import CharRNN
+from charlm.vocab import Vocabulary
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    length: int = 500  # new characters per sample
+    temperature: float = 0.8  # < 1 sharpens the distribution: fewer misspellings, a little less variety
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    greedy: bool = False  # always the most likely character (deterministic, tends to loop)
+    num_samples: int = 1
+    seed: Optional[int] = None
+    stop: Optional[str] = None  # a sample ends early once it has produced this string
+
+    def __post_init__(self):
+        if self.length < 0:
+            raise ValueError("length must be >= 0")
+        if not self.temperature > 0:
+            raise ValueError("temperature must be > 0 (use greedy for the most likely character)")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.num_samples < 1:
+            raise ValueError("num_samples must be >= 1")
+
+
+def default_context(vocab: Vocabulary) -> str:
+    """What to warm on when there is no prime: a line break starts text the way a corpus usually does."""
+    for ch in ("\n", " ", "."):
+        if ch in vocab:
+            return ch
+    return vocab.chars[0]
+
+
+def pick(logits: torch.Tensor, cfg: SampleConfig, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """logits (B, V) -> ids (B,) under the sampling rules."""
+    if cfg.greedy:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k and cfg.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a character when the ones more likely than it already reach top_p (the first always stays).
+        drop = probs.cumsum(dim=-1) - probs >= cfg.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class Sampler:
+    """Holds a model, its vocabulary and the carried state of `batch` parallel samples."""
+
+    def __init__(self, model: CharRNN, vocab: Vocabulary, batch: int = 1, device="cpu", seed: Optional[int] = None):
+        self.model = model.to(device).eval()
+        self.vocab = vocab
+        self.device = torch.device(device)
+        self.batch = batch
+        self.state = model.init_state(batch, self.device)
+        self.logits: Optional[torch.Tensor] = None  # (batch, V): the distribution of the next character
+        # A generator of its own: sampling never disturbs the global RNG (training previews rely on this).
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
+
+    @torch.no_grad()
+    def feed(self, ids) -> None:
+        """Advance every sample's state over the same ids, with the chunk-at-a-time path training uses."""
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
+        if ids.numel() == 0:
+            return
+        x = ids.unsqueeze(0).expand(self.batch, -1)  # (batch, P)
+        logits, self.state = self.model(x, self.state)  # (batch, P, V)
+        self.logits = logits[:, -1]
+
+    @torch.no_grad()
+    def generate(self, cfg: SampleConfig) -> Iterator[List[str]]:
+        """Yield one character per sample per step (an empty string once a sample has hit cfg.stop)."""
+        if self.logits is None:
+            self.feed(self.vocab.encode(default_context(self.vocab)))
+        chars = self.vocab.chars
+        done = [False] * self.batch
+        tails = [""] * self.batch
+        stop = cfg.stop or ""
+        for _ in range(cfg.length):
+            ids = pick(self.logits, cfg, self.generator)  # (batch,)
+            self.logits, self.state = self.model.step(ids, self.state)
+            out = []
+            for b, i in enumerate(ids.tolist()):
+                if done[b]:
+                    out.append("")
+                    continue
+                ch = chars[i]
+                out.append(ch)
+                if stop:
+                    tails[b] = (tails[b] + ch)[-len(stop):]
+                    done[b] = tails[b] == stop
+            yield out
+            if stop and all(done):
+                return
+
+
+def sample_text(model: CharRNN, vocab: Vocabulary, prime: str, cfg: SampleConfig, device="cpu") -> List[str]:
+    """Whole samples, each starting with the prime: the library form of `charlm sample`."""
+    sampler = Sampler(model, vocab, cfg.num_samples, device, cfg.seed)
+    if prime:
+        sampler.feed(vocab.encode(prime))
+    texts = [[prime] for _ in range(cfg.num_samples)]
+    for step in sampler.generate(cfg):
+        for b, ch in enumerate(step):
+            texts[b].append(ch)
+    return ["".join(t) for t in texts]
+
+
+def longest_verbatim(sample: str, corpus: str) -> str:
+    """The longest substring of sample that occurs verbatim in corpus (how much the model copies).
+
+    Grows a window over the sample: each window start only ever tries to beat the best length so far,
+    so the scan does at most 2*len(sample) substring searches."""
+    best_at, best_len = 0, 0
+    for i in range(len(sample)):
+        while i + best_len < len(sample) and sample[i : i + best_len + 1] in corpus:
+            best_at, best_len = i, best_len + 1
+    return sample[best_at : best_at + best_len]

@@ -1,0 +1,57 @@
+"""The hidden state that training and sampling both carry forward, in one place.
+
+A state is a tensor (layers, batch, hidden) for RNN and GRU cells, and a tuple (h, c) of two such tensors
+for LSTM. Every function here accepts either form, so no caller branches on the cell type.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Tuple, Union
+
+import torch
+
+State = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+
+
+def zeros(cell: str, layers: int, batch: int, hidden: int, device=None) -> State:
+    h = torch.zeros(layers, batch, hidden, device=device)
+    return (h, torch.zeros_like(h)) if cell == "lstm" else h
+
+
+def _map(fn, state: State) -> State:
+    return tuple(fn(t) for t in state) if isinstance(state, tuple) else fn(state)
+
+
+def detach(state: State) -> State:
+    """Cut the graph at a chunk boundary: the values carry on, the gradients stop (truncated BPTT)."""
+    return _map(torch.Tensor.detach, state)
+
+
+def to(state: State, device) -> State:
+    return _map(lambda t: t.to(device), state)
+
+
+def select_rows(state: State, rows) -> State:
+    """The state of a subset of streams (dimension 1 is the batch)."""
+    return _map(lambda t: t[:, rows], state)
+
+
+def repeat_rows(state: State, times: int) -> State:
+    return _map(lambda t: t.repeat(1, times, 1), state)
+
+
+def to_list(state: State) -> list:
+    """Plain tensors for a checkpoint (CPU, no tuple)."""
+    return [t.detach().cpu() for t in (state if isinstance(state, tuple) else (state,))]
+
+
+def from_list(tensors: Sequence[torch.Tensor], device=None) -> State:
+    tensors = [t.to(device) for t in tensors]
+    return tuple(tensors) if len(tensors) == 2 else tensors[0]
+
+
+def concat_rows(states: Sequence[State]) -> State:
+    """Join the states of several groups of streams, in order (the inverse of select_rows on a partition)."""
+    if isinstance(states[0], tuple):
+        return tuple(torch.cat([s[i] for s in states], dim=1) for i in range(len(states[0])))
+    return torch.cat(list(states), dim=1)

@@ -1,0 +1,86 @@
+"""Vocabulary: the sorted set of Unicode code points of a corpus, and vectorised encode/decode."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from charlm.errors import CharlmError
+
+
+def describe_chars(chars) -> str:
+    """Show characters so that whitespace and control characters are visible: 'a', '\\n', 'U+200B'."""
+    shown = []
+    for ch in chars:
+        if ch.isprintable() and not ch.isspace():
+            shown.append(ch)
+        elif ch in "\n\r\t ":
+            shown.append(repr(ch)[1:-1] if ch != " " else "' '")
+        else:
+            shown.append(f"U+{ord(ch):04X}")
+    return " ".join(shown)
+
+
+class Vocabulary:
+    """Maps characters to ids 0..V-1 in code-point order, so the same corpus always gives the same ids."""
+
+    def __init__(self, chars: str):
+        if len(set(chars)) != len(chars) or list(chars) != sorted(chars):
+            raise ValueError("vocabulary characters must be sorted and distinct")
+        if not chars:
+            raise ValueError("a vocabulary needs at least one character")
+        self.chars = chars
+        self.codes = np.array([ord(c) for c in chars], dtype=np.int64)
+        # A dense code point -> id table: one vectorised take() encodes a whole array of code points.
+        self._table = np.full(int(self.codes[-1]) + 1, -1, dtype=np.int32)
+        self._table[self.codes] = np.arange(len(chars), dtype=np.int32)
+        self._index = {c: i for i, c in enumerate(chars)}
+
+    @classmethod
+    def from_codes(cls, codes) -> "Vocabulary":
+        return cls("".join(chr(int(c)) for c in np.unique(np.asarray(codes))))
+
+    @property
+    def size(self) -> int:
+        return len(self.chars)
+
+    def __len__(self) -> int:
+        return len(self.chars)
+
+    def __contains__(self, ch: str) -> bool:
+        return ch in self._index
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Vocabulary) and other.chars == self.chars
+
+    def id_dtype(self):
+        """The narrowest integer type that holds every id: 1 byte per character for most corpora."""
+        return np.uint8 if self.size <= 256 else np.int32
+
+    def ids_from_codes(self, codes: np.ndarray) -> np.ndarray:
+        """Code points -> ids; -1 where a code point is not in the vocabulary."""
+        codes = np.asarray(codes)
+        ids = np.full(codes.shape, -1, dtype=np.int32)
+        inside = codes < len(self._table)
+        ids[inside] = self._table[codes[inside]]
+        return ids
+
+    def unknown(self, text: str) -> list:
+        """The distinct characters of text that the vocabulary lacks, sorted."""
+        return sorted(set(text) - self._index.keys())
+
+    def encode(self, text: str, unknown: str = "error") -> np.ndarray:
+        """Text -> int64 ids. unknown='error' refuses characters outside the vocabulary, 'skip' drops them."""
+        missing = self.unknown(text)
+        if missing:
+            if unknown == "skip":
+                text = "".join(c for c in text if c in self._index)
+            else:
+                raise CharlmError(
+                    f"{len(missing)} character(s) not in the model's vocabulary: {describe_chars(missing)}; "
+                    "remove them or pass --unknown skip to drop them"
+                )
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+        return self._table[codes].astype(np.int64) if len(codes) else np.zeros(0, dtype=np.int64)
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[int(i)] for i in ids)

@@ -1,0 +1,69 @@
+"""Shared fixtures: small corpora written on the fly, a CLI runner, and trained tiny models."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from charlm.cli import app
+
+SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
+WORDS = "the quick brown fox jumps over a lazy dog and runs into the dark green forest".split()
+
+
+def word_text(lines: int = 1500, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    return "\n".join(" ".join(rng.choice(WORDS) for _ in range(8)) for _ in range(lines)) + "\n"
+
+
+@pytest.fixture
+def words_file(tmp_path) -> Path:
+    path = tmp_path / "words.txt"
+    path.write_text(word_text(), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def hello_file(tmp_path) -> Path:
+    path = tmp_path / "hello.txt"
+    path.write_text("hello\n" * 400, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def invoke(runner: CliRunner, *args, **kwargs):
+    """Run the CLI in-process; stdout and stderr kept apart."""
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False, **kwargs)
+
+
+def run_cli(*args, cwd=None, timeout=300, **kwargs) -> subprocess.CompletedProcess:
+    """Run `python -m charlm ARGS` as a real subprocess (the entry point users get)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "charlm", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=env, **kwargs)
+
+
+TINY = ["--hidden", "48", "--layers", "1", "--batch-size", "16", "--seq-len", "32", "--no-preview"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A small model trained on word_text, shared by the sampling and inspection tests."""
+    root = tmp_path_factory.mktemp("trained")
+    corpus = root / "words.txt"
+    corpus.write_text(word_text(), encoding="utf-8")
+    out = root / "run"
+    result = run_cli("train", corpus, "--out", out, "--max-steps", "150", "--eval-every", "50", "--lr", "1e-2",
+                     *TINY, cwd=root)
+    assert result.returncode == 0, result.stderr
+    return out

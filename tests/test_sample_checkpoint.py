@@ -1,0 +1,150 @@
+"""Sampling and checkpoints: primes lead, seeds repeat, files are safe to load and hard to damage."""
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from charlm import checkpoint as ckpt
+from charlm.errors import CharlmError
+from charlm.model import CharRNN, ModelConfig
+from charlm.sample import SampleConfig, longest_verbatim, pick, sample_text
+from charlm.vocab import Vocabulary
+
+
+def tiny_model(vocab="\nabc"):
+    torch.manual_seed(0)
+    return CharRNN(ModelConfig(vocab_size=len(vocab), hidden=16, layers=1)), Vocabulary(vocab)
+
+
+def test_sample_starts_with_prime_and_has_length():
+    model, vocab = tiny_model()
+    texts = sample_text(model, vocab, "abc", SampleConfig(length=40, num_samples=3, seed=1))
+    assert all(t.startswith("abc") and len(t) == 43 for t in texts)
+
+
+def test_same_seed_same_text_other_seed_other_text():
+    model, vocab = tiny_model()
+    a = sample_text(model, vocab, "a", SampleConfig(length=200, seed=7, temperature=1.5))
+    b = sample_text(model, vocab, "a", SampleConfig(length=200, seed=7, temperature=1.5))
+    c = sample_text(model, vocab, "a", SampleConfig(length=200, seed=8, temperature=1.5))
+    assert a == b and a != c
+
+
+def test_batched_samples_are_independent():
+    model, vocab = tiny_model()
+    texts = sample_text(model, vocab, "a", SampleConfig(length=100, num_samples=4, seed=3, temperature=2.0))
+    assert len(set(texts)) == 4
+
+
+def test_top_k_and_top_p_restrict_choices():
+    logits = torch.tensor([[4.0, 3.0, 0.0, -1.0]]).repeat(500, 1)
+    gen = torch.Generator().manual_seed(0)
+    assert set(pick(logits, SampleConfig(top_k=2, temperature=5.0), gen).tolist()) == {0, 1}
+    # p(0) = 0.72, p(1) = 0.26: top-p 0.5 keeps only the first, 0.9 the first two
+    assert set(pick(logits, SampleConfig(top_p=0.5), gen).tolist()) == {0}
+    assert set(pick(logits, SampleConfig(top_p=0.9, temperature=1.0), gen).tolist()) <= {0, 1}
+    assert pick(logits[:1], SampleConfig(greedy=True), gen).item() == 0
+
+
+def test_stop_string_ends_sample_early():
+    model, vocab = tiny_model("ab")
+    with torch.no_grad():  # a model that always says "a": the stop string "aa" arrives at once
+        model.decoder.bias.copy_(torch.tensor([10.0, -10.0]))
+        model.decoder.weight.zero_()
+    text = sample_text(model, vocab, "b", SampleConfig(length=100, stop="aa", seed=0))[0]
+    assert text == "baa"
+
+
+def test_longest_verbatim():
+    assert longest_verbatim("xxhello worldyy", "say hello world now") == "hello world"
+    assert longest_verbatim("zzz", "abc") == ""
+
+
+def payload_for(model, vocab):
+    return {"model_config": model.config.to_dict(), "vocab": vocab.chars, "model": model.state_dict(),
+            "step": 3, "metrics": [{"step": 3, "val_loss": 1.0}]}
+
+
+def test_checkpoint_round_trips_with_weights_only(tmp_path):
+    model, vocab = tiny_model()
+    ckpt.save(payload_for(model, vocab), tmp_path / "best.pt")
+    raw = torch.load(tmp_path / "best.pt", weights_only=True)  # plain data: the strict loader accepts it
+    assert raw["format"] == ckpt.FORMAT and raw["vocab"] == vocab.chars
+    loaded = ckpt.load(tmp_path)
+    assert all(torch.equal(loaded["model"][k], v) for k, v in model.state_dict().items())
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_failed_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    model, vocab = tiny_model()
+    ckpt.save(payload_for(model, vocab), tmp_path / "last.pt")
+    before = (tmp_path / "last.pt").read_bytes()
+
+    def disk_full(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CharlmError, match="No space left"):
+        ckpt.save(payload_for(model, vocab), tmp_path / "last.pt")
+    assert (tmp_path / "last.pt").read_bytes() == before
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_code_executing_checkpoint_is_refused_without_running(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"format": 1, "model": Exploit()}, tmp_path / "evil.pt")
+    with pytest.raises(CharlmError, match="run code"):
+        ckpt.load(tmp_path / "evil.pt")
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "truncated or corrupt"),
+    (os.urandom(4096), "not a charlm checkpoint|truncated or corrupt"),
+])
+def test_corrupt_files_are_refused(tmp_path, content, message):
+    (tmp_path / "x.pt").write_bytes(content)
+    with pytest.raises(CharlmError, match=message):
+        ckpt.load(tmp_path / "x.pt")
+
+
+def test_truncated_checkpoint_is_refused(tmp_path):
+    model, vocab = tiny_model()
+    ckpt.save(payload_for(model, vocab), tmp_path / "best.pt")
+    data = (tmp_path / "best.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CharlmError, match="truncated or corrupt|not a charlm"):
+        ckpt.load(tmp_path / "cut.pt")
+
+
+def test_newer_format_names_the_version(tmp_path):
+    torch.save({"format": 99, "model": {}, "charlm_version": "9.0"}, tmp_path / "new.pt")
+    with pytest.raises(CharlmError, match="format 99.*reads format <= 1"):
+        ckpt.load(tmp_path / "new.pt")
+
+
+def test_foreign_checkpoint_is_refused(tmp_path):
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "other.pt")
+    with pytest.raises(CharlmError, match="not a charlm checkpoint"):
+        ckpt.load(tmp_path / "other.pt")
+
+
+def test_missing_paths(tmp_path):
+    with pytest.raises(CharlmError, match="no such checkpoint"):
+        ckpt.load(tmp_path / "nope.pt")
+    with pytest.raises(CharlmError, match="holds no checkpoint"):
+        ckpt.load(tmp_path)
+    with pytest.raises(CharlmError, match="no trained model"):
+        ckpt.latest_run(tmp_path / "checkpoints")
+
+
+def test_wrapper_prefixes_are_stripped():
+    assert list(ckpt.clean_state_dict({"module._orig_mod.rnn.w": 1})) == ["rnn.w"]
