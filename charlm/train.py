@@ -221,6 +221,7 @@ class Trainer:
                 self.state = self.model.init_state(self.my_streams.rows, self.device)
             now = time.perf_counter()
             rate = chars_since / max(now - last_report, 1e-9)
+            self._last_rate = rate
             self.callback("step", {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr,
                                    "chars_per_s": rate, "elapsed_s": now - started, "progress": self._progress(),
                                    "limits": self._limits()})
@@ -234,16 +235,18 @@ class Trainer:
         if stopped_by in ("max_steps", "epochs", "max_time", "no_limit") and (
             not self.metrics or self.metrics[-1]["step"] != self.step
         ):
-            self._evaluate_and_save(self._last_loss, self._last_lr, 0.0, self.elapsed)
+            self._evaluate_and_save(self._last_loss, self._last_lr, self._last_rate, self.elapsed)
         elif stopped_by == "interrupt":
             self._save(ckpt.LAST)
         return TrainResult(self.step, self.epoch, stopped_by, self.best_val, self.best_step, self.metrics, self.elapsed)
 
-    _last_loss, _last_lr = math.nan, math.nan
+    _last_loss, _last_lr, _last_rate = math.nan, math.nan, 0.0
 
     def _train_step(self) -> float:
         c = self.config
         x, y = self.my_streams.chunk(self.cursor, c.seq_len)
+        if self.device.type == "cuda":  # page-locked host memory lets the copy overlap the GPU's work
+            x, y = x.pin_memory(), y.pin_memory()
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         with autocast(self.device, c.precision):
@@ -256,11 +259,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip)
-        value = loss.item() / self.dist.world
-        if self.dist.enabled:  # every rank must agree on a non-finite loss, or they would deadlock
-            both = torch.tensor([value], device=self.device)
-            dist.all_reduce(both)
-            value = both.item() / self.dist.world
+        value = loss.item() / self.dist.world  # this rank's share of the global mean
+        if self.dist.enabled:  # the global mean; every rank must also agree on a non-finite loss
+            total = torch.tensor([value], device=self.device)
+            dist.all_reduce(total)
+            value = total.item()
         if not (math.isfinite(value) and torch.isfinite(norm)):
             return math.nan
         self.optimizer.step()
