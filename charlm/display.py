@@ -45,9 +45,9 @@ def human_time(seconds: float) -> str:
 
 def eval_line(r: dict) -> str:
     mark = " *" if r.get("best") else ""
-    return (f"step {r['step']:>6} | epoch {r['epoch']:6.2f} | train {r['train_loss']:.4f} | "
-            f"val {r['val_loss']:.4f} ({r['bpc']:.3f} bpc) | lr {r['lr']:.1e} | "
-            f"{human_count(r['chars_per_s'])} ch/s | {human_time(r['elapsed_s'])}{mark}")
+    # fits 80 columns: step, train and validation loss, bits per character, learning rate, speed, time
+    return (f"step {r['step']:>6}  train {r['train_loss']:.3f}  val {r['val_loss']:.3f} ({r['bpc']:.3f} bpc)  "
+            f"lr {r['lr']:.1e}  {human_count(r['chars_per_s'])} ch/s  {human_time(r['elapsed_s'])}{mark}")
 
 
 class TrainDisplay:
@@ -94,7 +94,8 @@ class TrainDisplay:
             self.console.print(eval_line(data), highlight=False)
             if self.preview is not None:
                 for line in self.preview(data["model"]):
-                    self.console.print(Text("  " + line, style="dim"), highlight=False)
+                    line = ("  " + line)[: max(20, self.console.width - 1)]
+                    self.console.print(Text(line, style="dim"), highlight=False, soft_wrap=True)
 
 
 def run_summary(console: Console, info: dict) -> None:

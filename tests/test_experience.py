@@ -1,0 +1,146 @@
+"""What a user sees and keeps: summaries, previews, metrics, run directories, named corpora, fine-tuning."""
+
+import hashlib
+import json
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+from charlm import datasets
+from charlm.errors import CharlmError
+from charlm.model import CharRNN, ModelConfig
+from charlm.sample import Sampler
+from charlm.vocab import Vocabulary
+
+from conftest import TINY, invoke, run_cli, word_text
+
+METRIC_KEYS = {"step", "epoch", "train_loss", "val_loss", "bpc", "lr", "chars_per_s", "elapsed_s"}
+
+
+def test_metrics_jsonl_has_one_object_per_evaluation(trained_run):
+    records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [50, 100, 150]
+    assert all(METRIC_KEYS <= set(r) for r in records)
+    assert records[-1]["val_loss"] < records[0]["val_loss"]
+
+
+def test_summaries_and_preview(runner, tmp_path):
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text(word_text(200), encoding="utf-8")  # ~9k characters: warned as very little text
+    result = invoke(runner, "train", corpus, "--out", tmp_path / "run", "--max-steps", "20", "--eval-every", "10",
+                    "--hidden", "256", "--batch-size", "8", "--seq-len", "32")
+    assert result.exit_code == 0, result.output
+    err = result.stderr
+    assert "vocabulary" in err and "parameters" in err and "streams" in err
+    assert "very little text" in err and "rule of thumb" in err  # 200k+ parameters for ~8k characters
+    assert "T=0.5:" in err and "T=1.0:" in err  # the preview samples, on by default
+    assert "best: val loss" in err and "charlm sample -c" in err and "bpc" in err
+    assert any(ch in err for ch in "▁▂▃▄▅▆▇█")  # the sparkline of the validation curve
+    assert "━" not in err  # no progress-bar animation when stderr is not a terminal
+    assert result.stdout == ""
+    quiet = invoke(runner, "train", corpus, "--out", tmp_path / "quiet", "--max-steps", "10", "--eval-every", "10",
+                   *TINY)
+    assert "T=0.5:" not in quiet.stderr
+
+
+def test_default_run_dirs_do_not_clobber_and_resume_finds_the_newest(runner, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    corpus = tmp_path / "notes.txt"
+    corpus.write_text(word_text(300), encoding="utf-8")
+    for _ in range(2):
+        assert invoke(runner, "train", corpus, "--max-steps", "10", "--eval-every", "5", *TINY).exit_code == 0
+    assert (tmp_path / "checkpoints/notes/best.pt").is_file() and (tmp_path / "checkpoints/notes-2/best.pt").is_file()
+    resumed = invoke(runner, "train", corpus, "--max-steps", "15", "--eval-every", "5", "--resume", *TINY)
+    assert resumed.exit_code == 0 and "checkpoints/notes-2" in resumed.stderr
+    assert torch.load(tmp_path / "checkpoints/notes-2/last.pt", weights_only=True)["step"] == 15
+
+
+def test_feeding_in_pieces_equals_feeding_at_once():
+    torch.manual_seed(0)
+    vocab = Vocabulary("abcd")
+    model = CharRNN(ModelConfig(vocab_size=4, cell="lstm", hidden=16, layers=2))
+    whole, parts = Sampler(model, vocab), Sampler(model, vocab)
+    whole.feed(vocab.encode("abcabd"))
+    parts.feed(vocab.encode("abc"))
+    parts.feed(vocab.encode("abd"))
+    assert torch.allclose(whole.logits, parts.logits, atol=1e-6)
+
+
+def test_interactive_session_carries_state_between_turns(trained_run):
+    result = run_cli("sample", "-c", trained_run, "--interactive", "-n", "15", "--seed", "2",
+                     "--prime", "the", input="fox\n\n")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.split("\n")
+    assert lines[0].startswith("the") and "fox" in result.stdout
+    assert result.stdout.count("\n") >= 3  # the opening continuation and one per turn
+
+
+def test_novelty_reports_the_longest_copied_run(runner, trained_run):
+    result = invoke(runner, "sample", "-c", trained_run, "--prime", "the ", "-n", "80", "--seed", "1", "--novelty")
+    assert result.exit_code == 0
+    assert "novelty:" in result.stderr and "of 80 characters" in result.stderr
+
+
+def test_python_stdlib_corpus_is_built_offline(tmp_path):
+    path = datasets.build_python_stdlib(tmp_path / "py.txt", limit=60_000)
+    text = path.read_bytes()
+    assert 10_000 < len(text) <= 60_000 and text.isascii() and b"def " in text
+
+
+def test_shakespeare_download_offline_says_so(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(CharlmError, match="offline"):
+        datasets.corpus_path("tinyshakespeare", data_dir=tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+class FakeResponse:
+    def __init__(self, data):
+        self.data, self.headers = data, {"Content-Length": str(len(data))}
+
+    def read(self, n):
+        chunk, self.data = self.data[:n], self.data[n:]
+        return chunk
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def test_shakespeare_download_is_checksummed(tmp_path, monkeypatch):
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: FakeResponse(b"not shakespeare"))
+    with pytest.raises(CharlmError, match="SHA-256"):
+        datasets.corpus_path("tinyshakespeare", data_dir=tmp_path)
+    assert not (tmp_path / "tinyshakespeare.txt").exists()
+    real = b"First Citizen:\n"
+    monkeypatch.setattr(datasets, "SHAKESPEARE_SHA256", hashlib.sha256(real).hexdigest())
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: FakeResponse(real))
+    seen = []
+    path = datasets.download_shakespeare(tmp_path / "ts.txt", progress=lambda done, total: seen.append(done))
+    assert path.read_bytes() == real and seen[-1] == len(real)
+
+
+def test_unknown_named_corpus(runner):
+    result = invoke(runner, "train", "--corpus", "nonesuch")
+    assert result.exit_code == 1 and "python-stdlib" in result.stderr
+
+
+def test_init_from_fine_tunes_with_the_old_vocabulary(runner, trained_run, tmp_path):
+    new = tmp_path / "new.txt"
+    new.write_text(word_text(400, seed=9), encoding="utf-8")
+    result = invoke(runner, "train", new, "--init-from", trained_run, "--out", tmp_path / "ft", "--max-steps", "10",
+                    "--eval-every", "10", "--no-preview")
+    assert result.exit_code == 0, result.output
+    first = json.loads((tmp_path / "ft/metrics.jsonl").read_text().splitlines()[0])
+    assert first["val_loss"] < 1.8  # it starts from a model that already knows the words
+    tuned = torch.load(tmp_path / "ft/best.pt", weights_only=True)
+    original = torch.load(trained_run / "best.pt", weights_only=True)
+    assert tuned["vocab"] == original["vocab"] and tuned["model_config"] == original["model_config"]
