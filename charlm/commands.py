@@ -197,8 +197,6 @@ def run_train(r: TrainRequest, console: Console) -> None:
         batch, seq_len = fit_layout(len(train_ids) - 1, r.batch_size, r.seq_len)
         if dinfo.enabled:
             batch = max(dinfo.world, batch - batch % dinfo.world)
-        if payload is not None and r.resume:
-            batch = payload["train_config"]["batch_size"] if (batch, seq_len) != (r.batch_size, r.seq_len) else batch
         if payload is not None:
             mconf = ModelConfig(**payload["model_config"])
         else:
