@@ -312,8 +312,9 @@ def _end_summary(console: Console, result, out: Path, r: TrainRequest, received:
     console.print(f"[bold]next[/bold]: charlm sample -c {shlex.quote(str(out))} --prime \"...\"   |   "
                   f"charlm plot {shlex.quote(str(out))}")
     if result.stopped_by == "interrupt":
-        console.print(f"[bold]resume[/bold]: {resume_cmd}")
+        console.print(f"[bold]resume[/bold]: {escape(resume_cmd)}")
         raise SystemExit(128 + (received[0] if received else signal.SIGINT))
+    console.print(f"[bold]train longer[/bold]: {escape(resume_cmd)} with a larger --max-time, --max-steps or --epochs")
 
 
 # ============================================================================================== sample
@@ -571,6 +572,10 @@ def run_plot(run_dir: Optional[Path], output: Optional[Path], console: Console) 
     ax.plot(steps, train, label="train")
     ax.plot(steps, val, label="validation")
     ax.set_xlabel("step")
+    if all("chars" in m for m in records) and records[-1]["chars"] and records[-1]["step"]:
+        per_step = records[-1]["chars"] / records[-1]["step"]  # characters seen, on a second axis
+        top = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda c: c / per_step))
+        top.set_xlabel("training characters seen")
     ax.set_ylabel("loss (nats/char)")
     ax.set_title(str(run_dir))
     ax.grid(alpha=0.3)

@@ -183,6 +183,7 @@ class Trainer:
         # Where the run stands; everything here goes into a checkpoint and comes back on resume.
         self.step, self.epoch, self.cursor, self.elapsed = 0, 0, 0, 0.0
         self.best_val, self.best_step, self.bad_evals = math.inf, 0, 0
+        self.chars_seen = 0  # training characters predicted so far, all processes together
         self.metrics: list = []
         self.state = self.model.init_state(per_rank, device)
         if self.dist.is_main:
@@ -214,7 +215,9 @@ class Trainer:
                 stopped_by = "nonfinite"
                 break
             self.step += 1
-            chars_since += self.train_streams.scored_in_chunk(self.cursor, c.seq_len)
+            scored = self.train_streams.scored_in_chunk(self.cursor, c.seq_len)
+            chars_since += scored
+            self.chars_seen += scored
             self.cursor += 1
             if self.cursor == self.n_chunks:  # an epoch ends: streams restart at their beginnings
                 self.cursor, self.epoch = 0, self.epoch + 1
@@ -321,6 +324,7 @@ class Trainer:
     def _evaluate_and_save(self, train_loss: float, lr: float, rate: float, elapsed: float) -> None:
         val = self._validate()
         record = {"step": self.step, "epoch": round(self.epoch + self.cursor / self.n_chunks, 4),
+                  "chars": self.chars_seen,
                   "train_loss": train_loss, "val_loss": val, "bpc": val / math.log(2), "lr": lr,
                   "chars_per_s": round(rate, 1), "elapsed_s": round(elapsed, 2)}
         improved = val < self.best_val
@@ -360,7 +364,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "step": self.step, "epoch": self.epoch,
                 "cursor": self.cursor, "carried_state": carried if carried is not None else st.to_list(self.state),
                 "rng": rng, "elapsed_s": self.elapsed, "best_val_loss": self.best_val, "best_step": self.best_step,
-                "bad_evals": self.bad_evals, "metrics": list(self.metrics)}
+                "bad_evals": self.bad_evals, "chars_seen": self.chars_seen, "metrics": list(self.metrics)}
 
     def _save(self, name: str, carried: Optional[list] = None) -> None:
         if carried is None:
@@ -393,6 +397,7 @@ class Trainer:
         self.best_val = float(payload.get("best_val_loss", math.inf))
         self.best_step = int(payload.get("best_step", 0))
         self.bad_evals = int(payload.get("bad_evals", 0))
+        self.chars_seen = int(payload.get("chars_seen", 0))
         self.metrics = list(payload.get("metrics", []))
         carried = st.from_list(payload["carried_state"], self.device)
         self.state = st.select_rows(carried, self.my_rows)

@@ -17,7 +17,7 @@ from charlm.vocab import Vocabulary
 
 from conftest import TINY, invoke, run_cli, word_text
 
-METRIC_KEYS = {"step", "epoch", "train_loss", "val_loss", "bpc", "lr", "chars_per_s", "elapsed_s"}
+METRIC_KEYS = {"step", "epoch", "chars", "train_loss", "val_loss", "bpc", "lr", "chars_per_s", "elapsed_s"}
 
 
 def test_metrics_jsonl_has_one_object_per_evaluation(trained_run):
