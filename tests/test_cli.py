@@ -55,7 +55,7 @@ def test_eval_json_and_info(runner, trained_run):
     assert info["parameters"] == sum(layer["parameters"] for layer in info["layers"])
     assert info["step"] == 150 and info["vocab_size"] == len(set(corpus.read_text()))
     table = invoke(runner, "info", trained_run)
-    assert "rnn-tanh 0" in table.stdout and "total" in table.stdout
+    assert "gru 0" in table.stdout and "total" in table.stdout
 
 
 def test_korean_round_trips_through_train_sample_eval(runner, tmp_path):
