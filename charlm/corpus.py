@@ -39,7 +39,7 @@ from charlm.vocab import Vocabulary, describe_chars
 
 # Decode this many bytes at a time: big enough that per-piece overhead vanishes, small enough that the
 # temporary UTF-32 copy of a piece (4 bytes per character) stays small next to the corpus itself.
-_PIECE_BYTES = 1 << 23
+_PIECE_BYTES = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -114,11 +114,15 @@ def decode_corpus(
     encoding: str = "utf-8",
     keep_crlf: bool = False,
     unknown: str = "error",
+    sha: Optional[str] = None,
 ) -> CorpusText:
     """Bytes -> ids. Builds the vocabulary from the text unless one is given (then unknown characters are
     an error naming them). Vectorised throughout: no Python loop runs per character."""
-    sha = hashlib.sha256(raw).hexdigest()
-    utf8 = codecs.lookup(encoding).name in ("utf-8", "ascii")
+    sha = sha or hashlib.sha256(raw).hexdigest()
+    try:
+        utf8 = codecs.lookup(encoding).name in ("utf-8", "ascii")
+    except LookupError:
+        raise CharlmError(f"unknown --encoding {encoding!r}; use a Python codec name such as utf-8 or latin-1")
     if utf8 and b"\x00" in raw:
         at = raw.index(b"\x00")
         raise CharlmError(f"{path}: looks binary (NUL byte at offset {at}); charlm trains on text files")
@@ -129,10 +133,21 @@ def decode_corpus(
         data = raw.replace(b"\r\n", b"\n") if crlf else raw
         codes = np.frombuffer(data, dtype=np.uint8)
         if vocab is None:
-            present = np.flatnonzero(np.bincount(codes, minlength=128))
+            counts = np.zeros(256, dtype=np.int64)
+            for a in range(0, len(codes), _PIECE_BYTES):  # bincount widens to int64: go piece by piece
+                counts += np.bincount(codes[a : a + _PIECE_BYTES], minlength=256)
+            present = np.flatnonzero(counts)
             vocab = Vocabulary("".join(map(chr, present)))
-        ids = _known(vocab.ids_from_codes(codes), codes, path, unknown)
-        return CorpusText(ids.astype(vocab.id_dtype()), vocab, str(path), sha, crlf)
+        if vocab.size < 255:  # a byte -> id table keeps the whole pass at one byte per character
+            table = np.full(256, 255, dtype=np.uint8)
+            inside = vocab.codes < 256
+            table[vocab.codes[inside]] = np.flatnonzero(inside)
+            ids = table[codes]
+            if ids.max(initial=0) == 255:  # a reduction: no temporary the size of the corpus
+                ids = _known(np.where(ids == 255, -1, ids.astype(np.int32)), codes, path, unknown)
+        else:
+            ids = _known(vocab.ids_from_codes(codes), codes, path, unknown)
+        return CorpusText(ids.astype(vocab.id_dtype(), copy=False), vocab, str(path), sha, crlf)
 
     # General path, two passes over pieces: (1) count characters and collect the vocabulary, (2) fill ids.
     total, seen = 0, set()
@@ -195,7 +210,7 @@ def load_corpus(
             return CorpusText(ids, Vocabulary(meta["vocab"]), str(path), sha, int(meta["crlf"]))
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache is rebuilt below
-    corpus = decode_corpus(raw, path, vocab, encoding, keep_crlf, unknown)
+    corpus = decode_corpus(raw, path, vocab, encoding, keep_crlf, unknown, sha)
     try:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         tmp = ids_file.with_suffix(".tmp.npy")
