@@ -86,6 +86,11 @@ def _validate_train(r: TrainRequest) -> None:
 
     _check((r.corpus is None) != (r.named is None), "give a text file or --corpus NAME (one of them); "
            "try: charlm train --corpus python-stdlib")
+    for flag, value, least in (("--hidden", r.hidden, 1), ("--layers", r.layers, 1), ("--batch-size", r.batch_size, 1),
+                               ("--seq-len", r.seq_len, 1), ("--eval-every", r.eval_every, 1),
+                               ("--embedding", r.embedding, 0), ("--warmup", r.warmup, 0),
+                               ("--patience", r.patience, 0), ("--weight-decay", r.weight_decay, 0)):
+        _check(value >= least, f"{flag} must be at least {least}, got {value}")
     _check(0 < r.val_frac < 1, f"--val-frac must be between 0 and 1 (exclusive), got {r.val_frac}")
     _check(r.cell in CELLS, f"--cell must be one of {', '.join(CELLS)}, got {r.cell!r}")
     _check(r.nonlinearity in ("tanh", "relu"), f"--nonlinearity must be tanh or relu, got {r.nonlinearity!r}")
@@ -479,6 +484,7 @@ def run_eval(corpus: Path, checkpoint, encoding, unknown, streams, as_json, devi
     from charlm.train import evaluate_text
 
     _check(unknown in ("error", "skip"), f"--unknown must be error or skip, got {unknown!r}")
+    _check(streams >= 1, f"--streams must be at least 1, got {streams}")
     payload, model, vocab, device = _load_model(checkpoint, device_name)
     text = load_corpus(corpus, vocab, encoding, unknown=unknown)
     if text.chars < 2:
