@@ -229,12 +229,10 @@ def run_train(r: TrainRequest, console: Console) -> None:
             trainer.request_stop("interrupt")
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            with display:
-                result = trainer.run()
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+        with display:
+            result = trainer.run()
+        for s, handler in previous.items():  # after an interrupt, more Ctrl-Cs are ignored until the exit
+            signal.signal(s, signal.SIG_IGN if received else handler)
         _end_summary(console, result, out, r, received)
     finally:
         teardown_distributed()
