@@ -99,7 +99,7 @@ def train(
     batch_size: Annotated[int, typer.Option(help="Parallel streams per step (B).", rich_help_panel=TRAIN)] = 64,
     seq_len: Annotated[int, typer.Option(help="Characters per truncated-BPTT chunk (T).",
                                          rich_help_panel=TRAIN)] = 128,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.", rich_help_panel=TRAIN)] = 2e-3,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.", rich_help_panel=TRAIN)] = 3e-3,
     optimizer: Annotated[str, typer.Option(help="adamw, adam, rmsprop or sgd.", rich_help_panel=TRAIN)] = "adamw",
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.", rich_help_panel=TRAIN)] = 0.01,
     warmup: Annotated[int, typer.Option(help="Warmup steps.", rich_help_panel=TRAIN)] = 50,
