@@ -89,15 +89,16 @@ def run_baseline(train: np.ndarray, val: np.ndarray, vocab: int, seconds: float)
     return {"val_loss": stateful_val_loss(model, val), "steps": steps, "seconds": time.perf_counter() - start}
 
 
-def run_charlm(corpus: Path, minutes: float, extra: str) -> dict:
+def run_charlm(corpus: Path, minutes: float, extra: str, log: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "charlm", "train", str(corpus), "--max-time", f"{minutes * 60:.0f}s",
                "--out", str(out), "--no-preview", *shlex.split(extra)]
         start = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        with open(log, "w") as stderr:  # follow the run live with `tail -f`
+            done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
         if done.returncode != 0:
-            raise SystemExit(f"charlm train failed:\n{done.stderr[-3000:]}")
+            raise SystemExit(f"charlm train failed:\n{Path(log).read_text()[-3000:]}")
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         best = min(records, key=lambda r: r["val_loss"])
         sample = subprocess.run([sys.executable, "-m", "charlm", "sample", "-c", str(out), "--seed", "1",
@@ -112,6 +113,7 @@ def main():
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--extra", default="", help="extra flags for charlm train")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--log", default="charlm-quality.log", help="where charlm train's progress goes")
     args = parser.parse_args()
     if not args.corpus.is_file():
         raise SystemExit(f"{args.corpus} not found; pass --corpus")
@@ -119,7 +121,7 @@ def main():
     if not args.skip_baseline:
         train, val, vocab = encode(args.corpus)
         rows.append(("plain loop 2x256 tanh RNN", run_baseline(train, val, vocab, args.minutes * 60)))
-    rows.append((f"charlm defaults {args.extra}".strip(), run_charlm(args.corpus, args.minutes, args.extra)))
+    rows.append((f"charlm defaults {args.extra}".strip(), run_charlm(args.corpus, args.minutes, args.extra, args.log)))
     base = rows[0][1]["val_loss"]
     print(f"\n{args.minutes:g}-minute budget on {args.corpus.name} (val = last 10%, stateful pass)")
     print(f"{'run':<34} {'val nats':>9} {'val bpc':>8} {'steps':>7} {'vs first':>9}")
