@@ -190,15 +190,18 @@ def run_train(r: TrainRequest, console: Console) -> None:
         elif r.init_from is not None:
             payload = ckpt.load(r.init_from)
         vocab = Vocabulary(payload["vocab"]) if payload else None
-        if dinfo.is_main:
-            _prepare_out(out, fresh=not r.resume)
-        corpus = load_corpus(path, vocab, r.encoding, r.keep_crlf, cache_dir=out if dinfo.is_main else None)
+        # The encoded corpus is cached beside the run directories, keyed by the file's SHA-256: every later
+        # run on the same file, in any run directory there, skips decoding.
+        cache = out.parent / ".charlm-cache" if dinfo.is_main else None
+        corpus = load_corpus(path, vocab, r.encoding, r.keep_crlf, cache_dir=cache)
         if r.resume:
             saved = payload.get("corpus", {})
             if saved.get("sha256") not in (None, corpus.sha256) and not r.force:
                 raise CharlmError(f"{path} is not the corpus this run was trained on (SHA-256 differs from "
                                   f"{saved.get('path')}); resume with the same file, or add --force")
         train_ids, val_ids = split_train_val(corpus.ids, r.val_frac, path)
+        if dinfo.is_main:  # only once the corpus is known good: bad input leaves no directory behind
+            _prepare_out(out, fresh=not r.resume)
         batch, seq_len = fit_layout(len(train_ids) - 1, r.batch_size, r.seq_len)
         if dinfo.enabled:
             batch = max(dinfo.world, batch - batch % dinfo.world)

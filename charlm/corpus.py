@@ -203,7 +203,7 @@ def load_corpus(
     key = hashlib.sha256(f"{sha}|{encoding}|{keep_crlf}|{unknown}|{vocab.chars if vocab else ''}".encode()).hexdigest()
     ids_file = Path(cache_dir) / f"encoded-{key[:16]}.npy"
     meta_file = ids_file.with_suffix(".json")
-    if ids_file.exists() and meta_file.exists():
+    if ids_file.is_file() and meta_file.is_file():
         try:
             meta = json.loads(meta_file.read_text(encoding="utf-8"))
             ids = np.load(ids_file, allow_pickle=False)

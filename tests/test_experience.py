@@ -53,6 +53,7 @@ def test_default_run_dirs_do_not_clobber_and_resume_finds_the_newest(runner, tmp
     for _ in range(2):
         assert invoke(runner, "train", corpus, "--max-steps", "10", "--eval-every", "5", *TINY).exit_code == 0
     assert (tmp_path / "checkpoints/notes/best.pt").is_file() and (tmp_path / "checkpoints/notes-2/best.pt").is_file()
+    assert len(list((tmp_path / "checkpoints/.charlm-cache").glob("encoded-*.npy"))) == 1  # shared by both runs
     resumed = invoke(runner, "train", corpus, "--max-steps", "15", "--eval-every", "5", "--resume", *TINY)
     assert resumed.exit_code == 0 and "checkpoints/notes-2" in resumed.stderr
     assert torch.load(tmp_path / "checkpoints/notes-2/last.pt", weights_only=True)["step"] == 15

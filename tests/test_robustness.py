@@ -43,13 +43,15 @@ def test_bad_corpus_files(runner, tmp_path, content, fragments):
     path.write_bytes(content)
     result = invoke(runner, "train", path, "--out", tmp_path / "run", *TINY)
     one_line_error(result, 1, *fragments)
-    assert not (tmp_path / "run" / "best.pt").exists()
+    assert not (tmp_path / "run").exists()  # bad input leaves no run directory behind
 
 
-def test_missing_corpus_and_directory(runner, tmp_path):
+def test_missing_corpus_and_directory(runner, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     one_line_error(invoke(runner, "train", tmp_path / "nope.txt"), 1, "no such file")
     one_line_error(invoke(runner, "train", tmp_path), 1, "is a directory")
     one_line_error(invoke(runner, "train"), 2, "--corpus")
+    assert not (tmp_path / "checkpoints").exists()
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads unreadable files")
