@@ -12,7 +12,7 @@ import torch
 
 from charlm import checkpoint as ckpt
 
-from conftest import TINY, word_text
+from conftest import TINY
 
 FLAGS = ["--max-steps", "300", "--eval-every", "20", "--seed", "3", *TINY]
 
@@ -37,8 +37,8 @@ def wait_for_first_eval(proc):
     raise AssertionError("no evaluation line:\n" + "".join(seen))
 
 
-def interrupted_run(corpus, out, sig, cwd, second_signal=False):
-    proc = start("train", corpus, "--out", out, *FLAGS, cwd=cwd)
+def interrupted_run(words_file, out, sig, cwd, second_signal=False):
+    proc = start("train", words_file, "--out", out, *FLAGS, cwd=cwd)
     wait_for_first_eval(proc)
     proc.send_signal(sig)
     if second_signal:
@@ -48,24 +48,17 @@ def interrupted_run(corpus, out, sig, cwd, second_signal=False):
     return proc.returncode, rest
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "words.txt"
-    path.write_text(word_text(1500), encoding="utf-8")
-    return path
-
-
 @pytest.mark.slow
-def test_sigint_saves_and_resume_is_exact(tmp_path, corpus):
-    whole = subprocess.run([sys.executable, "-m", "charlm", "train", corpus, "--out", tmp_path / "whole", *FLAGS],
+def test_sigint_saves_and_resume_is_exact(tmp_path, words_file):
+    whole = subprocess.run([sys.executable, "-m", "charlm", "train", words_file, "--out", tmp_path / "whole", *FLAGS],
                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr
-    code, stderr = interrupted_run(corpus, tmp_path / "cut", signal.SIGINT, tmp_path)
+    code, stderr = interrupted_run(words_file, tmp_path / "cut", signal.SIGINT, tmp_path)
     assert code == 130, stderr
     assert "resume:" in stderr and "--resume" in stderr and "Traceback" not in stderr
     cut_at = ckpt.load(tmp_path / "cut", prefer=ckpt.LAST)["step"]
     assert 20 <= cut_at < 300
-    resumed = subprocess.run([sys.executable, "-m", "charlm", "train", corpus, "--out", tmp_path / "cut", *FLAGS,
+    resumed = subprocess.run([sys.executable, "-m", "charlm", "train", words_file, "--out", tmp_path / "cut", *FLAGS,
                               "--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
@@ -78,11 +71,11 @@ def test_sigint_saves_and_resume_is_exact(tmp_path, corpus):
 
 
 @pytest.mark.slow
-def test_sigterm_and_double_sigint(tmp_path, corpus):
-    code, stderr = interrupted_run(corpus, tmp_path / "term", signal.SIGTERM, tmp_path)
+def test_sigterm_and_double_sigint(tmp_path, words_file):
+    code, stderr = interrupted_run(words_file, tmp_path / "term", signal.SIGTERM, tmp_path)
     assert code == 143 and "--resume" in stderr
     assert ckpt.load(tmp_path / "term", prefer=ckpt.LAST)["step"] >= 20
-    code, stderr = interrupted_run(corpus, tmp_path / "twice", signal.SIGINT, tmp_path, second_signal=True)
+    code, stderr = interrupted_run(words_file, tmp_path / "twice", signal.SIGINT, tmp_path, second_signal=True)
     assert code == 130, stderr
     payload = ckpt.load(tmp_path / "twice", prefer=ckpt.LAST)  # a second Ctrl-C corrupts nothing
     assert payload["step"] >= 20 and not [f for f in os.listdir(tmp_path / "twice") if f.endswith(".tmp")]
