@@ -265,6 +265,14 @@ def corpora():
         typer.echo(f"{name:<16} {text}")
 
 
+# ---------------------------------------------------------------------------------------------- score / explain
+# (commands that read a text with a model: per-character log-probabilities, surprisal colouring, neurons)
+
+
+# ---------------------------------------------------------------------------------------------- serve / export
+# (commands that put a trained model to work outside charlm: an HTTP server, portable model files)
+
+
 def _usage_errors() -> tuple:
     """The exception types Typer raises for bad command lines (TyperException from 0.2x; click's before)."""
     found = [getattr(typer, "TyperException", None)]
