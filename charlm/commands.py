@@ -376,7 +376,13 @@ def run_sample(r: SampleRequest, console: Console) -> None:
             raise CharlmError(f"{r.prime_file}: not valid UTF-8 at byte offset {exc.start}")
     _check(prime is None or prime != "", "the prime is empty; leave out --prime to start from a line break")
 
-    payload, model, vocab, device = _load_model(r.checkpoint, r.device)
+    from charlm.runtime import sampling_device
+
+    payload, model, vocab, _ = _load_model(r.checkpoint, "cpu")
+    device, note = sampling_device(r.device, r.num_samples, model.num_parameters())
+    if note:
+        console.print(f"[dim]note:[/dim] {note}")
+    model = model.to(device)
     top_k = r.top_k
     if top_k > vocab.size:
         console.print(f"[dim]note:[/dim] --top-k {top_k} is more than the {vocab.size} characters of the vocabulary; "

@@ -74,15 +74,34 @@ class CharRNN(nn.Module):
         return F.one_hot(ids, self.config.vocab_size).to(self.decoder.weight.dtype)
 
     def forward(self, ids: torch.Tensor, state: st.State):
-        """ids (B, T), state -> logits (B, T, V), new state. Teacher forcing: ids are the true characters."""
+        """ids (B, T), state -> logits (B, T, V), new state. Teacher forcing: ids are the true characters.
+
+        The new state has the dtype of the state passed in (fp32 from init_state) whatever autocast computed
+        in: under bf16 autocast the CPU's LSTM and RNN return a bf16 state, which would then be carried into
+        fp32 steps, saved in checkpoints, and refused by oneDNN when a run resumes in fp32."""
         x = self.encode(ids)  # (B, T, I)
+        carried = st.dtype(state)
         onednn = torch.backends.mkldnn
         before, onednn.enabled = onednn.enabled, self._use_onednn(x)
         try:
-            out, state = self.rnn(x, state)  # (B, T, H)
+            if self._rnn_outside_autocast(x):
+                # cuDNN's autocast wrapper casts the RNN to fp16 whatever dtype autocast was asked for, and
+                # charlm has no loss scaling: run the recurrent kernel in fp32 storage instead (TF32 tensor
+                # cores where torch.backends.cudnn.allow_tf32, PyTorch's default); the decoder stays in bf16.
+                with torch.autocast(x.device.type, enabled=False):
+                    out, state = self.rnn(x.float(), st.cast(state, torch.float32))  # (B, T, H)
+            else:
+                out, state = self.rnn(x, state)  # (B, T, H)
         finally:
             onednn.enabled = before
-        return self.decoder(self.drop(out)), state
+        return self.decoder(self.drop(out)), st.cast(state, carried)
+
+    @staticmethod
+    def _rnn_outside_autocast(x: torch.Tensor) -> bool:
+        """True on CUDA under a non-fp16 autocast (bf16): see forward. fp16 autocast is what cuDNN's wrapper
+        does anyway, and CPU autocast computes in the dtype asked for."""
+        kind = x.device.type
+        return kind == "cuda" and torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) != torch.float16
 
     def _use_onednn(self, x: torch.Tensor) -> bool:
         """oneDNN's fused RNN is the faster CPU kernel for LSTM and for bf16, PyTorch's own for fp32 RNN/GRU

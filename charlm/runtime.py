@@ -33,6 +33,27 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+# One sampled character costs ~25-35 small kernel launches and a host sync on a GPU whatever the model's size
+# (about 0.2-0.3 ms), and one read of every weight on the CPU (bench/sampling.py: 0.28 ms for a 2 x 512 GRU,
+# 10 MB, on 2 cores). Up to this many fp32 weight bytes the CPU is about as fast for one sample and skips
+# the CUDA start-up; beyond it the CPU's memory bandwidth loses. An estimate from the CPU measurements and
+# launch costs, not a GPU measurement: --device cuda always wins over it.
+SINGLE_SAMPLE_CPU_BYTES = 16 * 2**20
+
+
+def sampling_device(requested: str, batch: int, parameters: int) -> tuple:
+    """(device, note or None) for generating `batch` samples from a model of `parameters` fp32 weights.
+
+    --device auto with one sample of a small model on CUDA picks the CPU instead, and says so in the note:
+    batch-1 generation is launch-bound on a GPU. Batched sampling, large models and an explicit device keep
+    the device pick_device gives."""
+    device = pick_device(requested)
+    if requested != "auto" or device.type != "cuda" or batch > 1 or parameters * 4 > SINGLE_SAMPLE_CPU_BYTES:
+        return device, None
+    return torch.device("cpu"), (f"one sample of a {parameters * 4 / 2**20:.0f} MB model runs on the CPU (a GPU "
+                                 "step is launch-bound at batch 1); --device cuda to use the GPU")
+
+
 def cpu_has_native_bf16() -> bool:
     """True where the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX): there bf16 matmuls run 3-4x
     faster than fp32. Read from /proc/cpuinfo; elsewhere we do not guess."""

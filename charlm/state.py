@@ -46,8 +46,19 @@ def to_list(state: State) -> list:
 
 
 def from_list(tensors: Sequence[torch.Tensor], device=None) -> State:
-    tensors = [t.to(device) for t in tensors]
+    """A checkpoint's state on `device`, in fp32 whatever it was saved in: a run may resume under another
+    precision or on another device than it was saved from (older checkpoints could hold a bf16/fp16 state)."""
+    tensors = [t.to(device=device, dtype=torch.float32) for t in tensors]
     return tuple(tensors) if len(tensors) == 2 else tensors[0]
+
+
+def dtype(state: State) -> torch.dtype:
+    return state[0].dtype if isinstance(state, tuple) else state.dtype
+
+
+def cast(state: State, dtype: torch.dtype) -> State:
+    """The state in `dtype` (the same tensors when they already are)."""
+    return _map(lambda t: t.to(dtype), state)
 
 
 def concat_rows(states: Sequence[State]) -> State:
