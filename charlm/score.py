@@ -22,6 +22,7 @@ approximation, several times faster on a CPU.
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
@@ -113,55 +114,64 @@ def score_stream(model: CharRNN, ids_iter: Iterable, device, top: int = 5, conte
 
 
 @torch.no_grad()
-def score_ids(model: CharRNN, ids: np.ndarray, device, top: int = 5, context_id: Optional[int] = None,
+def score_ids(model: CharRNN, pieces, device, top: int = 5, context_id: Optional[int] = None,
               vocab: Optional[Vocabulary] = None, streams: int = 8, burn_in: int = 256, row_chars: int = 32768,
               seq_len: int = 256) -> Iterator[ScoreChunk]:
-    """Score a whole id array in order, `streams` rows at a time (one ScoreChunk per row).
+    """Score a text in order, `streams` rows at a time; pieces is one id array or an iterable of them.
 
-    The text is cut into blocks of `streams` contiguous rows of about `row_chars` characters. The first row of
-    a block carries the exact state the previous block's last row ended with (the text continues there);
-    every other row starts fresh and is first warmed on the `burn_in` characters before it, as eval's streams
-    are. All rows of a full block have the same length, so no padding ever runs through a carried state.
-    Memory: one block of scores, whatever the length of the text. streams=1 is exactly score_stream.
+    The text is cut into blocks of `streams` contiguous rows of `row_chars` characters. The first row of a
+    block carries the exact state the previous block's last row ended with (the text continues there); every
+    other row starts fresh and is first warmed on the `burn_in` characters before it, as eval's streams are.
+    All rows of a full block have the same length, so no padding ever runs through a carried state. What is
+    left at the end is split into at most `streams` rows of at least `row_chars` (one row for a short text,
+    which is then exactly the one-stream pass). Memory: one block of ids and scores, whatever the length.
 
     Defaults: 8 rows like eval's default streams; 32k characters a row keeps a block's scores near 10 MB and
     the warm-up overhead at burn_in/row_chars < 1%; 256-column chunks like eval's seq_len."""
     device = torch.device(device)
     model.eval()
-    ids = np.asarray(ids).reshape(-1)
-    if streams <= 1 or len(ids) <= 2 * row_chars:
-        yield from score_stream(model, (ids[a : a + row_chars] for a in range(0, len(ids), row_chars)), device,
-                                top, context_id, chunk=row_chars, vocab=vocab)
+    if isinstance(pieces, np.ndarray):
+        pieces = [pieces]
+    if streams <= 1:
+        yield from score_stream(model, pieces, device, top, context_id, vocab=vocab)
         return
     if context_id is None:
         if vocab is None:
             raise ValueError("score_ids needs context_id or vocab (to find the default context)")
         context_id = default_context_id(vocab)
     width = row_chars + burn_in  # input columns of every row of a full block
-    full = row_chars + burn_in + (streams - 1) * row_chars  # characters scored by a full block
-    state, pos = None, 0  # state: carried into the next block's first row (None: start from the context)
-    while pos < len(ids):
-        remaining = len(ids) - pos
-        if remaining >= full:
-            lengths = [width] + [row_chars] * (streams - 1)
-        else:  # the last block: split what is left as evenly as possible, padding the rows' ends
-            rows = max(1, min(streams, remaining // max(burn_in, 1)))
-            cuts = np.linspace(0, remaining, rows + 1).astype(np.int64)
-            lengths = np.diff(cuts).tolist()
-        yield from _score_block(model, ids, pos, lengths, state, context_id, burn_in, top, seq_len, device,
-                                carry := [])
-        state = carry[0]
-        pos += sum(lengths)
+    full = width + (streams - 1) * row_chars  # characters scored by a full block
+    buf = np.zeros(0, dtype=np.int64)  # ids from base on: up to burn_in + 1 already scored, then unscored
+    base, pos = 0, 0  # text index of buf[0]; text index of the next character to score
+    state = None  # carried into the next block's first row (None: start from the context)
+    for piece in itertools.chain(pieces, [None]):
+        if piece is not None:
+            buf = np.concatenate([buf, np.asarray(piece, dtype=np.int64).reshape(-1)])
+        while len(buf) - (pos - base) >= (full if piece is not None else 1):
+            remaining = len(buf) - (pos - base)
+            if remaining >= full:
+                lengths = [width] + [row_chars] * (streams - 1)
+            else:  # the end: split what is left evenly, padding the rows' ends
+                rows = max(1, min(streams, remaining // row_chars))
+                lengths = np.diff(np.linspace(0, remaining, rows + 1).astype(np.int64)).tolist()
+            carry = []
+            yield from _score_block(model, buf, pos - base, base, lengths, state, context_id, burn_in, top,
+                                    seq_len, device, carry)
+            state = carry[0]
+            pos += sum(lengths)
+            drop = max(0, pos - base - (burn_in + 1))  # keep the history the next block's warm-ups read
+            buf, base = buf[drop:], base + drop
 
 
-def _score_block(model, ids, pos, lengths, state, context_id, burn_in, top, seq_len, device, carry):
-    """Score rows of ids starting at pos with the given lengths; append the last row's end state to carry."""
+def _score_block(model, ids, pos, base, lengths, state, context_id, burn_in, top, seq_len, device, carry):
+    """Score rows of ids from local index pos (text index base + pos) with the given lengths; append the
+    last row's end state to carry."""
     rows = len(lengths)
     inputs, warm = [], []
     at = pos
     for r, n in enumerate(lengths):
         if r == 0:  # continues the text: carried state, the previous character (or the context) goes in first
-            prev = ids[at - 1] if at > 0 else context_id
+            prev = ids[at - 1] if base + at > 0 else context_id
             seq = np.concatenate([[prev], ids[at : at + n - 1]])
             warm.append(0)
         else:
@@ -211,7 +221,7 @@ def _score_block(model, ids, pos, lengths, state, context_id, burn_in, top, seq_
     for r, n in enumerate(lengths):
         yield ScoreChunk(ids[at : at + n].astype(np.int64), np.concatenate(out["lp"][r]),
                          np.concatenate(out["rank"][r]), np.concatenate(out["top_ids"][r]),
-                         np.concatenate(out["top_p"][r]), at)
+                         np.concatenate(out["top_p"][r]), base + at)
         at += n
 
 
