@@ -271,6 +271,51 @@ def corpora():
 
 # ---------------------------------------------------------------------------------------------- serve / export
 # (commands that put a trained model to work outside charlm: an HTTP server, portable model files)
+@app.command()
+@reports_errors
+def serve(
+    checkpoint: CheckpointOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; the default serves this machine only.",
+                                      rich_help_panel=RUN)] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (0 = any free port).", rich_help_panel=RUN)] = 8000,
+    max_batch: Annotated[int, typer.Option(help="Samples advanced together in one model step; more "
+                                           "wait their turn.", rich_help_panel=RUN)] = 64,
+    device: DeviceOpt = "auto",
+):
+    """Serve a model over HTTP: POST /v1/sample (JSON, or server-sent events with "stream": true),
+    POST /v1/score, GET /v1/model, GET /healthz, and a page at / to try it. Needs pip install 'charlm[serve]'.
+
+    [bold]Examples[/bold]:
+      charlm serve -c checkpoints/corpus
+      curl -s localhost:8000/v1/sample -d '{"prime": "ROMEO:", "length": 200, "seed": 1}'
+    """
+    from charlm.commands_serve import run_serve
+
+    run_serve(checkpoint, host, port, device, max_batch, err)
+
+
+@app.command()
+@reports_errors
+def export(
+    run: Annotated[Optional[Path], typer.Argument(help="A checkpoint file or run directory [default: the newest "
+                                                  "run].", show_default=False)] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="The file to write: .onnx (ONNX, needs pip "
+                                         "install 'charlm[export]') or .pt2 (torch.export).",
+                                         rich_help_panel=OUTPUT)] = Path("model.onnx"),
+    check: Annotated[bool, typer.Option("--check", help="Run the file (onnxruntime for .onnx) and compare "
+                                        "sampled steps with the model's own.", rich_help_panel=OUTPUT)] = False,
+    steps: Annotated[int, typer.Option(help="Sampled steps --check compares.", rich_help_panel=OUTPUT)] = 200,
+):
+    """Write the model's one-step cell (state as explicit inputs and outputs, vocabulary in the metadata)
+    for use without charlm: ONNX for onnxruntime in any language, or a torch.export program.
+
+    [bold]Examples[/bold]:
+      charlm export checkpoints/corpus -o model.onnx --check
+      charlm export checkpoints/corpus -o model.pt2
+    """
+    from charlm.commands_serve import run_export
+
+    run_export(run, output, check, steps, "cpu", err)
 
 
 def _usage_errors() -> tuple:

@@ -1,0 +1,132 @@
+"""Command bodies of `charlm serve` and `charlm export`: options -> library calls -> what the user sees.
+
+Part of the command-line layer (it prints to stderr); the optional web stack and ONNX packages are imported
+here, inside the command that needs them, so the rest of charlm runs without them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import signal
+from pathlib import Path
+from typing import Optional
+
+from rich.console import Console
+from rich.markup import escape
+
+from charlm.commands import _check, _load_model
+from charlm.errors import CharlmError
+from charlm.model import layer_parameter_counts
+
+
+def model_summary(payload: dict, model, vocab) -> dict:
+    """The data of `charlm info --json` (without the per-evaluation metrics), for GET /v1/model."""
+    rows = layer_parameter_counts(model.config)
+    return {
+        "checkpoint": str(payload.get("path")), "format": payload.get("format"),
+        "charlm_version": payload.get("charlm_version"), "model_config": payload["model_config"],
+        "layers": [{"name": n, "shape": s, "parameters": p} for n, s, p in rows],
+        "parameters": model.num_parameters(), "vocab_size": vocab.size, "vocab": vocab.chars,
+        "train_config": payload.get("train_config", {}), "step": payload.get("step"),
+        "epoch": payload.get("epoch"), "best_val_loss": payload.get("best_val_loss"),
+        "best_step": payload.get("best_step"), "evaluations": len(payload.get("metrics", [])),
+        "corpus": payload.get("corpus", {}),
+    }
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run_serve(checkpoint: Optional[Path], host: str, port: int, device_name: str, max_batch: int,
+              console: Console) -> None:
+    try:
+        import uvicorn
+
+        from charlm.serve import Limits, create_app
+    except ImportError as exc:
+        raise CharlmError(f"charlm serve needs the web stack ({exc.name} is missing): "
+                          "pip install 'charlm[serve]'")
+    from charlm.batching import Engine
+
+    _check(0 <= port <= 65535, f"--port must be between 0 and 65535, got {port}")
+    _check(max_batch >= 1, f"--max-batch must be at least 1, got {max_batch}")
+    payload, model, vocab, device = _load_model(checkpoint, device_name)
+    limits = Limits(max_rows=max_batch)
+    engine = Engine(model, vocab, device, max_rows=limits.max_rows, max_queued=limits.max_queued)
+    app = create_app(engine, model_summary(payload, model, vocab), limits)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=2,  # open streams get 2 s to end, then are cut
+                            lifespan="on")
+    server = uvicorn.Server(config)
+    uvicorn_exit = server.handle_exit
+
+    def handle_exit(sig, frame):  # end the open streams now rather than after the graceful timeout
+        engine.stop()
+        uvicorn_exit(sig, frame)
+
+    server.handle_exit = handle_exit
+    mc = model.config
+    console.print(f"serving {escape(str(payload['path']))} ({mc.layers} x {mc.hidden} {mc.cell}, {vocab.size} "
+                  f"characters, {device}) at http://{host}:{port}/  (Ctrl-C stops)")
+    if not _is_loopback(host):
+        console.print(f"[yellow]warning:[/yellow] listening on {escape(host)}: anyone who can reach this "
+                      "machine can use the model (there is no authentication); --host 127.0.0.1 keeps it local")
+    # uvicorn catches SIGINT/SIGTERM, shuts down gracefully, then raises the signal again for the handlers
+    # that were there before it: these, which only note it, so a deliberate stop exits 0 with no traceback.
+    received = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if not server.started and not received:
+        raise CharlmError(f"could not listen on {host}:{port} (in use, or not an address of this machine); "
+                          "choose another --port or --host")
+    console.print("stopped")
+
+
+def run_export(run: Optional[Path], output: Path, check: bool, steps: int, device_name: str,
+               console: Console) -> None:
+    from charlm import export
+
+    _check(steps >= 1, f"--steps must be at least 1, got {steps}")
+    suffix = output.suffix.lower()
+    _check(suffix in export.FORMATS, f"-o must end in {' or '.join(export.FORMATS)} (the format follows the "
+                                     f"suffix), got {output.name!r}")
+    if not output.parent.is_dir():
+        raise CharlmError(f"{output.parent} is not a directory; create it or choose another -o")
+    payload, model, vocab, _ = _load_model(run, "cpu")  # exported files are device-independent
+    model = model.float().eval()
+    try:
+        if suffix == ".onnx":
+            export.export_onnx(model, vocab, output, payload)
+        else:
+            export.export_program(model, vocab, output)
+    except ImportError as exc:
+        raise CharlmError(f"writing ONNX needs the onnx package ({exc.name} is missing): "
+                          "pip install 'charlm[export]'")
+    except OSError as exc:
+        raise CharlmError(f"cannot write {output} ({exc.strerror or exc})")
+    size = output.stat().st_size
+    console.print(f"wrote {escape(str(output))} ({size / 1e6:.2f} MB): one step of {escape(str(payload['path']))}, "
+                  "state as explicit inputs and outputs")
+    if not check:
+        return
+    try:
+        diff = export.check(output, model, vocab, steps=steps)
+    except ImportError as exc:
+        raise CharlmError(f"--check runs the file in onnxruntime ({exc.name} is missing): "
+                          "pip install 'charlm[export]'")
+    ok = diff <= export.TOLERANCE
+    console.print(f"check: {steps} sampled steps, max abs logit difference {diff:.2e} against CharRNN.step "
+                  f"({'within' if ok else 'OVER'} {export.TOLERANCE:g})")
+    if not ok:
+        raise CharlmError(f"{output} disagrees with the model by {diff:.2e} (more than {export.TOLERANCE:g})")

@@ -1,0 +1,349 @@
+"""`charlm serve` as users meet it: a real server process on a free loopback port, real HTTP from the
+standard library, answers checked against the library's own sampling and scoring of the same checkpoint."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from html.parser import HTMLParser
+from urllib.parse import quote
+
+import pytest
+
+pytest.importorskip("starlette", reason="charlm serve needs the serve extra: pip install 'charlm[serve]'")
+pytest.importorskip("uvicorn", reason="charlm serve needs the serve extra: pip install 'charlm[serve]'")
+
+from charlm.commands import _load_model  # noqa: E402
+from conftest import run_cli  # noqa: E402
+from charlm.sample import SampleConfig, sample_text  # noqa: E402
+from charlm.score import score_text  # noqa: E402
+from charlm.serve import Limits  # noqa: E402
+
+LIMITS = Limits()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    def __init__(self, run, tmp_path):
+        self.port = free_port()
+        self.stderr = open(tmp_path / "serve.err", "w+")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "charlm", "serve", "-c", str(run), "--port",
+                                      str(self.port)], stdout=subprocess.DEVNULL, stderr=self.stderr, env=env)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if self.get("/healthz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"server did not start: {self.errors()}")
+            time.sleep(0.1)
+
+    def errors(self) -> str:
+        self.stderr.seek(0)
+        return self.stderr.read()
+
+    def conn(self, timeout=30) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def get(self, path):
+        c = self.conn()
+        try:
+            c.request("GET", path)
+            r = c.getresponse()
+            return r.status, r.getheader("content-type"), r.read()
+        finally:
+            c.close()
+
+    def post(self, path, body, raw=False):
+        c = self.conn()
+        try:
+            c.request("POST", path, body if raw else json.dumps(body), {"Content-Type": "application/json"})
+            r = c.getresponse()
+            return r.status, r.getheader("content-type"), json.loads(r.read())
+        finally:
+            c.close()
+
+
+@pytest.fixture(scope="module")
+def server(trained_run, tmp_path_factory):
+    served = Served(trained_run, tmp_path_factory.mktemp("serve"))
+    yield served
+    if served.proc.poll() is None:
+        served.proc.kill()
+        served.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def loaded(trained_run):
+    payload, model, vocab, device = _load_model(trained_run, "cpu")
+    return model, vocab
+
+
+def read_events(response):
+    """Yield (event, data) from a text/event-stream response as the bytes arrive."""
+    event, data = "message", ""
+    while True:
+        line = response.readline()
+        if not line:
+            return
+        line = line.decode("utf-8").rstrip("\n")
+        if line.startswith("event: "):
+            event = line[7:]
+        elif line.startswith("data: "):
+            data += line[6:]
+        elif line == "" and data:
+            yield event, json.loads(data)
+            event, data = "message", ""
+
+
+def stream(served, body):
+    c = served.conn()
+    c.request("POST", "/v1/sample", json.dumps({**body, "stream": True}))
+    r = c.getresponse()
+    assert r.status == 200 and r.getheader("content-type").startswith("text/event-stream")
+    return c, r
+
+
+def streamed_text(served, body) -> tuple:
+    c, r = stream(served, body)
+    try:
+        events = list(read_events(r))
+    finally:
+        c.close()
+    deltas = [d["text"] for e, d in events if e == "message"]
+    return events, deltas
+
+
+# ---------------------------------------------------------------------------------------------- answers
+def test_sample_gives_the_text_charlm_sample_gives(server, loaded):
+    model, vocab = loaded
+    status, ctype, got = server.post("/v1/sample", {"prime": "the ", "length": 80, "seed": 7,
+                                                    "temperature": 0.9, "top_k": 10})
+    assert status == 200 and ctype == "application/json"
+    want = sample_text(model, vocab, "the ", SampleConfig(length=80, temperature=0.9, top_k=10, seed=7))
+    assert got["samples"] == want and got["seed"] == 7
+    assert len(got["samples"][0]) == len("the ") + 80
+
+
+def test_several_samples_and_stop_as_on_the_command_line(server, loaded):
+    model, vocab = loaded
+    status, _, got = server.post("/v1/sample", {"prime": "a", "length": 120, "seed": 3, "num_samples": 3,
+                                                "stop": "fox"})
+    want = sample_text(model, vocab, "a", SampleConfig(length=120, seed=3, num_samples=3, stop="fox"))
+    assert status == 200 and got["samples"] == want
+    assert any(s.endswith("fox") and len(s) < 121 for s in got["samples"])  # the stop text ended one early
+
+
+def test_without_a_seed_the_server_picks_one_and_reports_it(server):
+    _, _, first = server.post("/v1/sample", {"length": 40})
+    _, _, again = server.post("/v1/sample", {"length": 40, "seed": first["seed"]})
+    assert again["samples"] == first["samples"]
+
+
+def test_stream_sends_characters_as_they_come_then_the_whole_sample(server):
+    c, r = stream(server, {"prime": "the ", "length": LIMITS.max_length, "seed": 11})
+    try:
+        events = read_events(r)
+        assert next(events) == ("start", {"prime": "the ", "seed": 11, "num_samples": 1})
+        first = next(events)  # the first characters arrive while the rest is still being generated
+        assert first[0] == "message" and first[1]["sample"] == 0 and first[1]["text"]
+        rest = list(events)
+    finally:
+        c.close()
+    deltas = [first[1]["text"]] + [d["text"] for e, d in rest if e == "message"]
+    assert len(deltas) >= 2
+    kind, done = rest[-1]
+    assert kind == "done" and done["samples"] == ["the " + "".join(deltas)]
+    _, _, whole = server.post("/v1/sample", {"prime": "the ", "length": LIMITS.max_length, "seed": 11})
+    assert whole["samples"] == done["samples"]
+
+
+def test_score_gives_the_library_scores(server, loaded):
+    model, vocab = loaded
+    text = "the lazy dog runs\n"
+    status, _, got = server.post("/v1/score", {"text": text, "top": 3})
+    want = score_text(model, vocab, text, "cpu", top=3)
+    assert status == 200 and got["chars"] == len(text)
+    assert [c["char"] for c in got["characters"]] == list(text)
+    for c, lp, rank, top_ids in zip(got["characters"], want.logprob, want.rank, want.top_ids):
+        assert c["logprob"] == pytest.approx(float(lp), abs=1e-5)
+        assert c["rank"] == int(rank) and [t[0] for t in c["top"]] == [vocab.chars[i] for i in top_ids]
+    assert got["nats_per_char"] == pytest.approx(-float(want.logprob.mean()), rel=1e-5)
+
+
+def test_model_and_health(server, loaded, trained_run):
+    model, vocab = loaded
+    status, ctype, body = server.get("/v1/model")
+    info = json.loads(body)
+    assert status == 200 and ctype == "application/json"
+    assert info["vocab"] == vocab.chars and info["parameters"] == model.num_parameters()
+    assert info["model_config"]["hidden"] == model.config.hidden
+    status, _, body = server.get("/healthz")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+BAD = [
+    ({"length": LIMITS.max_length + 1}, 400, "length"),
+    ({"length": -1}, 400, "length"),
+    ({"length": "50"}, 400, "length"),
+    ({"num_samples": LIMITS.max_num_samples + 1}, 400, "num_samples"),
+    ({"num_samples": 0}, 400, "num_samples"),
+    ({"prime": "the " * (LIMITS.max_prime // 4 + 1)}, 400, "prime"),
+    ({"prime": "THE"}, 422, "prime"),
+    ({"temperature": 0}, 400, "temperature"),
+    ({"top_p": 1.5}, 400, "top_p"),
+    ({"top_k": -2}, 400, "top_k"),
+    ({"seed": -1}, 400, "seed"),
+    ({"stop": "x" * (LIMITS.max_stop + 1)}, 400, "stop"),
+    ({"stream": "yes"}, 400, "stream"),
+    ({"checkpoint": "/etc/passwd"}, 400, "checkpoint"),  # no path is ever read from a request
+    ("{not json", 400, "body"),
+    ("[1, 2]", 400, "body"),
+    ("\"text\"", 400, "body"),
+    ("x" * (LIMITS.max_body + 1), 413, "body"),
+]
+
+
+@pytest.mark.parametrize("body,status,field", BAD, ids=[f"{f}-{i}" for i, (_, _, f) in enumerate(BAD)])
+def test_bad_sample_requests_get_a_4xx_naming_the_field(server, body, status, field):
+    got_status, ctype, got = server.post("/v1/sample", body, raw=isinstance(body, str))
+    assert (got_status, got["field"]) == (status, field), got
+    assert ctype == "application/json" and field in got["error"] or field == "body"
+    assert "Traceback" not in got["error"]
+
+
+@pytest.mark.parametrize("body,field", [({"text": "x" * (LIMITS.max_score_chars + 1)}, "text"),
+                                        ({"text": "HELLO"}, "text"), ({}, "text"), ({"text": "a", "top": 0}, "top")])
+def test_bad_score_requests_get_a_4xx_naming_the_field(server, body, field):
+    status, _, got = server.post("/v1/score", body)
+    assert 400 <= status < 500 and got["field"] == field
+
+
+def test_unknown_routes_and_methods_answer_json(server):
+    for method, path, status in (("GET", "/nope", 404), ("GET", "/v1/sample", 405), ("POST", "/healthz", 405)):
+        c = server.conn()
+        c.request(method, path)
+        r = c.getresponse()
+        assert r.status == status and json.loads(r.read())["error"]
+        c.close()
+
+
+# ---------------------------------------------------------------------------------------------- concurrency
+def test_concurrent_clients_get_their_own_seeds_text(server):
+    body = {"prime": "the ", "length": 150}
+    alone = [server.post("/v1/sample", {**body, "seed": s})[2]["samples"][0] for s in (0, 5)]
+    results = {}
+
+    def client(seed):
+        events, deltas = streamed_text(server, {**body, "seed": seed})
+        results[seed] = "the " + "".join(deltas)
+
+    threads = [threading.Thread(target=client, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 8
+    assert results[0] == alone[0] and results[5] == alone[1]
+    assert len(set(results.values())) > 1  # different seeds, different texts
+
+
+def test_a_client_that_leaves_mid_stream_is_dropped_and_stalls_nobody(server):
+    before = json.loads(server.get("/healthz")[2])["steps"]
+    # A reader that stops reading, and one that goes away, each asking for the most work allowed.
+    idle = socket.create_connection(("127.0.0.1", server.port))
+    body = json.dumps({"length": LIMITS.max_length, "num_samples": 4, "stream": True, "seed": 1})
+    idle.sendall(f"POST /v1/sample HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
+    c, r = stream(server, {"length": LIMITS.max_length, "num_samples": 4, "seed": 2})
+    events = read_events(r)
+    next(events), next(events)
+    c.close()  # mid-stream
+    start = time.monotonic()
+    status, _, got = server.post("/v1/sample", {"prime": "the ", "length": 50, "seed": 4})
+    assert status == 200 and len(got["samples"][0]) == 54
+    assert time.monotonic() - start < 20
+    idle.close()
+    deadline = time.monotonic() + 20
+    while json.loads(server.get("/healthz")[2])["active_rows"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    health = json.loads(server.get("/healthz")[2])
+    assert health["active_rows"] == 0
+    # Had the two left-behind requests run to their end, the engine would have taken max_length steps.
+    assert health["steps"] - before < LIMITS.max_length
+
+
+# ---------------------------------------------------------------------------------------------- the page
+class _TextOf(HTMLParser):
+    def __init__(self, element_id):
+        super().__init__()
+        self.id, self.depth, self.text = element_id, 0, []
+
+    def handle_starttag(self, tag, attrs):
+        if self.depth or dict(attrs).get("id") == self.id:
+            self.depth += 1
+
+    def handle_endtag(self, tag):
+        if self.depth:
+            self.depth -= 1
+
+    def handle_data(self, data):
+        if self.depth:
+            self.text.append(data)
+
+
+def test_page_streams_a_sample_in_a_real_browser(server, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no headless browser (apt-get install chromium) to load the page in")
+    status, ctype, html = server.get("/")
+    assert status == 200 and ctype.startswith("text/html")
+    assert b"http://" not in html and b"https://" not in html  # self-contained: nothing from the network
+    url = f"http://127.0.0.1:{server.port}/?prime={quote('the ')}&seed=9&length=120&go"
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path}",
+                          "--virtual-time-budget=10000", "--dump-dom", url], capture_output=True, text=True,
+                         timeout=60).stdout
+    shown = _TextOf("out")
+    shown.feed(dom)
+    _, _, want = server.post("/v1/sample", {"prime": "the ", "length": 120, "seed": 9})
+    assert "".join(shown.text) == want["samples"][0]
+    status_line = _TextOf("status")
+    status_line.feed(dom)
+    assert "120 characters" in "".join(status_line.text)
+
+
+# ---------------------------------------------------------------------------------------------- stopping
+def test_a_taken_port_is_one_line_of_error(server, trained_run):
+    result = run_cli("serve", "-c", trained_run, "--port", server.port, timeout=60)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert str(server.port) in result.stderr
+
+
+def test_sigterm_stops_the_server_cleanly_mid_stream(server):
+    c, r = stream(server, {"length": LIMITS.max_length, "seed": 1})
+    events = read_events(r)
+    next(events)
+    server.proc.send_signal(signal.SIGTERM)
+    code = server.proc.wait(timeout=20)
+    c.close()
+    errors = server.errors()
+    assert code in (0, -signal.SIGTERM, 128 + signal.SIGTERM), errors
+    assert "Traceback" not in errors and "stopped" in errors, errors
+
+
