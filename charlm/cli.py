@@ -267,6 +267,70 @@ def corpora():
 
 # ---------------------------------------------------------------------------------------------- score / explain
 # (commands that read a text with a model: per-character log-probabilities, surprisal colouring, neurons)
+@app.command()
+@reports_errors
+def score(
+    path: Annotated[str, typer.Argument(metavar="FILE|-", help="A text file to score, or - for stdin.",
+                                        show_default=False)],
+    checkpoint: CheckpointOpt = None,
+    encoding: EncodingOpt = "utf-8",
+    unknown: UnknownOpt = "error",
+    summary: Annotated[bool, typer.Option(help="Print totals (nats, bits/char, perplexity) and the most "
+                                          "surprising spans instead of one line per character.",
+                                          rich_help_panel=OUTPUT)] = False,
+    top: Annotated[int, typer.Option(help="Predictions listed per character.", rich_help_panel=OUTPUT)] = 5,
+    streams: Annotated[int, typer.Option(help="Parallel streams for a file (each warmed on the text before it, "
+                                         "as eval's); stdin always uses one.", rich_help_panel=RUN)] = 8,
+    as_json: JsonOpt = False,
+    device: DeviceOpt = "auto",
+):
+    """Score every character of a text: JSON lines {"i", "char", "logprob", "rank", "top"} on stdout.
+
+    The first character is predicted after the model has read one line break (where sampling starts); each
+    later one from all the text before it. Files and stdin of any length stream in constant memory.
+
+    [bold]Examples[/bold]:
+      charlm score held_out.txt | head
+      cat notes.txt | charlm score - --summary
+    """
+    from charlm.commands_explain import run_score
+
+    run_score(path, checkpoint, encoding, unknown, streams, top, summary, as_json, device, err)
+
+
+@app.command()
+@reports_errors
+def explain(
+    text: Annotated[Optional[str], typer.Argument(help="The text to explain (or use --file).",
+                                                  show_default=False)] = None,
+    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="Read the text from a file.",
+                                                 rich_help_panel=DATA)] = None,
+    checkpoint: CheckpointOpt = None,
+    encoding: EncodingOpt = "utf-8",
+    unknown: UnknownOpt = "error",
+    html: Annotated[Optional[Path], typer.Option(help="Write one self-contained HTML page (hover a character for "
+                                                 "its predictions) instead of printing.",
+                                                 rich_help_panel=OUTPUT)] = None,
+    neurons: Annotated[bool, typer.Option("--neurons", help="Find the hidden units that track quotes, line "
+                                          "position, brackets, indentation, words, line starts.",
+                                          rich_help_panel=OUTPUT)] = False,
+    unit: Annotated[Optional[list[int]], typer.Option("--unit", help="Show this unit's activation (repeatable); "
+                                                      "units count layer by layer from 0.",
+                                                      rich_help_panel=OUTPUT)] = None,
+    device: DeviceOpt = "auto",
+):
+    """Show how surprised the model is by each character (colours and a legend), or what its units track.
+
+    [bold]Examples[/bold]:
+      charlm explain "To be, or not to be"
+      charlm explain --file scene.txt --html scene.html
+      charlm explain --file code.py --neurons
+      charlm explain --file code.py --unit 37
+    """
+    from charlm.commands_explain import run_explain
+
+    run_explain(text, file, checkpoint, encoding, unknown, html, neurons, list(unit or []), device, err)
+
 
 
 # ---------------------------------------------------------------------------------------------- serve / export
