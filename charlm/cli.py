@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, List, Optional
 
 import typer
 from rich.console import Console
@@ -80,7 +80,9 @@ def reports_errors(command):
 @app.command()
 @reports_errors
 def train(
-    corpus: Annotated[Optional[Path], typer.Argument(help="A UTF-8 text file to learn from.", show_default=False)] = None,
+    corpus: Annotated[Optional[List[Path]], typer.Argument(
+        help="Text to learn from: a file, several files, a folder (every file under it) or a glob; files are "
+             "read in sorted order and joined with a blank line.", show_default=False)] = None,
     named: Annotated[Optional[str], typer.Option("--corpus", help="A named corpus instead of a file: python-stdlib "
                                                  "(offline) or tinyshakespeare (downloaded).", rich_help_panel=DATA)] = None,
     encoding: EncodingOpt = "utf-8",
@@ -111,8 +113,14 @@ def train(
     max_time: Annotated[Optional[str], typer.Option(help="Stop after this much training time: 90s, 10m, 1.5h "
                                                     "[default: 10m when no limit is given].",
                                                     rich_help_panel=TRAIN, show_default=False)] = None,
-    eval_every: Annotated[int, typer.Option(help="Steps between validation passes and checkpoints.",
-                                            rich_help_panel=TRAIN)] = 200,
+    eval_every: Annotated[Optional[int], typer.Option(
+        help="Steps between validation passes and checkpoints [default: by time: the first after 15 s or 10% "
+             "of the budget, whichever is later, then every 10%].", rich_help_panel=TRAIN, show_default=False)] = None,
+    eval_chars: Annotated[int, typer.Option(
+        help="Validation characters each periodic evaluation scores: a fixed sample spread over the held-out "
+             "text (0 = all of it). The final report always scores all of it.", rich_help_panel=TRAIN)] = 65_536,
+    full_final_eval: Annotated[bool, typer.Option(
+        help="Score the best model on the whole validation text at the end.", rich_help_panel=TRAIN)] = True,
     patience: Annotated[int, typer.Option(help="Stop after this many evaluations without a new best "
                                           "(0 = never).", rich_help_panel=TRAIN)] = 10,
     seed: Annotated[int, typer.Option(help="Random seed: the same seed and flags give the same run.",
@@ -143,7 +151,7 @@ def train(
       charlm train corpus.txt --resume          (after Ctrl-C: the same command plus --resume)
       torchrun --standalone --nproc_per_node=2 -m charlm train corpus.txt
     """
-    from charlm.commands import TrainRequest, run_train
+    from charlm.commands_train import TrainRequest, run_train
 
     request = TrainRequest(**{k: v for k, v in locals().items() if k in TrainRequest.__dataclass_fields__})
     run_train(request, err)

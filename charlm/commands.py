@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import shlex
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,7 @@ from rich.table import Table
 
 from charlm import checkpoint as ckpt
 from charlm.errors import CharlmError
-from charlm.model import CELLS, CharRNN, ModelConfig, layer_parameter_counts
+from charlm.model import CharRNN, ModelConfig, layer_parameter_counts
 from charlm.vocab import Vocabulary, describe_chars
 
 
@@ -42,285 +40,6 @@ def model_from_payload(payload: dict):
         raise CharlmError(f"{payload.get('path', 'checkpoint')} does not describe a model this charlm can build "
                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
     return model, vocab
-
-
-# ============================================================================================== train
-@dataclass
-class TrainRequest:
-    corpus: Optional[Path]
-    named: Optional[str]
-    encoding: str
-    keep_crlf: bool
-    val_frac: float
-    cell: str
-    nonlinearity: str
-    hidden: int
-    layers: int
-    dropout: float
-    embedding: int
-    batch_size: int
-    seq_len: int
-    lr: float
-    optimizer: str
-    weight_decay: float
-    warmup: int
-    clip: float
-    epochs: Optional[float]
-    max_steps: Optional[int]
-    max_time: Optional[str]
-    eval_every: int
-    patience: int
-    seed: int
-    device: str
-    precision: str
-    compile_model: bool
-    out: Optional[Path]
-    resume: bool
-    init_from: Optional[Path]
-    force: bool
-    preview: bool
-
-
-def _validate_train(r: TrainRequest) -> None:
-    from charlm.train import OPTIMIZERS
-
-    _check((r.corpus is None) != (r.named is None), "give a text file or --corpus NAME (one of them); "
-           "try: charlm train --corpus python-stdlib")
-    for flag, value, least in (("--hidden", r.hidden, 1), ("--layers", r.layers, 1), ("--batch-size", r.batch_size, 1),
-                               ("--seq-len", r.seq_len, 1), ("--eval-every", r.eval_every, 1),
-                               ("--embedding", r.embedding, 0), ("--warmup", r.warmup, 0),
-                               ("--patience", r.patience, 0), ("--weight-decay", r.weight_decay, 0)):
-        _check(value >= least, f"{flag} must be at least {least}, got {value}")
-    _check(0 < r.val_frac < 1, f"--val-frac must be between 0 and 1 (exclusive), got {r.val_frac}")
-    _check(r.cell in CELLS, f"--cell must be one of {', '.join(CELLS)}, got {r.cell!r}")
-    _check(r.nonlinearity in ("tanh", "relu"), f"--nonlinearity must be tanh or relu, got {r.nonlinearity!r}")
-    _check(r.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {r.optimizer!r}")
-    _check(0 <= r.dropout < 1, f"--dropout must be in [0, 1), got {r.dropout}")
-    _check(r.lr > 0 and math.isfinite(r.lr), f"--lr must be a positive number, got {r.lr}")
-    _check(r.clip > 0, f"--clip must be positive, got {r.clip}")
-    _check(r.epochs is None or r.epochs > 0, f"--epochs must be positive, got {r.epochs}")
-    _check(r.max_steps is None or r.max_steps > 0, f"--max-steps must be positive, got {r.max_steps}")
-    _check(not (r.resume and r.init_from), "--resume and --init-from do not mix: resume continues a run, "
-           "--init-from starts a new one from a trained model")
-
-
-def _runs_of(root: Path, stem: str) -> list:
-    dirs = [root / stem] + sorted(root.glob(f"{stem}-*"))
-    return [d for d in dirs if (d / ckpt.LAST).is_file() or (d / ckpt.BEST).is_file()]
-
-
-def _out_dir(r: TrainRequest, stem: str) -> Path:
-    root = Path("checkpoints")
-    if r.resume:
-        if r.out is not None:
-            if not (r.out / ckpt.LAST).is_file():
-                raise CharlmError(f"--resume: {r.out} holds no last.pt to resume; train without --resume first")
-            return r.out
-        runs = [d for d in _runs_of(root, stem) if (d / ckpt.LAST).is_file()]
-        if not runs:
-            raise CharlmError(f"--resume: no previous run of {stem!r} under {root}/; train without --resume first "
-                              "(or pass --out RUN_DIR)")
-        return max(runs, key=lambda d: (d / ckpt.LAST).stat().st_mtime)
-    if r.out is not None:
-        if ((r.out / ckpt.LAST).is_file() or (r.out / ckpt.BEST).is_file()) and not r.force:
-            raise CharlmError(f"{r.out} already holds a run; add --resume to continue it, --force to start over "
-                              "in it, or choose another --out")
-        return r.out
-    taken = {d.name for d in _runs_of(root, stem)}
-    name, n = stem, 1
-    while name in taken:
-        n += 1
-        name = f"{stem}-{n}"
-    return root / name
-
-
-def _prepare_out(out: Path, fresh: bool) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".charlm-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise CharlmError(f"cannot write to {out} ({exc.strerror or exc}); choose a writable --out")
-    if fresh:
-        for name in (ckpt.BEST, ckpt.LAST, "metrics.jsonl"):
-            (out / name).unlink(missing_ok=True)
-
-
-def _preview_fn(vocab: Vocabulary, device):
-    from charlm.sample import SampleConfig, sample_text
-
-    def preview(model) -> list:
-        lines = []
-        for temperature in (0.5, 1.0):
-            cfg = SampleConfig(length=90, temperature=temperature, seed=1234)
-            text = sample_text(model, vocab, "", cfg, device)[0]
-            lines.append(f"T={temperature}: " + text.replace("\n", "↵").replace("\r", "␍"))
-        return lines
-
-    return preview
-
-
-def run_train(r: TrainRequest, console: Console) -> None:
-    from charlm import datasets
-    from charlm.corpus import fit_layout, load_corpus, split_train_val
-    from charlm.display import TrainDisplay, human_count, run_summary, vocab_preview
-    from charlm.runtime import (parse_duration, resolve_precision, seed_everything, setup_distributed,
-                                teardown_distributed)
-    from charlm.train import TrainConfig, Trainer
-
-    _validate_train(r)
-    max_time = parse_duration(r.max_time) if r.max_time else None
-    if max_time is None and r.epochs is None and r.max_steps is None:
-        max_time = 600.0  # the default budget: ten minutes, good text on a 2-core CPU
-    dinfo, device = setup_distributed(r.device)
-    if not dinfo.is_main:
-        console = Console(stderr=True, quiet=True)
-    try:
-        precision = resolve_precision(r.precision, device)
-        if r.named:
-            path = _named_corpus(r.named, console, dinfo)
-        else:
-            path = r.corpus
-        stem = r.named or Path(path).stem or "corpus"
-        out = _out_dir(r, stem)
-        payload = None
-        if r.resume:
-            payload = ckpt.load(out, prefer=ckpt.LAST)
-        elif r.init_from is not None:
-            payload = ckpt.load(r.init_from)
-        vocab = Vocabulary(payload["vocab"]) if payload else None
-        # The encoded corpus is cached beside the run directories, keyed by the file's SHA-256: every later
-        # run on the same file, in any run directory there, skips decoding.
-        cache = out.parent / ".charlm-cache" if dinfo.is_main else None
-        corpus = load_corpus(path, vocab, r.encoding, r.keep_crlf, cache_dir=cache)
-        if r.resume:
-            saved = payload.get("corpus", {})
-            if saved.get("sha256") not in (None, corpus.sha256) and not r.force:
-                raise CharlmError(f"{path} is not the corpus this run was trained on (SHA-256 differs from "
-                                  f"{saved.get('path')}); resume with the same file, or add --force")
-        train_ids, val_ids = split_train_val(corpus.ids, r.val_frac, path)
-        if dinfo.is_main:  # only once the corpus is known good: bad input leaves no directory behind
-            _prepare_out(out, fresh=not r.resume)
-        batch, seq_len = fit_layout(len(train_ids) - 1, r.batch_size, r.seq_len)
-        if dinfo.enabled:
-            batch = max(dinfo.world, batch - batch % dinfo.world)
-        if payload is not None:
-            mconf = ModelConfig(**payload["model_config"])
-        else:
-            mconf = ModelConfig(vocab_size=corpus.vocab.size, cell=r.cell, hidden=r.hidden, layers=r.layers,
-                                dropout=r.dropout, nonlinearity=r.nonlinearity, embedding=r.embedding)
-        tconf = TrainConfig(batch_size=batch, seq_len=seq_len, lr=r.lr, warmup_steps=r.warmup,
-                            weight_decay=r.weight_decay, optimizer=r.optimizer, clip=r.clip, epochs=r.epochs,
-                            max_steps=r.max_steps, max_time=max_time, eval_every=r.eval_every, patience=r.patience,
-                            val_frac=r.val_frac, seed=r.seed, precision=precision)
-        seed_everything(r.seed)
-        model = CharRNN(mconf)
-        if r.init_from is not None:
-            model.load_state_dict(payload["model"])
-        meta = {"model_config": mconf.to_dict(), "vocab": corpus.vocab.chars, "corpus": corpus.info()}
-        display = TrainDisplay(console, _preview_fn(corpus.vocab, device) if r.preview else None)
-        trainer = Trainer(model, train_ids, val_ids, tconf, out, device, meta, callback=display, dist_info=dinfo,
-                          resume=payload if r.resume else None, compile_model=r.compile_model)
-
-        info = _start_summary(path, corpus, train_ids, val_ids, model, tconf, device, dinfo, out, r, trainer.n_chunks)
-        run_summary(console, info)
-        received = []
-
-        def on_signal(signum, frame):
-            received.append(signum)
-            trainer.request_stop("interrupt")
-
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        with display:
-            result = trainer.run()
-        for s, handler in previous.items():  # after an interrupt, more Ctrl-Cs are ignored until the exit
-            signal.signal(s, signal.SIG_IGN if received else handler)
-        _end_summary(console, result, out, r, received)
-    finally:
-        teardown_distributed()
-
-
-def _named_corpus(name: str, console: Console, dinfo) -> Path:
-    from charlm import datasets
-
-    if dinfo.is_main:
-        from rich.progress import DownloadColumn, Progress, BarColumn, TransferSpeedColumn
-
-        with Progress(f"[bold]downloading {name}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                      console=console, transient=True) as bar:
-            task = bar.add_task(name, total=None)
-            path = datasets.corpus_path(name, progress=lambda done, total: bar.update(task, completed=done,
-                                                                                      total=total or None))
-    if dinfo.enabled:
-        import torch.distributed as dist
-
-        dist.barrier()
-        path = datasets.corpus_path(name)
-    return path
-
-
-def _start_summary(path, corpus, train_ids, val_ids, model, tconf, device, dinfo, out, r, n_chunks) -> dict:
-    from charlm.display import human_count, human_time, vocab_preview
-
-    mc = model.config
-    params = model.num_parameters()
-    rows = [
-        ("corpus", f"{path}: {corpus.chars:,} characters ({len(train_ids):,} train, {len(val_ids):,} validation)"
-                   + (f", {corpus.crlf_converted:,} CRLF -> LF" if corpus.crlf_converted else "")),
-        ("vocabulary", f"{corpus.vocab.size} characters: {vocab_preview(corpus.vocab.chars)}"),
-        ("model", f"{mc.layers} x {mc.hidden} {mc.cell}{'-' + mc.nonlinearity if mc.cell == 'rnn' else ''}, "
-                  f"{'one-hot' if not mc.embedding else f'{mc.embedding}-d embedding'} input, "
-                  f"{params:,} parameters"),
-        ("layout", f"{tconf.batch_size} streams x {tconf.seq_len}-character chunks "
-                   f"({n_chunks:,} steps per epoch)"),
-        ("device", f"{device} ({tconf.precision})" + (f", {dinfo.world} processes" if dinfo.enabled else "")),
-        ("limits", ", ".join(f"{k.replace('_', ' ')} {human_time(v) if k == 'max_time' else v}" for k, v in
-                             (("max_time", tconf.max_time), ("max_steps", tconf.max_steps), ("epochs", tconf.epochs))
-                             if v) + f", patience {tconf.patience}"),
-        ("run", f"{out}" + (" (resumed)" if r.resume else "") + (f" (from {r.init_from})" if r.init_from else "")),
-    ]
-    warnings = []
-    if (tconf.batch_size, tconf.seq_len) != (r.batch_size, r.seq_len):
-        warnings.append(f"the corpus is small: using {tconf.batch_size} streams of {tconf.seq_len}-character chunks "
-                        f"instead of {r.batch_size} x {r.seq_len}")
-    if corpus.chars < 10_000:
-        warnings.append(f"{corpus.chars:,} characters is very little text; expect memorisation rather than style "
-                        "(100k+ characters learn far better)")
-    ratio = params / max(len(train_ids), 1)
-    if ratio > 10 or ratio < 0.1:
-        advice = "smaller --hidden" if ratio > 10 else "larger --hidden or more --layers"
-        warnings.append(f"{human_count(params)} parameters for {human_count(len(train_ids))} training characters "
-                        f"(ratio {ratio:.2g}); the rule of thumb is the same order of magnitude: try {advice}")
-    if corpus.vocab.size > 1000 and not mc.embedding:
-        warnings.append(f"{corpus.vocab.size} distinct characters: --embedding 256 trains faster than one-hot input")
-    return {"rows": rows, "warnings": warnings}
-
-
-def _end_summary(console: Console, result, out: Path, r: TrainRequest, received: list) -> None:
-    from charlm.display import human_time, sparkline
-
-    resume_cmd = "charlm " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--resume") + " --resume"
-    if result.stopped_by == "nonfinite":
-        kept = f"; best.pt is from step {result.best_step}" if result.best_step else "; no checkpoint was written"
-        raise CharlmError(f"the loss became NaN or infinite at step {result.step + 1}: training stopped and "
-                          f"nothing was overwritten{kept}; lower --lr or --clip and try again")
-    vals = [m["val_loss"] for m in result.metrics]
-    reasons = {"max_steps": "reached --max-steps", "epochs": "reached --epochs", "max_time": "reached --max-time",
-               "patience": f"validation loss stopped improving (--patience {r.patience})", "interrupt": "interrupted"}
-    console.print(f"[bold]stopped[/bold]: {reasons.get(result.stopped_by, result.stopped_by)} at step {result.step} "
-                  f"(epoch {result.epoch}) after {human_time(result.elapsed_s)}")
-    if math.isfinite(result.best_val_loss):
-        bv = result.best_val_loss
-        console.print(f"[bold]best[/bold]: val loss {bv:.4f} nats/char, {bv / math.log(2):.3f} bpc, perplexity "
-                      f"{math.exp(bv):.2f} (step {result.best_step})   {sparkline(vals)}")
-    console.print(f"[bold]run[/bold]: {out}/ (best.pt, last.pt, metrics.jsonl)")
-    console.print(f"[bold]next[/bold]: charlm sample -c {shlex.quote(str(out))} --prime \"...\"   |   "
-                  f"charlm plot {shlex.quote(str(out))}")
-    if result.stopped_by == "interrupt":
-        console.print(f"[bold]resume[/bold]: {escape(resume_cmd)}")
-        raise SystemExit(128 + (received[0] if received else signal.SIGINT))
-    console.print(f"[bold]train longer[/bold]: {escape(resume_cmd)} with a larger --max-time, --max-steps or --epochs")
 
 
 # ============================================================================================== sample
@@ -355,7 +74,7 @@ def _load_model(checkpoint: Optional[Path], device_name: str):
 
 
 def run_sample(r: SampleRequest, console: Console) -> None:
-    from charlm.sample import SampleConfig, Sampler, longest_verbatim
+    from charlm.sample import SampleConfig, Sampler
 
     _check(r.length >= 1, f"--length must be at least 1, got {r.length}")
     _check(r.greedy or (r.temperature > 0 and math.isfinite(r.temperature)),
@@ -435,27 +154,35 @@ def run_sample(r: SampleRequest, console: Console) -> None:
         out.write("\n")
         raise SystemExit(130)
     if r.novelty:
-        _report_novelty(payload, samples, prime, console, longest_verbatim)
+        _report_novelty(payload, samples, prime, console, vocab)
 
 
-def _report_novelty(payload, samples, prime, console, longest_verbatim) -> None:
-    import hashlib
+def _report_novelty(payload, samples, prime, console, vocab) -> None:
+    """The longest stretch of each sample found verbatim in the training text (charlm/novelty.py: one scan
+    of the memory-mapped corpus, about a second per 100 MB)."""
+    from charlm.corpus import load_corpus
+    from charlm.novelty import longest_copies
 
     info = payload.get("corpus", {})
-    path = Path(info.get("path", ""))
-    if not path.is_file():
-        raise CharlmError(f"--novelty needs the training corpus, {path}, which is not there any more")
-    raw = path.read_bytes()
-    if hashlib.sha256(raw).hexdigest() != info.get("sha256"):
-        raise CharlmError(f"--novelty: {path} has changed since training, so it cannot say what was copied")
-    corpus = raw.decode("utf-8", errors="replace").replace("\r\n", "\n")
-    for i, text in enumerate(samples):
-        generated = text[len(prime):]
-        copied = longest_verbatim(generated, corpus)
+    files = [Path(f) for f in (info.get("files") or [info.get("path", "")])]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise CharlmError(f"--novelty needs the training corpus, {missing[0]}, which is not there any more")
+    cache = Path(payload["path"]).resolve().parent.parent / ".charlm-cache"
+    corpus = load_corpus(files, Vocabulary(payload["vocab"]) if info.get("fixed_vocab") else None,
+                         info.get("encoding", "utf-8"), info.get("keep_crlf", False), cache_dir=cache)
+    if corpus.sha256 != info.get("sha256") or corpus.vocab.chars != payload["vocab"]:
+        raise CharlmError(f"--novelty: {info.get('path')} has changed since training, so it cannot say what "
+                          "was copied")
+    generated = [text[len(prime):] for text in samples]
+    found = longest_copies(corpus.ids, [vocab.encode(g) for g in generated])
+    name = Path(info.get("path", "corpus")).name
+    for i, (text, (start, length)) in enumerate(zip(generated, found)):
+        copied = text[start : start + length]
         label = f"sample {i + 1}: " if len(samples) > 1 else ""
         shown = copied.replace("\n", "↵")
-        console.print(escape(f"novelty: {label}longest run found verbatim in {path.name}: {len(copied)} of "
-                             f"{len(generated)} characters: {shown[:120]!r}"))
+        console.print(escape(f"novelty: {label}longest run found verbatim in {name}: {len(copied)} of "
+                             f"{len(text)} characters: {shown[:120]!r}"))
 
 
 def _interactive(model, vocab, prime, cfg, device, console: Console) -> None:

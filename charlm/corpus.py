@@ -1,229 +1,394 @@
-r"""Reading a text file into ids, and laying ids out as the contiguous streams that training walks.
+"""Reading text files into ids that live on disk, memory-mapped: corpora of any size in constant memory.
 
-How a corpus becomes batches. The training text (ids) gives M = N-1 (input, target) pairs; they are cut into
-B contiguous streams, stream i starting at offset i*M//B, and every stream is walked left to right in
-chunks of T columns (truncated backpropagation through time):
+    files (sorted; a folder's files, a glob's matches)          one SHA-256 over all of them
+      |  read in 4 MB pieces, decoded incrementally, CRLF -> LF, checked (NUL bytes, bad encoding: named)
+      v
+    pass 1: count characters, collect the vocabulary             (skipped when the cache has this corpus)
+    pass 2: encode each piece, append it to ids-<key>.bin        uint8 / uint16 / uint32 by vocabulary size
+      v
+    np.memmap of the ids: training and evaluation gather the windows they need from it (streams.py)
 
-    ids:       a b c d e f g h i j k l m n o p q r s t u v w x y      N = 25, M = 24 pairs, B = 3
-               |--- stream 0 ---||--- stream 1 ---||--- stream 2 ---|
-    row 0:     a b c d e f g h (i)    inputs a..h, targets b..i
-    row 1:     i j k l m n o p (q)    each row also holds the character after its last input,
-    row 2:     q r s t u v w x (y)    its final target
-               \_chunk 0_/\_chunk 1_/ ...   T = 4: chunk k holds columns kT .. kT+T-1
-
-Row b of chunk k+1 continues exactly where row b of chunk k stopped, so the hidden state the model ends
-chunk k with is the right state to start chunk k+1 with: that state is carried, detached, from chunk to
-chunk (state.py). When B does not divide M the rows differ in length by one; a short row's missing last
-target is masked (-1), so one epoch predicts every training character exactly once.
-
-Evaluation uses the same layout over the validation text with a few long streams; every stream but the
-first is first warmed on the `burn_in` characters before it (scored by none), so the pass scores like one
-unbroken stateful pass while running in parallel.
+Neither pass holds more than a piece: no full-size bytes, string or temporary. Files are joined with
+DOC_SEPARATOR. The encoded ids are cached beside the run directories, keyed by the SHA-256 of the files
+and the decoding options, so the next run on the same text maps the cached file and starts at once.
 """
 
 from __future__ import annotations
 
 import codecs
+import glob
 import hashlib
+import io
 import json
 import os
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import BinaryIO, Callable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
-import torch
 
 from charlm.errors import CharlmError
+from charlm.streams import Streams, eval_streams, fit_layout, make_streams  # noqa: F401  (re-exported)
 from charlm.vocab import Vocabulary, describe_chars
 
 # Decode this many bytes at a time: big enough that per-piece overhead vanishes, small enough that the
-# temporary UTF-32 copy of a piece (4 bytes per character) stays small next to the corpus itself.
+# temporary UTF-32 copy of a piece (4 bytes per character) stays small next to any corpus.
 _PIECE_BYTES = 1 << 22
+# Between the files of a multi-file corpus: a blank line, the way documents are usually set apart in text,
+# so the model learns where one ends and the next begins without a character of its own.
+DOC_SEPARATOR = "\n\n"
+CACHE_VERSION = 2  # bump when the cached file layout changes
 
 
 @dataclass(frozen=True)
 class CorpusText:
-    """A decoded corpus: ids under its vocabulary plus what is needed to recognise the file again."""
+    """An encoded corpus: ids under its vocabulary plus what is needed to recognise the files again."""
 
-    ids: np.ndarray  # (N,) uint8 or int32
+    ids: np.ndarray  # (N,) uint8/uint16/uint32: a read-only memory map, or an array for in-memory text
     vocab: Vocabulary
-    path: str
-    sha256: str
+    path: str  # what to call it: the file, the folder, or "a.txt + 2 more"
+    sha256: str  # of the file's bytes; for several files, of their SHA-256s in order
     crlf_converted: int  # how many CRLF line ends became LF
+    files: List[dict] = field(default_factory=list)  # [{"path", "sha256", "bytes"}] in order
+    ids_file: Optional[str] = None  # the cached ids file that `ids` maps, if any (other processes map it too)
 
     @property
     def chars(self) -> int:
         return len(self.ids)
 
     def info(self) -> dict:
-        return {"path": self.path, "sha256": self.sha256, "chars": int(len(self.ids))}
+        return {"path": self.path, "sha256": self.sha256, "chars": int(len(self.ids)),
+                "files": [f["path"] for f in self.files]}
 
 
-def read_bytes(path) -> bytes:
-    """The file's bytes, or a CharlmError naming what is wrong with the path."""
-    path = Path(path)
-    if not path.exists():
-        raise CharlmError(f"{path}: no such file; check the path (named corpora: --corpus python-stdlib)")
-    if path.is_dir():
-        raise CharlmError(f"{path} is a directory; pass a text file")
+# ---------------------------------------------------------------------------------------------- sources
+class _Source:
+    """One input: a file on disk (read in pieces, never whole) or bytes already in memory."""
+
+    def __init__(self, name: str, path: Optional[Path] = None, data: Optional[bytes] = None):
+        self.name, self.path, self.data = name, path, data
+
+    def open(self) -> BinaryIO:
+        if self.data is not None:
+            return io.BytesIO(self.data)
+        try:
+            return open(self.path, "rb")
+        except PermissionError:
+            raise CharlmError(f"{self.name}: permission denied; make the file readable (chmod +r) or copy it")
+        except IsADirectoryError:
+            raise CharlmError(f"{self.name} is a directory; pass a text file or the folder itself")
+        except OSError as exc:
+            raise CharlmError(f"{self.name}: cannot read ({exc.strerror})")
+
+
+def expand_inputs(inputs: Sequence[Union[str, Path]]) -> List[Path]:
+    """Files, folders (every non-hidden file under them) and glob patterns -> one sorted list of files."""
+    files = []
+    for item in inputs:
+        p = Path(item)
+        text = str(item)
+        if not p.exists() and any(c in text for c in "*?["):
+            matches = [Path(m) for m in glob.glob(text, recursive=True) if Path(m).is_file()]
+            if not matches:
+                raise CharlmError(f"{text}: no file matches this pattern")
+            files += matches
+        elif p.is_dir():
+            found = [f for f in p.rglob("*") if f.is_file()
+                     and not any(part.startswith(".") for part in f.relative_to(p).parts)]
+            if not found:
+                raise CharlmError(f"{p} is a folder with no files in it; put text files in it or pass a file")
+            files += found
+        elif not p.exists():
+            raise CharlmError(f"{p}: no such file; check the path (named corpora: --corpus python-stdlib)")
+        else:
+            files.append(p)
+    return sorted(set(files), key=str)
+
+
+def describe_inputs(files: Sequence[Path], inputs: Sequence[Union[str, Path]]) -> str:
+    if len(inputs) == 1 and Path(inputs[0]).is_dir():
+        return str(inputs[0])
+    return str(files[0]) if len(files) == 1 else f"{files[0]} + {len(files) - 1} more"
+
+
+def _sha_of(sources: Sequence[_Source]) -> tuple:
+    """(combined SHA-256, per-file [{"path", "sha256", "bytes"}]): one streaming pass of hashing."""
+    per_file = []
+    for src in sources:
+        h, size = hashlib.sha256(), 0
+        with src.open() as f:
+            while True:
+                block = f.read(_PIECE_BYTES)
+                if not block:
+                    break
+                h.update(block)
+                size += len(block)
+        if size == 0:
+            raise CharlmError(f"{src.name} is empty; give a file with some text in it")
+        per_file.append({"path": src.name, "sha256": h.hexdigest(), "bytes": size})
+    if len(per_file) == 1:
+        return per_file[0]["sha256"], per_file
+    return hashlib.sha256("\n".join(f["sha256"] for f in per_file).encode()).hexdigest(), per_file
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+def _is_utf8(encoding: str) -> bool:
     try:
-        return path.read_bytes()
-    except PermissionError:
-        raise CharlmError(f"{path}: permission denied; make the file readable (chmod +r) or copy it")
-    except OSError as exc:
-        raise CharlmError(f"{path}: cannot read ({exc.strerror})")
-
-
-def _pieces(raw: bytes, encoding: str, path, keep_crlf: bool) -> Iterator[str]:
-    """Decode raw in pieces, converting CRLF to LF, naming the byte offset of any undecodable byte."""
-    try:
-        decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
+        return codecs.lookup(encoding).name in ("utf-8", "ascii")
     except LookupError:
         raise CharlmError(f"unknown --encoding {encoding!r}; use a Python codec name such as utf-8 or latin-1")
-    held = ""  # a trailing '\r' waits for the next piece, in case that piece starts with '\n'
-    view = memoryview(raw)
-    for start in range(0, max(len(raw), 1), _PIECE_BYTES):
-        pending = len(decoder.getstate()[0])
-        final = start + _PIECE_BYTES >= len(raw)
-        try:
-            text = held + decoder.decode(view[start : start + _PIECE_BYTES], final)
-        except UnicodeDecodeError as exc:
-            offset = start - pending + exc.start
-            raise CharlmError(
-                f"{path}: not valid {encoding} at byte offset {offset} (byte 0x{raw[offset]:02x}); "
-                "pass --encoding (for example latin-1 or cp1252) if the file uses another encoding"
-            )
-        held = ""
-        if not keep_crlf:
-            if text.endswith("\r") and not final:
-                text, held = text[:-1], "\r"
-            text = text.replace("\r\n", "\n")
-        if text:
-            yield text
 
 
 def _codes(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
 
 
-def decode_corpus(
-    raw: bytes,
-    path,
-    vocab: Optional[Vocabulary] = None,
-    encoding: str = "utf-8",
-    keep_crlf: bool = False,
-    unknown: str = "error",
-    sha: Optional[str] = None,
-) -> CorpusText:
-    """Bytes -> ids. Builds the vocabulary from the text unless one is given (then unknown characters are
-    an error naming them). Vectorised throughout: no Python loop runs per character."""
-    sha = sha or hashlib.sha256(raw).hexdigest()
-    try:
-        utf8 = codecs.lookup(encoding).name in ("utf-8", "ascii")
-    except LookupError:
-        raise CharlmError(f"unknown --encoding {encoding!r}; use a Python codec name such as utf-8 or latin-1")
-    if utf8 and b"\x00" in raw:
-        at = raw.index(b"\x00")
-        raise CharlmError(f"{path}: looks binary (NUL byte at offset {at}); charlm trains on text files")
-    crlf = raw.count(b"\r\n") if (utf8 and not keep_crlf) else 0
+def _file_codes(src: _Source, encoding: str, keep_crlf: bool, crlf: List[int]) -> Iterator[np.ndarray]:
+    """One file's characters as arrays of code points, a piece at a time: uint8 for an ASCII piece (its bytes
+    are its code points), uint32 otherwise. CRLF becomes LF unless keep_crlf (counted into crlf[0]); a NUL
+    byte or an undecodable byte is an error naming the file and the byte offset."""
+    utf8 = _is_utf8(encoding)
+    decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
+    held = False  # a trailing CR waits for the next piece, in case that piece starts with LF
+    offset = 0
+    with src.open() as f:
+        block = f.read(_PIECE_BYTES)
+        while block:
+            following = f.read(_PIECE_BYTES)
+            final = not following
+            if utf8 and b"\x00" in block:
+                at = offset + block.index(b"\x00")
+                raise CharlmError(f"{src.name}: looks binary (NUL byte at offset {at}); charlm trains on text files")
+            pending = len(decoder.getstate()[0])
+            if utf8 and not pending and block.isascii():
+                data = (b"\r" if held else b"") + block
+                held = False
+                if not keep_crlf:
+                    if data.endswith(b"\r") and not final:
+                        data, held = data[:-1], True
+                    n = data.count(b"\r\n")
+                    if n:
+                        crlf[0] += n
+                        data = data.replace(b"\r\n", b"\n")
+                if data:
+                    yield np.frombuffer(data, dtype=np.uint8)
+            else:
+                try:
+                    text = decoder.decode(block, final)
+                except UnicodeDecodeError as exc:
+                    at = offset - pending + exc.start
+                    bad = (block[at - offset] if 0 <= at - offset < len(block) else 0)
+                    raise CharlmError(
+                        f"{src.name}: not valid {encoding} at byte offset {at} (byte 0x{bad:02x}); pass "
+                        "--encoding (for example latin-1 or cp1252) if the file uses another encoding")
+                text = ("\r" if held else "") + text
+                held = False
+                if not keep_crlf:
+                    if text.endswith("\r") and not final:
+                        text, held = text[:-1], True
+                    n = text.count("\r\n")
+                    if n:
+                        crlf[0] += n
+                        text = text.replace("\r\n", "\n")
+                if text:
+                    yield _codes(text)
+            offset += len(block)
+            block = following
+        if held:
+            yield np.frombuffer(b"\r", dtype=np.uint8)
 
-    if utf8 and raw.isascii():
-        # Fast path, most corpora: every byte is one character, so the bytes are the code points.
-        data = raw.replace(b"\r\n", b"\n") if crlf else raw
-        codes = np.frombuffer(data, dtype=np.uint8)
-        if vocab is None:
-            counts = np.zeros(256, dtype=np.int64)
-            for a in range(0, len(codes), _PIECE_BYTES):  # bincount widens to int64: go piece by piece
-                counts += np.bincount(codes[a : a + _PIECE_BYTES], minlength=256)
-            present = np.flatnonzero(counts)
-            vocab = Vocabulary("".join(map(chr, present)))
-        if vocab.size < 255:  # a byte -> id table keeps the whole pass at one byte per character
-            table = np.full(256, 255, dtype=np.uint8)
-            inside = vocab.codes < 256
-            table[vocab.codes[inside]] = np.flatnonzero(inside)
-            ids = table[codes]
-            if ids.max(initial=0) == 255:  # a reduction: no temporary the size of the corpus
-                ids = _known(np.where(ids == 255, -1, ids.astype(np.int32)), codes, path, unknown)
+
+def _all_codes(sources, encoding, keep_crlf, separator, crlf) -> Iterator[np.ndarray]:
+    sep = _codes(separator)
+    for i, src in enumerate(sources):
+        if i and len(sep):
+            yield sep
+        yield from _file_codes(src, encoding, keep_crlf, crlf)
+
+
+def _collect_vocab(sources, encoding, keep_crlf, separator) -> tuple:
+    """Pass 1: (vocabulary, characters) of the text."""
+    byte_counts = np.zeros(256, dtype=np.int64)
+    seen: set = set()
+    total = 0
+    for codes in _all_codes(sources, encoding, keep_crlf, separator, [0]):
+        total += len(codes)
+        if codes.dtype == np.uint8:
+            byte_counts += np.bincount(codes, minlength=256)
         else:
-            ids = _known(vocab.ids_from_codes(codes), codes, path, unknown)
-        return CorpusText(ids.astype(vocab.id_dtype(), copy=False), vocab, str(path), sha, crlf)
+            seen.update(np.unique(codes).tolist())
+    seen.update(np.flatnonzero(byte_counts).tolist())
+    if not seen:
+        raise CharlmError(f"{sources[0].name} is empty; give a file with some text in it")
+    return Vocabulary("".join(map(chr, sorted(seen)))), total
 
-    # General path, two passes over pieces: (1) count characters and collect the vocabulary, (2) fill ids.
-    total, seen = 0, set()
-    for text in _pieces(raw, encoding, path, keep_crlf):
-        total += len(text)
-        if vocab is None:
-            seen.update(np.unique(_codes(text)).tolist())
+
+def _encoder(vocab: Vocabulary, unknown: str, names) -> Callable[[np.ndarray], np.ndarray]:
+    """codes -> ids (the vocabulary's id dtype), dropping (skip) or refusing (error) unknown characters."""
+    byte_table = vocab.ids_from_codes(np.arange(256))  # ASCII pieces: one table lookup per byte
+    dtype = vocab.id_dtype()
+
+    def encode(codes: np.ndarray) -> np.ndarray:
+        ids = byte_table[codes] if codes.dtype == np.uint8 else vocab.ids_from_codes(codes)
+        bad = ids < 0
+        if bad.any():
+            if unknown != "skip":
+                missing = [chr(int(c)) for c in np.unique(codes[bad])]
+                shown = describe_chars(missing[:20]) + (" ..." if len(missing) > 20 else "")
+                raise CharlmError(
+                    f"{names()} has {len(missing)} character(s) the model's vocabulary lacks: {shown}; "
+                    "remove them from the file, or train a new model on it instead of --init-from")
+            ids = ids[~bad]
+        return ids.astype(dtype, copy=False)
+
+    return encode
+
+
+def _encode_into(sink: BinaryIO, sources, vocab, encoding, keep_crlf, separator, unknown) -> tuple:
+    """Pass 2: write the ids of every piece to sink. Returns (characters written, CRLFs converted)."""
+    crlf = [0]
+    current = [sources[0].name]
+
+    def names():
+        return current[0]
+
+    encode = _encoder(vocab, unknown, names)
+    sep = _codes(separator) if separator and len(sources) > 1 else np.zeros(0, dtype=np.uint32)
+    sep_ids = vocab.ids_from_codes(sep)
+    sep_ids = sep_ids[sep_ids >= 0].astype(vocab.id_dtype())  # a fixed vocabulary may lack it: left out
+    total = 0
+    for i, src in enumerate(sources):
+        current[0] = src.name
+        if i and sep_ids is not None and len(sep_ids):
+            sink.write(sep_ids.tobytes())
+            total += len(sep_ids)
+        for codes in _file_codes(src, encoding, keep_crlf, crlf):
+            ids = encode(codes)
+            sink.write(ids.tobytes())
+            total += len(ids)
+    return total, crlf[0]
+
+
+def _map(path: Path, dtype, length: int) -> np.ndarray:
+    if length == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(length,))
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+def build_corpus(sources: Sequence[_Source], name: str, vocab: Optional[Vocabulary] = None, encoding: str = "utf-8",
+                 keep_crlf: bool = False, unknown: str = "error", cache_dir=None,
+                 separator: str = DOC_SEPARATOR, sha: Optional[tuple] = None) -> CorpusText:
+    """Encode sources into a memory-mapped ids file (in cache_dir, else a temporary file that is removed once
+    mapped). A cached file for the same bytes and options is mapped instead of re-encoded."""
+    total_sha, per_file = sha or _sha_of(sources)
+    fixed = vocab.chars if vocab else ""
+    key = hashlib.sha256(f"{CACHE_VERSION}|{total_sha}|{encoding}|{keep_crlf}|{unknown}|{fixed}|{separator}"
+                         .encode()).hexdigest()[:16]
+    if cache_dir is not None:
+        ids_file, meta_file = Path(cache_dir) / f"ids-{key}.bin", Path(cache_dir) / f"ids-{key}.json"
+        if ids_file.is_file() and meta_file.is_file():
+            try:
+                meta = json.loads(meta_file.read_text(encoding="utf-8"))
+                cached_vocab = Vocabulary(meta["vocab"])
+                n = int(meta["chars"])
+                if ids_file.stat().st_size == n * np.dtype(cached_vocab.id_dtype()).itemsize:
+                    return CorpusText(_map(ids_file, cached_vocab.id_dtype(), n), cached_vocab, name, total_sha,
+                                      int(meta["crlf"]), per_file, str(ids_file))
+            except (OSError, ValueError, KeyError):
+                pass  # a damaged cache entry is rebuilt below
     if vocab is None:
-        if not seen:
-            raise CharlmError(f"{path} is empty; give a file with some text in it")
-        vocab = Vocabulary("".join(map(chr, sorted(seen))))
-    ids = np.empty(total, dtype=vocab.id_dtype())
-    at = 0
-    for text in _pieces(raw, encoding, path, keep_crlf):
-        codes = _codes(text)
-        piece_ids = _known(vocab.ids_from_codes(codes), codes, path, unknown)
-        ids[at : at + len(piece_ids)] = piece_ids
-        at += len(piece_ids)
-    return CorpusText(ids[:at], vocab, str(path), sha, crlf)
+        vocab, _ = _collect_vocab(sources, encoding, keep_crlf, separator)
+    directory = Path(cache_dir) if cache_dir is not None else None
+    if directory is not None:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            directory = None  # the cache only saves time; a run without it is still correct
+    fd, tmp = tempfile.mkstemp(prefix=".ids-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb", buffering=1 << 20) as sink:
+            n, crlf = _encode_into(sink, sources, vocab, encoding, keep_crlf, separator, unknown)
+        ids = _map(Path(tmp), vocab.id_dtype(), n)  # mapped before any rename or unlink: stays valid
+        if directory is not None:
+            os.replace(tmp, ids_file)
+            meta = {"vocab": vocab.chars, "chars": n, "crlf": crlf, "files": per_file}
+            tmp_meta = meta_file.with_suffix(".json.tmp")
+            tmp_meta.write_text(json.dumps(meta), encoding="utf-8")
+            os.replace(tmp_meta, meta_file)
+        else:
+            os.unlink(tmp)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise CharlmError(f"cannot write the encoded corpus ({exc.strerror or exc}); free some disk space "
+                          f"or run from a writable folder")
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return CorpusText(ids, vocab, name, total_sha, crlf, per_file, str(ids_file) if directory is not None else None)
 
 
-def _known(ids: np.ndarray, codes: np.ndarray, path, unknown: str) -> np.ndarray:
-    """ids with unknown characters (-1) dropped (unknown='skip') or refused with their names."""
-    bad = ids < 0
-    if bad.any() and unknown == "skip":
-        return ids[~bad]
-    if bad.any():
-        missing = [chr(int(c)) for c in np.unique(codes[bad])]
-        shown = describe_chars(missing[:20]) + (" ..." if len(missing) > 20 else "")
-        raise CharlmError(
-            f"{path} has {len(missing)} character(s) the model's vocabulary lacks: {shown}; "
-            "remove them from the file, or train a new model on it instead of --init-from"
-        )
-    return ids
+def describe_mapped(corpus: CorpusText) -> dict:
+    """What another process needs to map the same cached corpus without reading the text: plain data."""
+    return {"ids_file": corpus.ids_file, "vocab": corpus.vocab.chars, "path": corpus.path, "sha256": corpus.sha256,
+            "crlf": corpus.crlf_converted, "files": corpus.files, "chars": corpus.chars}
 
 
-def load_corpus(
-    path,
-    vocab: Optional[Vocabulary] = None,
-    encoding: str = "utf-8",
-    keep_crlf: bool = False,
-    cache_dir=None,
-    unknown: str = "error",
-) -> CorpusText:
-    """Read and encode a corpus. With cache_dir, the ids are kept there as .npy keyed by the file's hash (and
-    the vocabulary), so a second run on the same file skips decoding."""
-    raw = read_bytes(path)
+def open_mapped(described: dict) -> CorpusText:
+    vocab = Vocabulary(described["vocab"])
+    ids = _map(Path(described["ids_file"]), vocab.id_dtype(), int(described["chars"]))
+    return CorpusText(ids, vocab, described["path"], described["sha256"], int(described["crlf"]), described["files"],
+                      described["ids_file"])
+
+
+def load_corpus(paths, vocab: Optional[Vocabulary] = None, encoding: str = "utf-8", keep_crlf: bool = False,
+                cache_dir=None, unknown: str = "error", separator: str = DOC_SEPARATOR) -> CorpusText:
+    """Read and encode a corpus: a file, a folder, several files or glob patterns (joined in sorted order with
+    `separator`). With cache_dir the ids are kept there, keyed by the files' SHA-256 and the options."""
+    inputs = list(paths) if isinstance(paths, (list, tuple)) else [paths]
+    files = expand_inputs(inputs)
+    sources = [_Source(str(f), path=f) for f in files]
+    return build_corpus(sources, describe_inputs(files, inputs), vocab, encoding, keep_crlf, unknown, cache_dir,
+                        separator)
+
+
+def decode_corpus(raw: bytes, path, vocab: Optional[Vocabulary] = None, encoding: str = "utf-8",
+                  keep_crlf: bool = False, unknown: str = "error", sha: Optional[str] = None) -> CorpusText:
+    """Bytes already in memory -> ids in memory (no files): the same decoding and checks as load_corpus."""
+    _is_utf8(encoding)
+    src = _Source(str(path), data=raw)
+    digest = sha or hashlib.sha256(raw).hexdigest()
     if not raw:
         raise CharlmError(f"{path} is empty; give a file with some text in it")
-    if cache_dir is None:
-        return decode_corpus(raw, path, vocab, encoding, keep_crlf, unknown)
-    sha = hashlib.sha256(raw).hexdigest()
-    key = hashlib.sha256(f"{sha}|{encoding}|{keep_crlf}|{unknown}|{vocab.chars if vocab else ''}".encode()).hexdigest()
-    ids_file = Path(cache_dir) / f"encoded-{key[:16]}.npy"
-    meta_file = ids_file.with_suffix(".json")
-    if ids_file.is_file() and meta_file.is_file():
-        try:
-            meta = json.loads(meta_file.read_text(encoding="utf-8"))
-            ids = np.load(ids_file, allow_pickle=False)
-            return CorpusText(ids, Vocabulary(meta["vocab"]), str(path), sha, int(meta["crlf"]))
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged cache is rebuilt below
-    corpus = decode_corpus(raw, path, vocab, encoding, keep_crlf, unknown, sha)
-    try:
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        tmp = ids_file.with_suffix(".tmp.npy")
-        np.save(tmp, corpus.ids, allow_pickle=False)
-        os.replace(tmp, ids_file)
-        meta_file.write_text(json.dumps({"vocab": corpus.vocab.chars, "crlf": corpus.crlf_converted}))
-    except OSError:
-        pass  # the cache only saves time; a run without it is still correct
-    return corpus
+    if vocab is None:
+        vocab, _ = _collect_vocab([src], encoding, keep_crlf, "")
+    sink = io.BytesIO()
+    n, crlf = _encode_into(sink, [src], vocab, encoding, keep_crlf, "", unknown)
+    ids = np.frombuffer(sink.getbuffer(), dtype=vocab.id_dtype())[:n].copy()
+    return CorpusText(ids, vocab, str(path), digest, crlf, [{"path": str(path), "sha256": digest, "bytes": len(raw)}])
+
+
+def read_bytes(path) -> bytes:
+    """A small file's bytes (a prime, a text to explain), or a CharlmError naming what is wrong."""
+    path = Path(path)
+    if not path.exists():
+        raise CharlmError(f"{path}: no such file; check the path")
+    if path.is_dir():
+        raise CharlmError(f"{path} is a directory; pass a text file")
+    with _Source(str(path), path=path).open() as f:
+        return f.read()
 
 
 def split_train_val(ids: np.ndarray, val_frac: float, path="corpus") -> tuple:
-    """The last val_frac of the text is the validation tail, the rest trains. Both keep >= 2 characters."""
+    """The last val_frac of the text is the validation tail, the rest trains (views: nothing is copied).
+    Both keep >= 2 characters."""
     n = len(ids)
     n_val = max(2, int(round(n * val_frac)))
     if n - n_val < 2:
@@ -232,75 +397,3 @@ def split_train_val(ids: np.ndarray, val_frac: float, path="corpus") -> tuple:
             "(and around 100,000 to learn anything useful)"
         )
     return ids[: n - n_val], ids[n - n_val :]
-
-
-@dataclass
-class Streams:
-    """Rows of a padded id matrix, each a contiguous stream; positions [lo[b], hi[b]) of row b are scored.
-
-    data[b, j] is the input at column j and data[b, j+1] its target; columns outside a row's scored range
-    have target -1 (ignored by the loss)."""
-
-    data: np.ndarray  # (B, W+1) ids
-    lo: np.ndarray  # (B,) first scored column
-    hi: np.ndarray  # (B,) one past the last scored column
-
-    @property
-    def rows(self) -> int:
-        return self.data.shape[0]
-
-    @property
-    def width(self) -> int:
-        return self.data.shape[1] - 1
-
-    def num_chunks(self, seq_len: int) -> int:
-        return -(-self.width // seq_len)
-
-    def scored(self) -> int:
-        return int((self.hi - self.lo).sum())
-
-    def scored_in_chunk(self, k: int, seq_len: int) -> int:
-        a, b = k * seq_len, min((k + 1) * seq_len, self.width)
-        return int((np.clip(self.hi, a, b) - np.clip(self.lo, a, b)).sum())
-
-    def select(self, rows) -> "Streams":
-        return Streams(self.data[rows], self.lo[rows], self.hi[rows])
-
-    def chunk(self, k: int, seq_len: int) -> tuple:
-        """(inputs, targets) of chunk k as int64 tensors of shape (rows, <= seq_len)."""
-        a, b = k * seq_len, min((k + 1) * seq_len, self.width)
-        block = torch.from_numpy(self.data[:, a : b + 1].astype(np.int64))  # (rows, b-a+1)
-        inputs, targets = block[:, :-1], block[:, 1:].clone()
-        cols = torch.arange(a, b).unsqueeze(0)  # (1, b-a)
-        keep = (cols >= torch.from_numpy(self.lo).unsqueeze(1)) & (cols < torch.from_numpy(self.hi).unsqueeze(1))
-        targets[~keep] = -1
-        return inputs, targets
-
-
-def make_streams(ids: np.ndarray, rows: int, burn_in: int = 0) -> Streams:
-    """Lay ids out as `rows` contiguous streams (the diagram at the top of this file).
-
-    With burn_in > 0, every row but the first also starts with up to burn_in unscored characters taken from
-    just before its own start, to warm its state."""
-    pairs = len(ids) - 1
-    if pairs < 1:
-        raise ValueError("need at least 2 characters to make a stream")
-    rows = max(1, min(rows, pairs))
-    starts = np.arange(rows + 1) * pairs // rows  # (rows+1,) pair offsets; row b scores [starts[b], starts[b+1])
-    warm = np.minimum(starts[:-1], burn_in)  # (rows,) unscored warm-up characters before each row
-    begin = starts[:-1] - warm
-    lengths = starts[1:] - begin  # (rows,) inputs per row including warm-up
-    width = int(lengths.max())
-    data = np.zeros((rows, width + 1), dtype=ids.dtype)  # +1: the final target column
-    for b in range(rows):  # one slice copy per row, not per character
-        data[b, : lengths[b] + 1] = ids[begin[b] : begin[b] + lengths[b] + 1]
-    return Streams(data, warm.astype(np.int64), lengths.astype(np.int64))
-
-
-def fit_layout(n_pairs: int, batch_size: int, seq_len: int) -> tuple:
-    """Shrink batch and chunk for a small corpus, so each stream holds at least one full chunk.
-
-    Returns (batch_size, seq_len) to use; equal to the inputs whenever the corpus is big enough."""
-    batch = max(1, min(batch_size, n_pairs // seq_len))
-    seq = max(1, min(seq_len, n_pairs // batch))
-    return batch, seq

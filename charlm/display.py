@@ -45,9 +45,12 @@ def human_time(seconds: float) -> str:
 
 def eval_line(r: dict) -> str:
     mark = " *" if r.get("best") else ""
-    # fits 80 columns: step, train and validation loss, bits per character, learning rate, speed, time
-    return (f"step {r['step']:>6}  train {r['train_loss']:.3f}  val {r['val_loss']:.3f} ({r['bpc']:.3f} bpc)  "
-            f"lr {r['lr']:.1e}  {human_count(r['chars_per_s'])} ch/s  {human_time(r['elapsed_s'])}{mark}")
+    scored = f"/{human_count(r['val_chars'])}" if r.get("val_chars") else ""
+    # fits 80 columns: step, train and validation loss (and how many characters it scored), bits per
+    # character, learning rate, speed, time
+    return (f"step {r['step']:>5}  train {r['train_loss']:.3f}  val {r['val_loss']:.3f}{scored} "
+            f"({r['bpc']:.3f} bpc)  lr {r['lr']:.0e}  {human_count(r['chars_per_s'])} ch/s  "
+            f"{human_time(r['elapsed_s'])}{mark}")
 
 
 class TrainDisplay:

@@ -141,3 +141,24 @@ def parse_duration(text: str) -> float:
     if value <= 0:
         raise CharlmError(f"the duration {text!r} must be more than zero")
     return value
+
+
+def agreed(dinfo: Dist, fn, here: bool = True):
+    """Run fn (where `here`), and under torchrun make every process learn of a CharlmError raised on any of
+    them: each raises the same one-line message, instead of leaving the others waiting in a collective
+    until it times out. Returns fn's result (None where it did not run)."""
+    result, message = None, None
+    if here:
+        try:
+            result = fn()
+        except CharlmError as exc:
+            if not dinfo.enabled:
+                raise
+            message = str(exc)
+    if dinfo.enabled:
+        messages = [None] * dinfo.world
+        dist.all_gather_object(messages, message)
+        first = next((m for m in messages if m), None)
+        if first:
+            raise CharlmError(first)
+    return result

@@ -23,10 +23,12 @@ import torch.nn.functional as F
 
 from charlm import checkpoint as ckpt
 from charlm import state as st
-from charlm.corpus import Streams, make_streams
 from charlm.errors import CharlmError
+from charlm.evaluation import (EVAL_SEQ_LEN, autocast, evaluate, evaluate_text, full_pass_streams,  # noqa: F401
+                               loss_report)
 from charlm.model import CharRNN
 from charlm.runtime import Dist
+from charlm.streams import eval_streams, make_streams
 
 OPTIMIZERS = ("adamw", "adam", "rmsprop", "sgd")
 
@@ -44,7 +46,14 @@ class TrainConfig:
     epochs: Optional[float] = None  # stop limits: whichever comes first; None = no limit of that kind
     max_steps: Optional[int] = None
     max_time: Optional[float] = None  # seconds of training since the run's start (resumes included)
-    eval_every: int = 200  # optimizer steps between validation passes (and checkpoints)
+    # Steps between validation passes (and checkpoints); None = by time: the first once 15 s or 10% of the
+    # budget have passed, whichever is later, then every 10% of the budget (a first line soon, ~10 in all).
+    eval_every: Optional[int] = None
+    # Periodic evaluations score an evenly spread sample of at most this many validation characters: within
+    # 0.01 nats/char of the full pass on Tiny Shakespeare and python-stdlib (BENCHMARKS.md), and a pass
+    # costs the same on a 1 MB corpus and a 10 GB one. 0 = the whole validation text every time.
+    eval_chars: int = 65_536
+    full_final_eval: bool = True  # the final report scores the best model on the whole validation text
     patience: int = 10  # stop after this many evaluations without a new best; 0 = never stop early
     val_frac: float = 0.1  # the tail of the corpus held out for validation
     seed: int = 1337
@@ -69,6 +78,7 @@ class TrainResult:
     best_step: int
     metrics: list = field(default_factory=list)
     elapsed_s: float = 0.0
+    full_val: Optional[dict] = None  # the best model on the whole validation text: {"loss", "chars"}
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -85,6 +95,11 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
     return torch.optim.SGD(params, lr=config.lr, momentum=0.9)
 
 
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    """A well-mixed 63-bit seed from (seed, process, step)."""
+    return int(np.random.SeedSequence([seed % 2**63, rank, step]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
 def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
     """Linear warmup, then cosine decay from lr to min_lr_frac*lr as progress (0..1) toward the first stop
     limit advances. With no limit at all the rate stays at lr after warmup."""
@@ -92,42 +107,6 @@ def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
         return config.lr * (step + 1) / config.warmup_steps
     floor = config.lr * config.min_lr_frac
     return floor + (config.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress))))
-
-
-def autocast(device: torch.device, precision: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-@torch.no_grad()
-def evaluate(model: CharRNN, streams: Streams, seq_len: int, device, precision: str = "fp32") -> tuple:
-    """A stateful pass: (sum of cross-entropy in nats, number of scored characters)."""
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    state = model.init_state(streams.rows, device)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for k in range(streams.num_chunks(seq_len)):
-        x, y = streams.chunk(k, seq_len)
-        x, y = x.to(device), y.to(device)
-        with autocast(device, precision):
-            logits, state = model(x, state)
-        total += F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-1, reduction="sum"
-        ).double()
-    model.train(was_training)
-    return float(total), streams.scored()
-
-
-def evaluate_text(model: CharRNN, ids: np.ndarray, device, seq_len: int = 256, streams: int = 8,
-                  burn_in: int = 256, precision: str = "fp32") -> dict:
-    """Loss of the model on a whole text: nats/char, bits/char, perplexity, characters scored."""
-    layout = make_streams(ids, streams, burn_in=burn_in)
-    total, count = evaluate(model, layout, seq_len, device, precision)
-    return loss_report(total / count, count)
-
-
-def loss_report(loss: float, chars: int) -> dict:
-    return {"loss": loss, "bpc": loss / math.log(2), "perplexity": math.exp(min(loss, 700)), "chars": chars}
 
 
 class Trainer:
@@ -166,8 +145,14 @@ class Trainer:
         per_rank = self.train_streams.rows // self.dist.world
         self.my_rows = slice(self.dist.rank * per_rank, (self.dist.rank + 1) * per_rank)
         self.my_streams = self.train_streams.select(self.my_rows)
-        val = make_streams(val_ids, c.eval_streams, burn_in=c.burn_in)
-        self.val_streams = val.select(slice(self.dist.rank, None, self.dist.world))
+        # Validation: each process scores every world-th stream. Periodic passes read a fixed sample of at
+        # most eval_chars characters; the final report reads all of them (streams.py: eval_streams).
+        share = slice(self.dist.rank, None, self.dist.world)
+        sample = eval_streams(val_ids, c.eval_streams, c.burn_in, c.eval_chars or None)
+        full = eval_streams(val_ids, full_pass_streams(len(val_ids) - 1, c.eval_streams), c.burn_in)
+        self.needs_full_pass = c.full_final_eval and full.scored() > sample.scored()  # the same on every process
+        self.val_sample_chars, self.val_full_chars = sample.scored(), full.scored()
+        self.val_streams, self.val_full = sample.select(share), full.select(share)
         self.n_chunks = self.train_streams.num_chunks(c.seq_len)
 
         self.optimizer = make_optimizer(self.model, c)
@@ -186,6 +171,8 @@ class Trainer:
         self.chars_seen = 0  # training characters predicted so far, all processes together
         self.metrics: list = []
         self.state = self.model.init_state(per_rank, device)
+        self.best_weights: Optional[dict] = None  # a CPU copy of the best model, for the final full pass
+        self.error: Optional[str] = None  # a failure on this process that every process must stop for
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         if resume is not None:
@@ -202,15 +189,22 @@ class Trainer:
         last_report, chars_since = time.perf_counter(), 0
         stopped_by = None
         self.model.train()
+        self._next_eval = self._first_eval_mark()
         while stopped_by is None:
-            self.elapsed = time.perf_counter() - started
-            stopped_by = self._agreed_stop(self._limit_reached() or self.stop_request)
-            if stopped_by:
+            if not self.dist.enabled:  # under torchrun the clock is rank 0's, agreed in each step's reduce
+                self.elapsed = time.perf_counter() - started
+            stopped_by = self._limit_reached()  # the same on every process: steps, epochs, agreed clock
+            local = self.stop_request or ("error" if self.error else None)
+            if stopped_by or (local and not self.dist.enabled):
+                stopped_by = stopped_by or local
                 break
             lr = learning_rate(c, self.step, self._progress())
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            loss = self._train_step()
+            loss, agreed = self._train_step(local, time.perf_counter() - started)
+            if agreed:  # a process asked to stop: no process applied this step
+                stopped_by = agreed
+                break
             if not math.isfinite(loss):
                 stopped_by = "nonfinite"
                 break
@@ -230,23 +224,38 @@ class Trainer:
                                    "limits": self._limits()})
             if now - last_report > 2.0:
                 last_report, chars_since = now, 0
-            if self.step % c.eval_every == 0:
-                self._evaluate_and_save(loss, lr, rate, now - started)
+            if self._eval_due():
+                self._evaluate_and_save(loss, lr, rate, self.elapsed if self.dist.enabled else now - started)
                 if c.patience and self.bad_evals >= c.patience:
                     stopped_by = "patience"
-        self.elapsed = time.perf_counter() - started
-        if stopped_by in ("max_steps", "epochs", "max_time", "no_limit") and (
-            not self.metrics or self.metrics[-1]["step"] != self.step
-        ):
-            self._evaluate_and_save(self._last_loss, self._last_lr, self._last_rate, self.elapsed)
+        if not self.dist.enabled:
+            self.elapsed = time.perf_counter() - started
+        if stopped_by == "error":
+            raise CharlmError(self._agreed_error())
+        full_val = None
+        if stopped_by in ("max_steps", "epochs", "max_time", "no_limit", "patience"):
+            if not self.metrics or self.metrics[-1]["step"] != self.step:
+                self._evaluate_and_save(self._last_loss, self._last_lr, self._last_rate, self.elapsed)
+            full_val = self._final_full_pass()
         elif stopped_by == "interrupt":
             self._save(ckpt.LAST)
-        return TrainResult(self.step, self.epoch, stopped_by, self.best_val, self.best_step, self.metrics, self.elapsed)
+        return TrainResult(self.step, self.epoch, stopped_by, self.best_val, self.best_step, self.metrics,
+                           self.elapsed, full_val)
 
     _last_loss, _last_lr, _last_rate = math.nan, math.nan, 0.0
+    # Stops that every process must agree on (a signal, a failure, rank 0's clock), in the step's reduce.
+    _AGREED = ("interrupt", "error", "max_time")
 
-    def _train_step(self) -> float:
+    def _train_step(self, local_stop: Optional[str], clock: float) -> tuple:
+        """One optimizer step. Returns (global mean loss, agreed stop reason or None).
+
+        Host syncs: one per step (the packed values below), and under torchrun one extra all-reduce, which
+        carries the loss, the non-finite check, every process's stop requests and rank 0's clock together.
+        When any process asks to stop, no process applies the step, so all stop at the same step."""
         c = self.config
+        # Dropout masks from (seed, process, step): each process draws its own, and a resumed run draws the
+        # same masks as an unbroken one whatever the generator did before.
+        torch.manual_seed(_step_seed(c.seed, self.dist.rank, self.step))
         x, y = self.my_streams.chunk(self.cursor, c.seq_len)
         if self.device.type == "cuda":  # page-locked host memory lets the copy overlap the GPU's work
             x, y = x.pin_memory(), y.pin_memory()
@@ -262,17 +271,55 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip)
-        value = loss.item() / self.dist.world  # this rank's share of the global mean
-        if self.dist.enabled:  # the global mean; every rank must also agree on a non-finite loss
-            total = torch.tensor([value], device=self.device)
-            dist.all_reduce(total)
-            value = total.item()
-        if not (math.isfinite(value) and torch.isfinite(norm)):
-            return math.nan
+        bad = (~torch.isfinite(norm)).float()
+        packed = torch.stack([loss.detach().float() / self.dist.world, bad])  # (2,)
+        agreed = None
+        if self.dist.enabled:
+            flags = [float(local_stop == reason) for reason in self._AGREED]
+            if self.dist.is_main:  # rank 0's clock decides the time limit and the schedule for everyone
+                flags[2] = float(bool(c.max_time) and clock >= c.max_time)
+            extra = torch.tensor(flags + [clock if self.dist.is_main else 0.0], device=self.device)
+            packed = torch.cat([packed, extra])
+            dist.all_reduce(packed)
+        values = packed.tolist()  # the one host sync of the step
+        value, nonfinite = values[0], values[1] > 0
+        if self.dist.enabled:
+            self.elapsed = values[-1]
+            agreed = next((reason for reason, flag in zip(self._AGREED, values[2:5]) if flag > 0), None)
+        if agreed:
+            return value, agreed
+        if nonfinite or not math.isfinite(value):
+            return math.nan, None
         self.optimizer.step()
         self.state = st.detach(state)  # truncated BPTT: the values carry on, the graph stops here
         self._last_loss, self._last_lr = value, self.optimizer.param_groups[0]["lr"]
-        return value
+        return value, None
+
+    def _agreed_error(self) -> str:
+        """The failure message, the same on every process (the first process's that had one)."""
+        if not self.dist.enabled:
+            return self.error or "training failed"
+        messages = [None] * self.dist.world
+        dist.all_gather_object(messages, self.error)
+        return next((m for m in messages if m), "another process failed")
+
+    # ------------------------------------------------------------------ evaluation cadence
+    def _first_eval_mark(self) -> float:
+        """The progress (0..1) at which the next time-based evaluation falls due: tenths of the budget."""
+        return math.floor(self._progress() * 10 + 1e-9) / 10 + 0.1 if self.metrics else 0.1
+
+    def _eval_due(self) -> bool:
+        c = self.config
+        if c.eval_every:
+            return self.step % c.eval_every == 0
+        # By time: the first once 15 s and 10% of the budget have passed, then every 10% of the budget,
+        # never more often than 20x an evaluation's own cost (evaluations stay under ~5% of the run).
+        if self._progress() < self._next_eval or self.elapsed < 15.0:
+            return False
+        if self.metrics and self.elapsed - self.metrics[-1]["elapsed_s"] < 20 * getattr(self, "_eval_cost", 0.0):
+            return False
+        self._next_eval = math.floor(self._progress() * 10 + 1e-9) / 10 + 0.1
+        return True
 
     # ------------------------------------------------------------------ stop limits and schedule
     def _limits(self) -> dict:
@@ -301,47 +348,72 @@ class Trainer:
             return "max_time"
         return None
 
-    def _agreed_stop(self, reason: Optional[str]) -> Optional[str]:
-        """Under torchrun all ranks stop together, at the same step, with the same clock (rank 0's view of
-        elapsed time wins, via a max), so their learning rates and stop decisions never diverge."""
-        if not self.dist.enabled:
-            return reason
-        codes = ["", "max_steps", "epochs", "max_time", "patience", "interrupt"]
-        flag = torch.tensor([float(codes.index(reason or "")), self.elapsed], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.elapsed = float(flag[1])
-        return codes[int(flag[0])] or None
-
     # ------------------------------------------------------------------ evaluation and checkpoints
-    def _validate(self) -> float:
-        total, count = evaluate(self.model, self.val_streams, self.config.seq_len, self.device)
+    def _validate(self, streams=None) -> tuple:
+        """(mean loss, characters scored) over every process's share of the validation streams."""
+        streams = streams if streams is not None else self.val_streams
+        total, count = evaluate(self.model, streams, EVAL_SEQ_LEN, self.device)
         if self.dist.enabled:
-            both = torch.tensor([total, float(count)], dtype=torch.float64, device=self.device)
+            both = torch.tensor([total, float(count)], dtype=torch.float64 if self.device.type != "mps"
+                                else torch.float32, device=self.device)
             dist.all_reduce(both)
             total, count = float(both[0]), float(both[1])
-        return total / max(count, 1)
+        return total / max(count, 1), int(count)
 
     def _evaluate_and_save(self, train_loss: float, lr: float, rate: float, elapsed: float) -> None:
-        val = self._validate()
+        began = time.perf_counter()
+        val, scored = self._validate()
         record = {"step": self.step, "epoch": round(self.epoch + self.cursor / self.n_chunks, 4),
                   "chars": self.chars_seen,
                   "train_loss": train_loss, "val_loss": val, "bpc": val / math.log(2), "lr": lr,
-                  "chars_per_s": round(rate, 1), "elapsed_s": round(elapsed, 2)}
+                  "chars_per_s": round(rate, 1), "elapsed_s": round(elapsed, 2), "val_chars": scored}
         improved = val < self.best_val
         if improved:
             self.best_val, self.best_step, self.bad_evals = val, self.step, 0
+            if self.needs_full_pass:
+                self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         else:
             self.bad_evals += 1
         record["best"] = improved
         self.metrics.append(record)
         carried = self._gather_state()
         if self.dist.is_main:
-            self._write_metric(record)
-            if improved:
-                self._save(ckpt.BEST, carried)
-            self._save(ckpt.LAST, carried)
+            try:
+                self._write_metric(record)
+                if improved:
+                    self._save(ckpt.BEST, carried)
+                self._save(ckpt.LAST, carried)
+            except CharlmError as exc:
+                if not self.dist.enabled:
+                    raise
+                self.error = str(exc)  # every process stops at the next step, with this message
         self.callback("eval", {**record, "model": self.model})
         self.model.train()  # a callback may have sampled from the model in eval mode
+        self._eval_cost = time.perf_counter() - began
+
+    def _final_full_pass(self) -> Optional[dict]:
+        """The best model's loss on the whole validation text, when the periodic passes read only a sample."""
+        if not self.needs_full_pass or not math.isfinite(self.best_val):
+            return None
+        model = self.model
+        if self.best_step != self.step:
+            import copy
+
+            weights = self.best_weights
+            if weights is None:  # a resumed run: the best model is the one in best.pt
+                try:
+                    weights = ckpt.load(self.out_dir / ckpt.BEST)["model"]
+                except CharlmError:
+                    return None
+            model = copy.deepcopy(self.model)
+            model.load_state_dict(weights)
+        keep, self.model = self.model, model
+        try:
+            loss, chars = self._validate(self.val_full)
+        finally:
+            self.model = keep
+        self.callback("final", {"loss": loss, "chars": chars, "step": self.best_step})
+        return {"loss": loss, "chars": chars, "step": self.best_step}
 
     def _gather_state(self) -> list:
         """Every stream's carried state, in stream order (all ranks take part under torchrun)."""

@@ -53,12 +53,15 @@ class Vocabulary:
         return isinstance(other, Vocabulary) and other.chars == self.chars
 
     def id_dtype(self):
-        """The narrowest integer type that holds every id: 1 byte per character for most corpora."""
-        return np.uint8 if self.size <= 256 else np.int32
+        """The narrowest integer type that holds every id: 1 byte per character for most corpora, 2 for
+        nearly all others (65,536 distinct characters), 4 beyond."""
+        return np.uint8 if self.size <= 256 else np.uint16 if self.size <= 65536 else np.uint32
 
     def ids_from_codes(self, codes: np.ndarray) -> np.ndarray:
         """Code points -> ids; -1 where a code point is not in the vocabulary."""
         codes = np.asarray(codes)
+        if codes.size and int(codes.max()) < len(self._table):  # the common case: one gather
+            return self._table[codes]
         ids = np.full(codes.shape, -1, dtype=np.int32)
         inside = codes < len(self._table)
         ids[inside] = self._table[codes[inside]]

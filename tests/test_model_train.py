@@ -124,8 +124,8 @@ def test_nonfinite_loss_stops_without_overwriting_best(tmp_path):
     trainer = Trainer(model, train_ids, val_ids, config, tmp_path / "nan", torch.device("cpu"), meta)
     original = trainer._train_step
 
-    def poisoned():  # the loss turns NaN from step 12 on, as an absurd learning rate would make it
-        return float("nan") if trainer.step >= 12 else original()
+    def poisoned(*args):  # the loss turns NaN from step 12 on, as an absurd learning rate would make it
+        return (float("nan"), None) if trainer.step >= 12 else original(*args)
 
     trainer._train_step = poisoned
     best_before = None

@@ -65,7 +65,7 @@ def test_cache_is_reused_and_matches(tmp_path):
     path = tmp_path / "c.txt"
     path.write_text("some text, with ünïcode\n" * 100, encoding="utf-8")
     first = load_corpus(path, cache_dir=tmp_path / "run")
-    cached = list((tmp_path / "run").glob("encoded-*.npy"))
+    cached = list((tmp_path / "run").glob("ids-*.bin"))
     assert len(cached) == 1
     second = load_corpus(path, cache_dir=tmp_path / "run")
     assert second.vocab == first.vocab and np.array_equal(second.ids, first.ids)

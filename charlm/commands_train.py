@@ -1,0 +1,354 @@
+"""The body of `charlm train`: resolve the corpus and the run directory, build the model and the Trainer,
+render the start and end summaries. Part of the command-line layer (it prints; the library does not)."""
+
+from __future__ import annotations
+
+import math
+import shlex
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+from rich.console import Console
+from rich.markup import escape
+
+from charlm import checkpoint as ckpt
+from charlm.commands import _check
+from charlm.errors import CharlmError
+from charlm.model import CELLS, CharRNN, ModelConfig
+from charlm.vocab import Vocabulary
+
+
+@dataclass
+class TrainRequest:
+    corpus: Optional[List[Path]]
+    named: Optional[str]
+    encoding: str
+    keep_crlf: bool
+    val_frac: float
+    cell: str
+    nonlinearity: str
+    hidden: int
+    layers: int
+    dropout: float
+    embedding: int
+    batch_size: int
+    seq_len: int
+    lr: float
+    optimizer: str
+    weight_decay: float
+    warmup: int
+    clip: float
+    epochs: Optional[float]
+    max_steps: Optional[int]
+    max_time: Optional[str]
+    eval_every: Optional[int]
+    eval_chars: int
+    full_final_eval: bool
+    patience: int
+    seed: int
+    device: str
+    precision: str
+    compile_model: bool
+    out: Optional[Path]
+    resume: bool
+    init_from: Optional[Path]
+    force: bool
+    preview: bool
+
+
+def _validate_train(r: TrainRequest) -> None:
+    from charlm.train import OPTIMIZERS
+
+    _check((not r.corpus) != (r.named is None), "give text files (or a folder) or --corpus NAME, not both; "
+           "try: charlm train --corpus python-stdlib")
+    for flag, value, least in (("--hidden", r.hidden, 1), ("--layers", r.layers, 1), ("--batch-size", r.batch_size, 1),
+                               ("--seq-len", r.seq_len, 1), ("--eval-every", r.eval_every or 1, 1),
+                               ("--eval-chars", r.eval_chars, 0),
+                               ("--embedding", r.embedding, 0), ("--warmup", r.warmup, 0),
+                               ("--patience", r.patience, 0), ("--weight-decay", r.weight_decay, 0)):
+        _check(value >= least, f"{flag} must be at least {least}, got {value}")
+    _check(0 < r.val_frac < 1, f"--val-frac must be between 0 and 1 (exclusive), got {r.val_frac}")
+    _check(r.cell in CELLS, f"--cell must be one of {', '.join(CELLS)}, got {r.cell!r}")
+    _check(r.nonlinearity in ("tanh", "relu"), f"--nonlinearity must be tanh or relu, got {r.nonlinearity!r}")
+    _check(r.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {r.optimizer!r}")
+    _check(0 <= r.dropout < 1, f"--dropout must be in [0, 1), got {r.dropout}")
+    _check(r.lr > 0 and math.isfinite(r.lr), f"--lr must be a positive number, got {r.lr}")
+    _check(r.clip > 0, f"--clip must be positive, got {r.clip}")
+    _check(r.epochs is None or r.epochs > 0, f"--epochs must be positive, got {r.epochs}")
+    _check(r.max_steps is None or r.max_steps > 0, f"--max-steps must be positive, got {r.max_steps}")
+    _check(not (r.resume and r.init_from), "--resume and --init-from do not mix: resume continues a run, "
+           "--init-from starts a new one from a trained model")
+
+
+def _runs_of(root: Path, stem: str) -> list:
+    dirs = [root / stem] + sorted(root.glob(f"{stem}-*"))
+    return [d for d in dirs if (d / ckpt.LAST).is_file() or (d / ckpt.BEST).is_file()]
+
+
+def _out_dir(r: TrainRequest, stem: str) -> Path:
+    root = Path("checkpoints")
+    if r.resume:
+        if r.out is not None:
+            if not (r.out / ckpt.LAST).is_file():
+                raise CharlmError(f"--resume: {r.out} holds no last.pt to resume; train without --resume first")
+            return r.out
+        runs = [d for d in _runs_of(root, stem) if (d / ckpt.LAST).is_file()]
+        if not runs:
+            raise CharlmError(f"--resume: no previous run of {stem!r} under {root}/; train without --resume first "
+                              "(or pass --out RUN_DIR)")
+        return max(runs, key=lambda d: (d / ckpt.LAST).stat().st_mtime)
+    if r.out is not None:
+        if ((r.out / ckpt.LAST).is_file() or (r.out / ckpt.BEST).is_file()) and not r.force:
+            raise CharlmError(f"{r.out} already holds a run; add --resume to continue it, --force to start over "
+                              "in it, or choose another --out")
+        return r.out
+    taken = {d.name for d in _runs_of(root, stem)}
+    name, n = stem, 1
+    while name in taken:
+        n += 1
+        name = f"{stem}-{n}"
+    return root / name
+
+
+def _prepare_out(out: Path, fresh: bool) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".charlm-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CharlmError(f"cannot write to {out} ({exc.strerror or exc}); choose a writable --out")
+    if fresh:
+        for name in (ckpt.BEST, ckpt.LAST, "metrics.jsonl"):
+            (out / name).unlink(missing_ok=True)
+
+
+def _preview_fn(vocab: Vocabulary, device):
+    from charlm.sample import SampleConfig, sample_text
+
+    def preview(model) -> list:
+        lines = []
+        for temperature in (0.5, 1.0):
+            cfg = SampleConfig(length=90, temperature=temperature, seed=1234)
+            text = sample_text(model, vocab, "", cfg, device)[0]
+            lines.append(f"T={temperature}: " + text.replace("\n", "↵").replace("\r", "␍"))
+        return lines
+
+    return preview
+
+
+def run_train(r: TrainRequest, console: Console) -> None:
+    from charlm.corpus import split_train_val
+    from charlm.display import TrainDisplay, run_summary
+    from charlm.runtime import (agreed, parse_duration, resolve_precision, seed_everything, setup_distributed,
+                                teardown_distributed)
+    from charlm.streams import fit_layout
+    from charlm.train import TrainConfig, Trainer
+
+    _validate_train(r)
+    max_time = parse_duration(r.max_time) if r.max_time else None
+    if max_time is None and r.epochs is None and r.max_steps is None:
+        max_time = 600.0  # the default budget: ten minutes, good text on a 2-core CPU
+    dinfo, device = setup_distributed(r.device)
+    if not dinfo.is_main:
+        console = Console(stderr=True, quiet=True)
+    try:
+        precision = resolve_precision(r.precision, device)
+        inputs = [_named_corpus(r.named, console, dinfo)] if r.named else list(r.corpus)
+        stem = r.named or _stem(inputs)
+        out = _out_dir(r, stem)
+        payload = None
+        if r.resume:
+            payload = ckpt.load(out, prefer=ckpt.LAST)
+        elif r.init_from is not None:
+            payload = ckpt.load(r.init_from)
+        vocab = Vocabulary(payload["vocab"]) if payload else None
+        corpus = _training_corpus(inputs, vocab, r, out.parent / ".charlm-cache", dinfo)
+        if r.resume:
+            saved = payload.get("corpus", {})
+            if saved.get("sha256") not in (None, corpus.sha256) and not r.force:
+                what = "these files are not the ones" if len(corpus.files) > 1 or len(saved.get("files", [])) > 1 \
+                    else f"{corpus.path} is not the corpus"
+                raise CharlmError(f"{what} this run was trained on (SHA-256 differs from {saved.get('path')}); "
+                                  "resume with the same text, or add --force")
+        train_ids, val_ids = split_train_val(corpus.ids, r.val_frac, corpus.path)
+        # Only once the corpus is known good (bad input leaves no directory behind); a failure here ends every
+        # process of a torchrun job with the same message.
+        agreed(dinfo, lambda: _prepare_out(out, fresh=not r.resume), here=dinfo.is_main)
+        batch, seq_len = fit_layout(len(train_ids) - 1, r.batch_size, r.seq_len)
+        if dinfo.enabled:
+            batch = max(dinfo.world, batch - batch % dinfo.world)
+        if payload is not None:
+            mconf = ModelConfig(**payload["model_config"])
+        else:
+            mconf = ModelConfig(vocab_size=corpus.vocab.size, cell=r.cell, hidden=r.hidden, layers=r.layers,
+                                dropout=r.dropout, nonlinearity=r.nonlinearity, embedding=r.embedding)
+        tconf = TrainConfig(batch_size=batch, seq_len=seq_len, lr=r.lr, warmup_steps=r.warmup,
+                            weight_decay=r.weight_decay, optimizer=r.optimizer, clip=r.clip, epochs=r.epochs,
+                            max_steps=r.max_steps, max_time=max_time, eval_every=r.eval_every, patience=r.patience,
+                            val_frac=r.val_frac, seed=r.seed, precision=precision, eval_chars=r.eval_chars,
+                            full_final_eval=r.full_final_eval)
+        seed_everything(r.seed)
+        model = CharRNN(mconf)
+        if r.init_from is not None:
+            model.load_state_dict(payload["model"])
+        # How the text was read, so that --novelty and the sampling of items find the same cached ids.
+        read = {"encoding": r.encoding, "keep_crlf": r.keep_crlf, "fixed_vocab": vocab is not None}
+        meta = {"model_config": mconf.to_dict(), "vocab": corpus.vocab.chars, "corpus": {**corpus.info(), **read}}
+        display = TrainDisplay(console, _preview_fn(corpus.vocab, device) if r.preview else None)
+        trainer = Trainer(model, train_ids, val_ids, tconf, out, device, meta, callback=display, dist_info=dinfo,
+                          resume=payload if r.resume else None, compile_model=r.compile_model)
+
+        info = _start_summary(corpus.path, corpus, train_ids, val_ids, model, tconf, device, dinfo, out, r,
+                              trainer)
+        run_summary(console, info)
+        received = []
+
+        def on_signal(signum, frame):
+            received.append(signum)
+            trainer.request_stop("interrupt")
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        with display:
+            result = trainer.run()
+        for s, handler in previous.items():  # after an interrupt, more Ctrl-Cs are ignored until the exit
+            signal.signal(s, signal.SIG_IGN if received else handler)
+        _end_summary(console, result, out, r, received)
+    finally:
+        teardown_distributed()
+
+
+def _stem(inputs: List) -> str:
+    """The run's name: the file's stem, the folder's name, or the folder several files share."""
+    first = Path(inputs[0])
+    if len(inputs) == 1:
+        return (first.name if first.is_dir() else first.stem) or "corpus"
+    parents = {Path(p).resolve().parent for p in inputs}
+    return (parents.pop().name if len(parents) == 1 else "") or first.stem or "corpus"
+
+
+def _training_corpus(inputs, vocab, r: TrainRequest, cache: Path, dinfo):
+    """The encoded corpus. Under torchrun the first process of each machine builds (or finds) the cached,
+    memory-mapped ids while the others wait; then every process maps that file and reads only the rows it
+    trains on. A bad file ends every process with the same one-line message."""
+    from charlm.corpus import describe_mapped, load_corpus, open_mapped
+    from charlm.runtime import agreed
+
+    def build():
+        return load_corpus(inputs, vocab, r.encoding, r.keep_crlf, cache_dir=cache)
+
+    if not dinfo.enabled:
+        return build()
+    corpus = agreed(dinfo, build, here=dinfo.local_rank == 0)
+    import torch.distributed as dist
+
+    shared = [None] * dinfo.world
+    dist.all_gather_object(shared, describe_mapped(corpus) if corpus is not None else None)
+    if corpus is not None:
+        return corpus
+    mine = shared[dinfo.rank - dinfo.local_rank]  # the first process on this machine
+    if mine and mine.get("ids_file") and Path(mine["ids_file"]).is_file():
+        return open_mapped(mine)
+    return agreed(dinfo, build)  # no shared cache (an unwritable folder): each process encodes its own
+
+
+def _named_corpus(name: str, console: Console, dinfo) -> Path:
+    from charlm import datasets
+
+    from charlm.runtime import agreed
+
+    def fetch():
+        from rich.progress import DownloadColumn, Progress, BarColumn, TransferSpeedColumn
+
+        with Progress(f"[bold]downloading {name}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                      console=console, transient=True) as bar:
+            task = bar.add_task(name, total=None)
+            return datasets.corpus_path(name, progress=lambda done, total: bar.update(task, completed=done,
+                                                                                      total=total or None))
+
+    path = agreed(dinfo, fetch, here=dinfo.is_main)  # the others wait, and stop with its error if it fails
+    return path if path is not None else datasets.corpus_path(name)
+
+
+def _start_summary(path, corpus, train_ids, val_ids, model, tconf, device, dinfo, out, r, trainer) -> dict:
+    from charlm.display import human_count, human_time, vocab_preview
+
+    mc = model.config
+    params = model.num_parameters()
+    rows = [
+        ("corpus", f"{path}: {corpus.chars:,} characters ({len(train_ids):,} train, {len(val_ids):,} validation)"
+                   + (f", {corpus.crlf_converted:,} CRLF -> LF" if corpus.crlf_converted else "")),
+        ("vocabulary", f"{corpus.vocab.size} characters: {vocab_preview(corpus.vocab.chars)}"),
+        ("model", f"{mc.layers} x {mc.hidden} {mc.cell}{'-' + mc.nonlinearity if mc.cell == 'rnn' else ''}, "
+                  f"{'one-hot' if not mc.embedding else f'{mc.embedding}-d embedding'} input, "
+                  f"{params:,} parameters"),
+        ("layout", f"{tconf.batch_size} streams x {tconf.seq_len}-character chunks "
+                   f"({trainer.n_chunks:,} steps per epoch)"),
+        ("evaluation", _eval_plan(tconf, trainer)),
+        ("device", f"{device} ({tconf.precision})" + (f", {dinfo.world} processes" if dinfo.enabled else "")),
+        ("limits", ", ".join(f"{k.replace('_', ' ')} {human_time(v) if k == 'max_time' else v}" for k, v in
+                             (("max_time", tconf.max_time), ("max_steps", tconf.max_steps), ("epochs", tconf.epochs))
+                             if v) + f", patience {tconf.patience}"),
+        ("run", f"{out}" + (" (resumed)" if r.resume else "") + (f" (from {r.init_from})" if r.init_from else "")),
+    ]
+    warnings = []
+    if (tconf.batch_size, tconf.seq_len) != (r.batch_size, r.seq_len):
+        warnings.append(f"the corpus is small: using {tconf.batch_size} streams of {tconf.seq_len}-character chunks "
+                        f"instead of {r.batch_size} x {r.seq_len}")
+    if corpus.chars < 10_000:
+        warnings.append(f"{corpus.chars:,} characters is very little text; expect memorisation rather than style "
+                        "(100k+ characters learn far better)")
+    ratio = params / max(len(train_ids), 1)
+    if ratio > 10 or ratio < 0.1:
+        advice = "smaller --hidden" if ratio > 10 else "larger --hidden or more --layers"
+        warnings.append(f"{human_count(params)} parameters for {human_count(len(train_ids))} training characters "
+                        f"(ratio {ratio:.2g}); the rule of thumb is the same order of magnitude: try {advice}")
+    if corpus.vocab.size > 1000 and not mc.embedding:
+        warnings.append(f"{corpus.vocab.size} distinct characters: --embedding 256 trains faster than one-hot input")
+    return {"rows": rows, "warnings": warnings}
+
+
+def _eval_plan(tconf, trainer) -> str:
+    from charlm.display import human_count
+
+    when = f"every {tconf.eval_every} steps" if tconf.eval_every else "every 10% of the budget (first after 15 s)"
+    scored, full = trainer.val_sample_chars, trainer.val_full_chars
+    if not trainer.needs_full_pass:
+        return f"{when}, all {human_count(full)} validation characters"
+    return (f"{when}, a fixed sample of {human_count(scored)} validation characters "
+            f"(the whole {human_count(full)} at the end)")
+
+
+def _end_summary(console: Console, result, out: Path, r: TrainRequest, received: list) -> None:
+    from charlm.display import human_time, sparkline
+
+    resume_cmd = "charlm " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--resume") + " --resume"
+    if result.stopped_by == "nonfinite":
+        kept = f"; best.pt is from step {result.best_step}" if result.best_step else "; no checkpoint was written"
+        raise CharlmError(f"the loss became NaN or infinite at step {result.step + 1}: training stopped and "
+                          f"nothing was overwritten{kept}; lower --lr or --clip and try again")
+    vals = [m["val_loss"] for m in result.metrics]
+    reasons = {"max_steps": "reached --max-steps", "epochs": "reached --epochs", "max_time": "reached --max-time",
+               "patience": f"validation loss stopped improving (--patience {r.patience})", "interrupt": "interrupted"}
+    console.print(f"[bold]stopped[/bold]: {reasons.get(result.stopped_by, result.stopped_by)} at step {result.step} "
+                  f"(epoch {result.epoch}) after {human_time(result.elapsed_s)}")
+    if math.isfinite(result.best_val_loss):
+        bv = result.best_val_loss
+        where = ""
+        if result.full_val:  # the periodic passes read a sample; the report reads the whole validation text
+            bv = result.full_val["loss"]
+            where = f" on all {result.full_val['chars']:,} validation characters"
+        console.print(f"[bold]best[/bold]: val loss {bv:.4f} nats/char, {bv / math.log(2):.3f} bpc, perplexity "
+                      f"{math.exp(bv):.2f} (step {result.best_step}){where}   {sparkline(vals)}")
+    console.print(f"[bold]run[/bold]: {out}/ (best.pt, last.pt, metrics.jsonl)")
+    console.print(f"[bold]next[/bold]: charlm sample -c {shlex.quote(str(out))} --prime \"...\"   |   "
+                  f"charlm plot {shlex.quote(str(out))}")
+    if result.stopped_by == "interrupt":
+        console.print(f"[bold]resume[/bold]: {escape(resume_cmd)}")
+        raise SystemExit(128 + (received[0] if received else signal.SIGINT))
+    console.print(f"[bold]train longer[/bold]: {escape(resume_cmd)} with a larger --max-time, --max-steps or --epochs")
+
+
