@@ -1,0 +1,168 @@
+"""Load test of `charlm serve`: 1, 8 and 32 concurrent streaming clients on loopback, against the same
+model served without batching (--max-batch 1: one request at a time, the others wait), in one run.
+
+Each client POSTs /v1/sample with "stream": true and its own seed, and reads the server-sent events as they
+arrive. Reported per configuration: total characters per second (all clients' characters / the time from
+the first request to the last `done`), characters per second per client (its characters / its own time),
+and the time to the first character (request sent -> first text event), p50 and p99 over every client of
+every round. Rounds run the configurations interleaved (1, 8, 32, unbatched 8, then again), so the
+machine's drift and other people's jobs fall on all of them alike.
+
+The model is the default size (2 x 512 GRU, one-hot input, 65 characters) with untrained weights: the cost
+of a step does not depend on what the weights are. Bounded: loopback only, at most --rounds x 4 batches of
+clients, each asking for --length characters, and a --timeout per batch.
+
+    .venv/bin/python bench/serve_load.py
+    .venv/bin/python bench/serve_load.py --length 300 --rounds 3 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from charlm import checkpoint as ckpt
+from charlm.model import CharRNN, ModelConfig
+
+SHAKESPEARE_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # Tiny Shakespeare's 65
+
+
+def write_model(folder: Path) -> Path:
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=len(SHAKESPEARE_CHARS))  # the defaults: 2 x 512 GRU, one-hot
+    model = CharRNN(config)
+    path = folder / "best.pt"
+    ckpt.save({"model_config": config.to_dict(), "vocab": SHAKESPEARE_CHARS, "model": model.state_dict(),
+               "step": 0}, path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: Path, max_batch: int) -> tuple:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "charlm", "serve", "-c", str(model), "--port", str(port),
+                             "--max-batch", str(max_batch), "--device", "cpu"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            c.request("GET", "/healthz")
+            if c.getresponse().status == 200:
+                return proc, port
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"server did not start: {proc.stderr.read()}")
+
+
+def client(port: int, seed: int, length: int, timeout: float, out: list) -> None:
+    body = json.dumps({"prime": "ROMEO:", "length": length, "seed": seed, "stream": True})
+    sent = time.perf_counter()
+    first, chars = None, 0
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        c.request("POST", "/v1/sample", body, {"Content-Type": "application/json"})
+        r = c.getresponse()
+        event = "message"
+        for raw in r:
+            line = raw.decode("utf-8")
+            if line.startswith("event: "):
+                event = line[7:].strip()
+            elif line.startswith("data: ") and event == "message":
+                if first is None:
+                    first = time.perf_counter()
+                chars += len(json.loads(line[6:])["text"])
+            elif line.startswith("data: ") and event in ("done", "error"):
+                break
+            elif line == "\n":
+                event = "message"
+    finally:
+        c.close()
+    out.append({"ttfc": (first or time.perf_counter()) - sent, "chars": chars,
+                "seconds": time.perf_counter() - sent, "start": sent, "end": time.perf_counter()})
+
+
+def run_batch(port: int, clients: int, length: int, timeout: float, seed0: int) -> list:
+    out: list = []
+    threads = [threading.Thread(target=client, args=(port, seed0 + i, length, timeout, out), daemon=True)
+               for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return out
+
+
+def summarise(results: list) -> dict:
+    """results: one list of client records per batch run of this configuration."""
+    totals = [sum(r["chars"] for r in batch) / (max(r["end"] for r in batch) - min(r["start"] for r in batch))
+              for batch in results]
+    records = [r for batch in results for r in batch]
+    ttfc = sorted(r["ttfc"] for r in records)
+    q = lambda p: ttfc[min(len(ttfc) - 1, int(round(p * (len(ttfc) - 1))))]  # noqa: E731
+    return {"total_chars_per_s": statistics.median(totals), "per_client_chars_per_s":
+            statistics.median(r["chars"] / r["seconds"] for r in records), "ttfc_p50_ms": 1e3 * q(0.5),
+            "ttfc_p99_ms": 1e3 * q(0.99), "clients_done": len(records), "chars": sum(r["chars"] for r in records)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", default="1,8,32", help="concurrency levels, comma-separated")
+    parser.add_argument("--length", type=int, default=400, help="characters each client asks for")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every configuration")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds one batch of clients may take")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args()
+    levels = [int(x) for x in args.clients.split(",")]
+    torch.set_num_threads(1)  # this process only makes the checkpoint; the server gets the cores
+    with tempfile.TemporaryDirectory() as tmp:
+        model = write_model(Path(tmp))
+        batched, bport = start_server(model, 64)
+        plain, pport = start_server(model, 1)
+        configs = [(f"batched, {n} clients", bport, n) for n in levels] + [("unbatched, 8 clients", pport, 8)]
+        results = {name: [] for name, _, _ in configs}
+        try:
+            run_batch(bport, 2, 50, args.timeout, 10_000)  # warm both servers up
+            run_batch(pport, 2, 50, args.timeout, 10_000)
+            for round_ in range(args.rounds):
+                for name, port, n in configs:
+                    results[name].append(run_batch(port, n, args.length, args.timeout, 1000 * round_))
+                    print(f"round {round_ + 1}: {name} done", file=sys.stderr)
+        finally:
+            for proc in (batched, plain):
+                proc.terminate()
+                proc.wait(30)
+    summary = {name: summarise(batches) for name, batches in results.items()}
+    one = summary.get("batched, 1 clients", {}).get("total_chars_per_s")
+    for row in summary.values():
+        row["ratio_to_1_client"] = row["total_chars_per_s"] / one if one else None
+    if args.json:
+        print(json.dumps({"length": args.length, "rounds": args.rounds, "cpus": os.cpu_count(), **summary}, indent=1))
+        return
+    print(f"| configuration | total chars/s | per-client chars/s | TTFC p50 | TTFC p99 | x 1 client |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, row in summary.items():
+        print(f"| {name} | {row['total_chars_per_s']:,.0f} | {row['per_client_chars_per_s']:,.0f} | "
+              f"{row['ttfc_p50_ms']:.0f} ms | {row['ttfc_p99_ms']:.0f} ms | {row['ratio_to_1_client']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
