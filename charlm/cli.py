@@ -128,7 +128,10 @@ def train(
     device: DeviceOpt = "auto",
     precision: Annotated[str, typer.Option(help="auto, fp32 or bf16 (autocast). auto = bf16 where the hardware "
                                            "does bf16 natively.", rich_help_panel=RUN)] = "auto",
-    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the model (GPU; opt-in).",
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the model. Only the input layer and the decoder compile "
+                                                "(Dynamo stops at the recurrent kernel); on a 2-core CPU it cost 9-36 s "
+                                                "of compiling, counted in --max-time, and no measurable speed-up "
+                                                "(BENCHMARKS.md). Untried on GPUs.",
                                                 rich_help_panel=RUN)] = False,
     out: Annotated[Optional[Path], typer.Option(help="Run directory [default: checkpoints/<corpus name>].",
                                                 rich_help_panel=OUTPUT, show_default=False)] = None,

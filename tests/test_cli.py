@@ -2,8 +2,10 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import TINY, invoke, run_cli
 
@@ -33,14 +35,33 @@ def test_sample_seed_repeats_and_num_samples_batch(runner, trained_run):
     assert first.stdout == second.stdout and len(samples) == 3 and all(s.startswith("a") for s in samples)
 
 
-def test_sample_defaults_to_newest_run(runner, trained_run, monkeypatch):
-    monkeypatch.chdir(trained_run.parent.parent)
-    (trained_run.parent.parent / "checkpoints").mkdir(exist_ok=True)
-    link = trained_run.parent.parent / "checkpoints" / "words"
-    if not link.exists():
-        link.symlink_to(trained_run)
-    result = invoke(runner, "sample", "--prime", "dog", "-n", "10")
-    assert result.exit_code == 0 and result.stdout.startswith("dog")
+def test_sample_defaults_to_newest_run(runner, trained_run, tmp_path, monkeypatch):
+    """Two runs under ./checkpoints: sample and info use the one written last, whichever that is."""
+    import os
+    import shutil
+
+    from charlm import checkpoint as ckpt
+
+    monkeypatch.chdir(tmp_path)
+    words, stuck = tmp_path / "checkpoints" / "words", tmp_path / "checkpoints" / "stuck"
+    shutil.copytree(trained_run, words)
+    stuck.mkdir()
+    payload = torch.load(trained_run / "best.pt", weights_only=True)
+    vocab = payload["vocab"]
+    payload["model"]["decoder.weight"].zero_()  # a model that always says "z"
+    payload["model"]["decoder.bias"].copy_(torch.tensor([10.0 if c == "z" else 0.0 for c in vocab]))
+    ckpt.save(payload, stuck / "best.pt")
+    for newest, oldest in ((words, stuck), (stuck, words)):
+        for f in oldest.glob("*.pt"):
+            os.utime(f, (1_000_000_000, 1_000_000_000))
+        for f in newest.glob("*.pt"):
+            os.utime(f, (2_000_000_000, 2_000_000_000))
+        picked = invoke(runner, "sample", "--prime", "dog", "-n", "10", "--greedy")
+        named = invoke(runner, "sample", "-c", newest, "--prime", "dog", "-n", "10", "--greedy")
+        assert picked.exit_code == 0 and picked.stdout == named.stdout
+        assert (picked.stdout == "dogzzzzzzzzzz\n") == (newest == stuck)
+        info = json.loads(invoke(runner, "info", "--json").stdout)
+        assert Path(info["checkpoint"]).parent.name == newest.name
 
 
 def test_eval_json_and_info(runner, trained_run):
@@ -52,10 +73,15 @@ def test_eval_json_and_info(runner, trained_run):
     assert report["perplexity"] == pytest.approx(math.exp(report["loss"]))
     assert report["loss"] < 2.0 and report["chars"] == len(corpus.read_text()) - 1
     info = json.loads(invoke(runner, "info", trained_run, "--json").stdout)
-    assert info["parameters"] == sum(layer["parameters"] for layer in info["layers"])
+    weights = torch.load(trained_run / "best.pt", weights_only=True)["model"]
+    assert info["parameters"] == sum(t.numel() for t in weights.values())  # counted from the file itself
+    v, h = info["vocab_size"], 48  # the fixture's 1 x 48 GRU, one-hot input: 3 gates, two biases, decoder
+    assert info["model_config"]["hidden"] == h and info["model_config"]["cell"] == "gru"
+    assert info["parameters"] == 3 * h * (v + h) + 2 * 3 * h + h * v + v
+    assert sum(layer["parameters"] for layer in info["layers"]) == info["parameters"]
     assert info["step"] == 150 and info["vocab_size"] == len(set(corpus.read_text()))
     table = invoke(runner, "info", trained_run)
-    assert "gru 0" in table.stdout and "total" in table.stdout
+    assert "gru 0" in table.stdout and f"{info['parameters']:,}" in table.stdout.split("total")[1].splitlines()[0]
 
 
 def test_korean_round_trips_through_train_sample_eval(runner, tmp_path):
@@ -100,19 +126,54 @@ def test_top_k_beyond_vocabulary_is_clamped_and_said(runner, trained_run):
     assert result.exit_code == 0 and "--top-k 1000" in result.stderr and len(result.stdout) == 6
 
 
-def test_plot_draws_in_terminal(runner, trained_run):
+def chart_marks(chart: str, mark: str) -> list:
+    """(row, column) of every `mark` inside a terminal chart's plotting area (the part right of ' |')."""
+    rows = [line.split(" |", 1)[1] for line in chart.splitlines() if " |" in line]
+    return [(r, c) for r, row in enumerate(rows) for c, ch in enumerate(row) if ch == mark]
+
+
+def test_plot_draws_a_falling_loss_descending(runner, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"step": 100 * k, "train_loss": 3.0 - 0.5 * k, "val_loss": 3.2 - 0.5 * k} for k in range(1, 6)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = invoke(runner, "plot", run)
+    assert result.exit_code == 0
+    labels = [line.split(" |")[0].strip() for line in result.stdout.splitlines() if " |" in line]
+    assert [x for x in labels if x] == ["2.700", "0.500"]  # the axis spans the lowest train to the highest val
+    for mark in "*o":  # train, val: five points each, left to right, each lower than the one before
+        points = sorted(chart_marks(result.stdout, mark), key=lambda p: p[1])
+        assert len(points) == 5, result.stdout
+        assert all(a[0] < b[0] for a, b in zip(points, points[1:])), result.stdout
+
+
+def test_plot_of_a_real_run_has_a_point_per_evaluation(runner, trained_run):
     result = invoke(runner, "plot", trained_run)
-    assert result.exit_code == 0 and "train" in result.stdout and "val" in result.stdout
+    evaluations = len((trained_run / "metrics.jsonl").read_text().splitlines())
+    assert result.exit_code == 0
+    assert 1 <= len(chart_marks(result.stdout, "o")) <= evaluations  # val: marks may coincide, never vanish
+    assert len(chart_marks(result.stdout, "*")) + len(chart_marks(result.stdout, "o")) >= evaluations
 
 
-def test_plot_png_needs_matplotlib_or_writes_file(runner, trained_run, tmp_path):
+def test_plot_png_is_a_real_image(runner, trained_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    import struct
+
     result = invoke(runner, "plot", trained_run, "-o", tmp_path / "curve.png")
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        assert result.exit_code == 1 and "pip install 'charlm[plot]'" in result.stderr
-    else:
-        assert result.exit_code == 0 and (tmp_path / "curve.png").stat().st_size > 1000
+    assert result.exit_code == 0, result.output
+    data = (tmp_path / "curve.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    assert (width, height) == (840, 480) and len(data) > 10_000  # 7 x 4 inches at 120 dpi, with curves drawn
+
+
+def test_plot_png_without_matplotlib_says_how_to_get_it(runner, trained_run, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    result = invoke(runner, "plot", trained_run, "-o", tmp_path / "curve.png")
+    assert result.exit_code == 1 and "pip install 'charlm[plot]'" in result.stderr
+    assert not (tmp_path / "curve.png").exists()
 
 
 def test_version_and_help_examples(runner):

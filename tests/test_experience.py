@@ -53,7 +53,8 @@ def test_default_run_dirs_do_not_clobber_and_resume_finds_the_newest(runner, tmp
     for _ in range(2):
         assert invoke(runner, "train", corpus, "--max-steps", "10", "--eval-every", "5", *TINY).exit_code == 0
     assert (tmp_path / "checkpoints/notes/best.pt").is_file() and (tmp_path / "checkpoints/notes-2/best.pt").is_file()
-    assert len(list((tmp_path / "checkpoints/.charlm-cache").glob("encoded-*.npy"))) == 1  # shared by both runs
+    cached = [f for f in (tmp_path / "checkpoints/.charlm-cache").iterdir() if not f.name.startswith(".")]
+    assert len({f.stem for f in cached}) == 1  # one cache entry (ids and their description), shared by both runs
     resumed = invoke(runner, "train", corpus, "--max-steps", "15", "--eval-every", "5", "--resume", *TINY)
     assert resumed.exit_code == 0 and "checkpoints/notes-2" in resumed.stderr
     assert torch.load(tmp_path / "checkpoints/notes-2/last.pt", weights_only=True)["step"] == 15
@@ -70,13 +71,27 @@ def test_feeding_in_pieces_equals_feeding_at_once():
     assert torch.allclose(whole.logits, parts.logits, atol=1e-6)
 
 
-def test_interactive_session_carries_state_between_turns(trained_run):
-    result = run_cli("sample", "-c", trained_run, "--interactive", "-n", "15", "--seed", "2",
-                     "--prime", "the", input="fox\n\n")
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.split("\n")
-    assert lines[0].startswith("the") and "fox" in result.stdout
-    assert result.stdout.count("\n") >= 3  # the opening continuation and one per turn
+def test_interactive_session_carries_state_between_turns(runner, trained_run):
+    """Each turn continues from everything said so far: the session's output equals greedy one-shot samples
+    primed with the whole conversation, and at least one turn differs from a sample primed with its line
+    alone (so the comparison can tell a carried state from a reset one)."""
+    def greedy(prime):
+        result = invoke(runner, "sample", "-c", trained_run, "--greedy", "-n", "15", "--prime", prime)
+        assert result.exit_code == 0 and result.stdout.startswith(prime)
+        return result.stdout[len(prime):-1]
+
+    session = invoke(runner, "sample", "-c", trained_run, "--interactive", "--greedy", "-n", "15", "--prime", "the",
+                     input="fox\nd\n\n")
+    assert session.exit_code == 0, session.output
+    said, expected, differs = "", "", False
+    for typed in ("the", "fox", "d", ""):  # the prime, two typed lines, then an empty line: the model goes on
+        said += typed
+        continuation = greedy(said)
+        expected += typed + continuation + "\n"
+        said += continuation
+        differs |= bool(typed) and continuation != greedy(typed)
+    assert session.stdout == expected
+    assert differs
 
 
 def test_novelty_reports_the_longest_copied_run(runner, trained_run):
