@@ -1,5 +1,6 @@
 """Load test of `charlm serve`: 1, 8 and 32 concurrent streaming clients on loopback, against the same
-model served without batching (--max-batch 1: one request at a time, the others wait), in one run.
+model served without batching (--max-batch 1: one request at a time, the others wait), in one run;
+with --all-cores also against a server whose model uses every core (--threads N).
 
 Each client POSTs /v1/sample with "stream": true and its own seed, and reads the server-sent events as they
 arrive. Reported per configuration: total characters per second (all clients' characters / the time from
@@ -13,7 +14,7 @@ of a step does not depend on what the weights are. Bounded: loopback only, at mo
 clients, each asking for --length characters, and a --timeout per batch.
 
     .venv/bin/python bench/serve_load.py
-    .venv/bin/python bench/serve_load.py --length 300 --rounds 3 --json
+    .venv/bin/python bench/serve_load.py --all-cores --length 300 --rounds 3 --json
 """
 
 from __future__ import annotations
@@ -55,10 +56,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, max_batch: int) -> tuple:
+def start_server(model: Path, max_batch: int, threads: int = 0) -> tuple:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "charlm", "serve", "-c", str(model), "--port", str(port),
-                             "--max-batch", str(max_batch), "--device", "cpu"],
+                             "--max-batch", str(max_batch), "--threads", str(threads), "--device", "cpu"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -129,25 +130,30 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=400, help="characters each client asks for")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every configuration")
     parser.add_argument("--timeout", type=float, default=300, help="seconds one batch of clients may take")
+    parser.add_argument("--all-cores", action="store_true", help="also serve with --threads = every core "
+                        "(the model's threads then compete with the event loop)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()
     levels = [int(x) for x in args.clients.split(",")]
     torch.set_num_threads(1)  # this process only makes the checkpoint; the server gets the cores
     with tempfile.TemporaryDirectory() as tmp:
         model = write_model(Path(tmp))
-        batched, bport = start_server(model, 64)
-        plain, pport = start_server(model, 1)
+        servers = [start_server(model, 64), start_server(model, 1)]
+        (_, bport), (_, pport) = servers
         configs = [(f"batched, {n} clients", bport, n) for n in levels] + [("unbatched, 8 clients", pport, 8)]
+        if args.all_cores:
+            servers.append(start_server(model, 64, threads=os.cpu_count() or 1))
+            configs += [(f"batched, {n} clients, --threads {os.cpu_count()}", servers[-1][1], n) for n in (1, 8)]
         results = {name: [] for name, _, _ in configs}
         try:
-            run_batch(bport, 2, 50, args.timeout, 10_000)  # warm both servers up
-            run_batch(pport, 2, 50, args.timeout, 10_000)
+            for _, port in servers:
+                run_batch(port, 2, 50, args.timeout, 10_000)  # warm up
             for round_ in range(args.rounds):
                 for name, port, n in configs:
                     results[name].append(run_batch(port, n, args.length, args.timeout, 1000 * round_))
                     print(f"round {round_ + 1}: {name} done", file=sys.stderr)
         finally:
-            for proc in (batched, plain):
+            for proc, _ in servers:
                 proc.terminate()
                 proc.wait(30)
     summary = {name: summarise(batches) for name, batches in results.items()}

@@ -7,10 +7,12 @@ here, inside the command that needs them, so the rest of charlm runs without the
 from __future__ import annotations
 
 import ipaddress
+import os
 import signal
 from pathlib import Path
 from typing import Optional
 
+import torch
 from rich.console import Console
 from rich.markup import escape
 
@@ -43,7 +45,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def run_serve(checkpoint: Optional[Path], host: str, port: int, device_name: str, max_batch: int,
+def run_serve(checkpoint: Optional[Path], host: str, port: int, device_name: str, max_batch: int, threads: int,
               console: Console) -> None:
     try:
         import uvicorn
@@ -56,6 +58,11 @@ def run_serve(checkpoint: Optional[Path], host: str, port: int, device_name: str
 
     _check(0 <= port <= 65535, f"--port must be between 0 and 65535, got {port}")
     _check(max_batch >= 1, f"--max-batch must be at least 1, got {max_batch}")
+    _check(threads >= 0, f"--threads must be 0 (automatic) or positive, got {threads}")
+    # The event loop (HTTP, JSON, server-sent events) needs a core of its own: when every core runs the
+    # model's OpenMP threads, each step waits for a thread the event loop has displaced (on a busy 2-core
+    # machine, 30 ms instead of 2 ms for the default model's step; BENCHMARKS.md section 6).
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - 1))
     payload, model, vocab, device = _load_model(checkpoint, device_name)
     limits = Limits(max_rows=max_batch)
     engine = Engine(model, vocab, device, max_rows=limits.max_rows, max_queued=limits.max_queued)
