@@ -355,6 +355,9 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port (0 = any free port).", rich_help_panel=RUN)] = 8000,
     max_batch: Annotated[int, typer.Option(help="Samples advanced together in one model step; more "
                                            "wait their turn.", rich_help_panel=RUN)] = 64,
+    threads: Annotated[int, typer.Option(help="CPU threads for the model's steps [default: one per core but "
+                                         "one, which is left to the HTTP side].", show_default=False,
+                                         rich_help_panel=RUN)] = 0,
     device: DeviceOpt = "auto",
 ):
     """Serve a model over HTTP: POST /v1/sample (JSON, or server-sent events with "stream": true),
@@ -366,7 +369,7 @@ def serve(
     """
     from charlm.commands_serve import run_serve
 
-    run_serve(checkpoint, host, port, device, max_batch, err)
+    run_serve(checkpoint, host, port, device, max_batch, threads, err)
 
 
 @app.command()
