@@ -7,7 +7,7 @@ import torch
 
 from charlm import checkpoint as ckpt
 
-from conftest import TINY, invoke, word_text
+from conftest import TINY, invoke, run_cli, word_text
 
 
 def one_line_error(result, code=None, *fragments, after_progress=False):
@@ -54,13 +54,31 @@ def test_missing_corpus_and_directory(runner, tmp_path, monkeypatch):
     assert not (tmp_path / "checkpoints").exists()
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads unreadable files")
-def test_unreadable_corpus(runner, corpus):
+def without_file_privileges():
+    """For a subprocess of root: drop the capabilities that let root read any file (CAP_DAC_OVERRIDE,
+    CAP_DAC_READ_SEARCH) from the bounding set, so the program it runs meets file permissions as a user does."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_unreadable_corpus(corpus, tmp_path):
+    """A real permission error, as root too (CI runs as root): the read fails in the kernel, not in a stub."""
+    root = hasattr(os, "geteuid") and os.geteuid() == 0
     corpus.chmod(0)
     try:
-        one_line_error(invoke(runner, "train", corpus), 1, "permission denied")
+        result = run_cli("train", corpus, "--out", tmp_path / "run", "--max-steps", "1", *TINY, cwd=tmp_path,
+                         preexec_fn=without_file_privileges if root else None)
     finally:
         corpus.chmod(0o644)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(corpus.name) in lines[0], result.stderr
+    assert "permission denied" in lines[0] or "not readable" in lines[0], result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_tiny_corpus_adapts_the_layout(runner, tmp_path):
@@ -196,16 +214,19 @@ def test_full_disk_keeps_previous_checkpoints(runner, corpus, tmp_path, monkeypa
 
 
 # ------------------------------------------------------------------------------------------ numerics
-def test_absurd_learning_rate_never_leaves_a_nan_best(runner, corpus, tmp_path):
-    result = invoke(runner, "train", corpus, "--out", tmp_path / "run", "--lr", "1e6", "--clip", "1e9",
-                    "--max-steps", "30", "--eval-every", "2", "--warmup", "0", "--cell", "rnn", "--nonlinearity",
-                    "relu", *TINY)
-    if result.exit_code != 0:
-        one_line_error(result, 1, "NaN or infinite", "lower --lr", after_progress=True)
-    best = tmp_path / "run" / "best.pt"
-    if best.exists():
-        weights = torch.load(best, weights_only=True)["model"]
-        assert all(torch.isfinite(t).all() for t in weights.values())
+def test_absurd_learning_rate_stops_the_run_and_keeps_best(runner, corpus, tmp_path):
+    """A real divergence, no stub: a relu RNN stepped with lr 1e6 overflows to inf within a few steps; the
+    run stops with one line saying so, a non-zero exit, and the best.pt written before it untouched."""
+    run = tmp_path / "run"
+    args = ["train", corpus, "--out", run, "--cell", "rnn", "--nonlinearity", "relu", "--eval-every", "5",
+            "--precision", "fp32", *TINY]
+    assert invoke(runner, *args, "--max-steps", "10", "--lr", "1e-2").exit_code == 0
+    best = (run / "best.pt").read_bytes()
+    result = invoke(runner, *args, "--resume", "--max-steps", "40", "--lr", "1e6", "--clip", "1e9", "--warmup", "0")
+    one_line_error(result, 1, "NaN or infinite", "lower --lr", after_progress=True)
+    assert (run / "best.pt").read_bytes() == best
+    assert ckpt.load(run, prefer=ckpt.LAST)["step"] < 40
+    assert all(torch.isfinite(t).all() for t in ckpt.load(run)["model"].values())
 
 
 def test_stop_string_and_length_bound_sampling(runner, trained_run):
