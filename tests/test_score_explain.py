@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 import random
 import re
 import subprocess
@@ -25,6 +26,16 @@ from typer.testing import CliRunner
 from conftest import invoke, word_text
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, which also leaves the other core to the rest of the suite (two
+    OpenMP threads on a busy 2-core machine make a 48-unit model 100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +95,8 @@ def test_json_lines_describe_every_character(runner, trained_run, tmp_path):
 def test_stdin_streams_results_before_the_input_ends(trained_run, tmp_path):
     """`-` reads stdin piece by piece: a line comes out while the writer is still holding the pipe open."""
     proc = subprocess.Popen([sys.executable, "-m", "charlm", "score", "-", "-c", str(trained_run)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         proc.stdin.write(b"the fox runs\n")
         proc.stdin.flush()
@@ -201,26 +213,21 @@ def test_ranking_finds_the_quote_unit_of_a_trained_model():
     vocab = Vocabulary("".join(sorted(set(text))))
     ids = vocab.encode(text)
     probe, feats = ids[:3000], text_features(text[:3000])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: one thread is fastest and leaves the other core to others
-    try:
-        torch.manual_seed(0)
-        model = CharRNN(ModelConfig(vocab.size, cell="lstm", hidden=24, layers=1, dropout=0.0))
-        before = rank_units(model, probe, feats, "cpu", 0)
-        opt = torch.optim.Adam(model.parameters(), lr=2e-2)
-        data = torch.from_numpy(ids)
-        for _ in range(300):  # random 48-character windows: enough to learn that quotes change the joiner
-            starts = torch.randint(0, len(ids) - 49, (16,))
-            batch = torch.stack([data[s : s + 49] for s in starts])
-            logits, _ = model(batch[:, :-1], model.init_state(16))
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab.size), batch[:, 1:].reshape(-1))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        model.eval()
-        after = rank_units(model, probe, feats, "cpu", 0)
-    finally:
-        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(vocab.size, cell="lstm", hidden=24, layers=1, dropout=0.0))
+    before = rank_units(model, probe, feats, "cpu", 0)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
+    data = torch.from_numpy(ids)
+    for _ in range(300):  # random 48-character windows: enough to learn that quotes change the joiner
+        starts = torch.randint(0, len(ids) - 49, (16,))
+        batch = torch.stack([data[s : s + 49] for s in starts])
+        logits, _ = model(batch[:, :-1], model.init_state(16))
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab.size), batch[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    after = rank_units(model, probe, feats, "cpu", 0)
     k = after.features.index("inside quotes")
     trained = float(np.abs(after.corr[k]).max())
     untrained = float(np.abs(before.corr[before.features.index("inside quotes")]).max())
