@@ -6,7 +6,7 @@ for LSTM. Every function here accepts either form, so no caller branches on the 
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -52,13 +52,16 @@ def from_list(tensors: Sequence[torch.Tensor], device=None) -> State:
     return tuple(tensors) if len(tensors) == 2 else tensors[0]
 
 
-def dtype(state: State) -> torch.dtype:
+def dtype(state: Optional[State]) -> torch.dtype:
+    """The state's dtype; fp32 for no state (PyTorch's recurrent modules start from zeros then)."""
+    if state is None:
+        return torch.float32
     return state[0].dtype if isinstance(state, tuple) else state.dtype
 
 
-def cast(state: State, dtype: torch.dtype) -> State:
+def cast(state: Optional[State], dtype: torch.dtype) -> Optional[State]:
     """The state in `dtype` (the same tensors when they already are)."""
-    return _map(lambda t: t.to(dtype), state)
+    return None if state is None else _map(lambda t: t.to(dtype), state)
 
 
 def concat_rows(states: Sequence[State]) -> State:

@@ -101,8 +101,10 @@ def test_max_time_stops_the_run(runner, words_file, tmp_path):
     assert 3.0 <= payload["elapsed_s"] < 60 and payload["step"] > 0
 
 
-def test_epochs_stop_after_one_pass(runner, words_file, tmp_path):
-    result = invoke(runner, "train", words_file, "--out", tmp_path / "run", "--epochs", "1", "--eval-every", "1000",
+def test_epochs_stop_after_one_pass(runner, tmp_path):
+    corpus = tmp_path / "short.txt"
+    corpus.write_text(word_text(250), encoding="utf-8")  # ~10k characters: about 20 steps per epoch
+    result = invoke(runner, "train", corpus, "--out", tmp_path / "run", "--epochs", "1", "--eval-every", "1000",
                     *TINY, "--precision", "fp32")
     assert result.exit_code == 0, result.output
     assert "stopped: reached --epochs" in result.stderr
