@@ -34,11 +34,20 @@ else
         echo '*' > .venv-gpu/.gitignore  # git leaves the venv alone
     fi
     if ! has_cuda .venv-gpu/bin/python; then
-        .venv-gpu/bin/pip install --disable-pip-version-check "$torch_pin" -e '.[test]'
+        # PIP_FIND_LINKS emptied: a local wheel folder may hold the CPU build under the same version number.
+        PIP_FIND_LINKS= .venv-gpu/bin/pip install --disable-pip-version-check "$torch_pin" -e '.[test]' || {
+            echo "gpu.sh: could not install $torch_pin from PyPI (offline?); point PYTHON at a python whose" \
+                 "torch has CUDA, with charlm's dependencies" >&2
+            exit 1
+        }
     fi
     python=.venv-gpu/bin/python
 fi
 "$python" -c "import torch; print('gpu.sh: torch', torch.__version__, 'CUDA', torch.version.cuda)"
+if [ "$("$python" -c 'import torch; print(torch.version.cuda is None)')" = True ]; then
+    echo "gpu.sh: $python's torch is a CPU-only build; install a CUDA build there or set PYTHON" >&2
+    exit 1
+fi
 if ! has_cuda "$python"; then
     echo "gpu.sh: $python's torch sees no CUDA device (no GPU here, or a driver too old for this build); stopping" >&2
     exit 1
