@@ -92,15 +92,21 @@ def train(
                                             rich_help_panel=DATA)] = 0.1,
     cell: Annotated[str, typer.Option(help="Recurrent cell: rnn, gru or lstm.", rich_help_panel=MODEL)] = "gru",
     nonlinearity: Annotated[str, typer.Option(help="rnn cell only: tanh or relu.", rich_help_panel=MODEL)] = "tanh",
-    hidden: Annotated[int, typer.Option(help="Units per layer.", rich_help_panel=MODEL)] = 512,
-    layers: Annotated[int, typer.Option(help="Recurrent layers.", rich_help_panel=MODEL)] = 2,
-    dropout: Annotated[float, typer.Option(help="Dropout between layers and before the decoder.",
-                                           rich_help_panel=MODEL)] = 0.2,
-    embedding: Annotated[int, typer.Option(help="0 = one-hot input; N = a learned N-dim embedding.",
-                                           rich_help_panel=MODEL)] = 0,
-    batch_size: Annotated[int, typer.Option(help="Parallel streams per step (B).", rich_help_panel=TRAIN)] = 64,
-    seq_len: Annotated[int, typer.Option(help="Characters per truncated-BPTT chunk (T).",
-                                         rich_help_panel=TRAIN)] = 128,
+    hidden: Annotated[Optional[int], typer.Option(help="Units per layer [default: auto].", rich_help_panel=MODEL,
+                                                  show_default=False)] = None,
+    layers: Annotated[Optional[int], typer.Option(help="Recurrent layers [default: auto].", rich_help_panel=MODEL,
+                                                  show_default=False)] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="Dropout between layers and before the decoder "
+                                                     "[default: auto].", rich_help_panel=MODEL,
+                                                     show_default=False)] = None,
+    embedding: Annotated[Optional[int], typer.Option(help="0 = one-hot input; N = a learned N-dim embedding "
+                                                     "[default: auto].", rich_help_panel=MODEL,
+                                                     show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Parallel streams per step, all processes together "
+                                                      "(B) [default: auto].", rich_help_panel=TRAIN,
+                                                      show_default=False)] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="Characters per truncated-BPTT chunk (T) [default: auto].",
+                                                   rich_help_panel=TRAIN, show_default=False)] = None,
     lr: Annotated[float, typer.Option(help="Peak learning rate.", rich_help_panel=TRAIN)] = 3e-3,
     optimizer: Annotated[str, typer.Option(help="adamw, adam, rmsprop or sgd.", rich_help_panel=TRAIN)] = "adamw",
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.", rich_help_panel=TRAIN)] = 0.01,
@@ -146,6 +152,9 @@ def train(
                                           rich_help_panel=OUTPUT)] = True,
 ):
     """Train a model on a text file; checkpoints go to checkpoints/<name>/{best.pt,last.pt,metrics.jsonl}.
+
+    Model size, input, layout and dropout default to [bold]auto[/bold]: chosen from the text, the budget and a
+    second-long speed probe of the device (the start summary says what and why, and the flags that repeat it).
 
     [bold]Examples[/bold]:
       charlm train corpus.txt

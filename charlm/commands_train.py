@@ -30,12 +30,12 @@ class TrainRequest:
     val_frac: float
     cell: str
     nonlinearity: str
-    hidden: int
-    layers: int
-    dropout: float
-    embedding: int
-    batch_size: int
-    seq_len: int
+    hidden: Optional[int]  # None: chosen by autosize.py
+    layers: Optional[int]
+    dropout: Optional[float]
+    embedding: Optional[int]
+    batch_size: Optional[int]
+    seq_len: Optional[int]
     lr: float
     optimizer: str
     weight_decay: float
@@ -65,16 +65,16 @@ def _validate_train(r: TrainRequest) -> None:
     _check((not r.corpus) != (r.named is None), "give text files (or a folder) or --corpus NAME, not both; "
            "try: charlm train --corpus python-stdlib")
     for flag, value, least in (("--hidden", r.hidden, 1), ("--layers", r.layers, 1), ("--batch-size", r.batch_size, 1),
-                               ("--seq-len", r.seq_len, 1), ("--eval-every", r.eval_every or 1, 1),
+                               ("--seq-len", r.seq_len, 1), ("--eval-every", r.eval_every, 1),
                                ("--eval-chars", r.eval_chars, 0),
                                ("--embedding", r.embedding, 0), ("--warmup", r.warmup, 0),
                                ("--patience", r.patience, 0), ("--weight-decay", r.weight_decay, 0)):
-        _check(value >= least, f"{flag} must be at least {least}, got {value}")
+        _check(value is None or value >= least, f"{flag} must be at least {least}, got {value}")
     _check(0 < r.val_frac < 1, f"--val-frac must be between 0 and 1 (exclusive), got {r.val_frac}")
     _check(r.cell in CELLS, f"--cell must be one of {', '.join(CELLS)}, got {r.cell!r}")
     _check(r.nonlinearity in ("tanh", "relu"), f"--nonlinearity must be tanh or relu, got {r.nonlinearity!r}")
     _check(r.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {r.optimizer!r}")
-    _check(0 <= r.dropout < 1, f"--dropout must be in [0, 1), got {r.dropout}")
+    _check(r.dropout is None or 0 <= r.dropout < 1, f"--dropout must be in [0, 1), got {r.dropout}")
     _check(r.lr > 0 and math.isfinite(r.lr), f"--lr must be a positive number, got {r.lr}")
     _check(r.clip > 0, f"--clip must be positive, got {r.clip}")
     _check(r.epochs is None or r.epochs > 0, f"--epochs must be positive, got {r.epochs}")
@@ -178,14 +178,10 @@ def run_train(r: TrainRequest, console: Console) -> None:
         # Only once the corpus is known good (bad input leaves no directory behind); a failure here ends every
         # process of a torchrun job with the same message.
         agreed(dinfo, lambda: _prepare_out(out, fresh=not r.resume), here=dinfo.is_main)
-        batch, seq_len = fit_layout(len(train_ids) - 1, r.batch_size, r.seq_len)
+        mconf, batch, seq_len, sizing = _sizes(r, payload, corpus, train_ids, device, precision, dinfo, max_time)
+        batch, seq_len = fit_layout(len(train_ids) - 1, batch, seq_len)
         if dinfo.enabled:
             batch = max(dinfo.world, batch - batch % dinfo.world)
-        if payload is not None:
-            mconf = ModelConfig(**payload["model_config"])
-        else:
-            mconf = ModelConfig(vocab_size=corpus.vocab.size, cell=r.cell, hidden=r.hidden, layers=r.layers,
-                                dropout=r.dropout, nonlinearity=r.nonlinearity, embedding=r.embedding)
         tconf = TrainConfig(batch_size=batch, seq_len=seq_len, lr=r.lr, warmup_steps=r.warmup,
                             weight_decay=r.weight_decay, optimizer=r.optimizer, clip=r.clip, epochs=r.epochs,
                             max_steps=r.max_steps, max_time=max_time, eval_every=r.eval_every, patience=r.patience,
@@ -197,13 +193,15 @@ def run_train(r: TrainRequest, console: Console) -> None:
             model.load_state_dict(payload["model"])
         # How the text was read, so that --novelty and the sampling of items find the same cached ids.
         read = {"encoding": r.encoding, "keep_crlf": r.keep_crlf, "fixed_vocab": vocab is not None}
-        meta = {"model_config": mconf.to_dict(), "vocab": corpus.vocab.chars, "corpus": {**corpus.info(), **read}}
+        meta = {"model_config": mconf.to_dict(), "vocab": corpus.vocab.chars, "corpus": {**corpus.info(), **read},
+                "sizing": sizing}
         display = TrainDisplay(console, _preview_fn(corpus.vocab, device) if r.preview else None)
         trainer = Trainer(model, train_ids, val_ids, tconf, out, device, meta, callback=display, dist_info=dinfo,
-                          resume=payload if r.resume else None, compile_model=r.compile_model)
+                          resume=payload if r.resume else None, compile_model=r.compile_model,
+                          spent=sizing.get("probe_s", 0.0) if not r.resume else 0.0)
 
         info = _start_summary(corpus.path, corpus, train_ids, val_ids, model, tconf, device, dinfo, out, r,
-                              trainer)
+                              trainer, sizing)
         run_summary(console, info)
         received = []
 
@@ -219,6 +217,55 @@ def run_train(r: TrainRequest, console: Console) -> None:
         _end_summary(console, result, out, r, received)
     finally:
         teardown_distributed()
+
+
+def _sizes(r: TrainRequest, payload, corpus, train_ids, device, precision, dinfo, max_time) -> tuple:
+    """(model config, streams, chunk length, sizing record). Explicit flags win; a resumed run keeps what its
+    checkpoint says (it never decides again); everything else is chosen by autosize.py."""
+    from charlm import autosize
+
+    saved_train = (payload or {}).get("train_config", {}) if r.resume else {}
+    if r.resume:
+        sizing = dict(payload.get("sizing") or {})
+        return (ModelConfig(**payload["model_config"]), r.batch_size or saved_train.get("batch_size", 64),
+                r.seq_len or saved_train.get("seq_len", 128), sizing)
+    model_fixed = payload is not None  # --init-from: the model is the checkpoint's
+    given = {"hidden": r.hidden, "layers": r.layers, "embedding": r.embedding, "dropout": r.dropout,
+             "batch_size": r.batch_size, "seq_len": r.seq_len}
+    if model_fixed:
+        mc = payload["model_config"]
+        given.update(hidden=mc["hidden"], layers=mc["layers"], embedding=mc["embedding"],
+                     dropout=r.dropout if r.dropout is not None else mc.get("dropout", 0.0))
+    auto = sorted(k for k, v in given.items() if v is None)
+    vocab_size = corpus.vocab.size
+    speed = None
+    if auto and max_time:  # a time budget: how fast is this device for this cell?
+        embedding = given["embedding"] if given["embedding"] is not None else autosize.embedding_for(vocab_size)
+        speed = autosize.probe(device, r.cell, vocab_size, embedding, precision, dinfo.world,
+                               limit_s=min(3.0, 0.05 * max_time))
+        speed = _agreed_speed(speed, dinfo)
+    choice = autosize.choose(len(train_ids), vocab_size, r.cell, seconds=max_time, steps=r.max_steps,
+                             epochs=r.epochs, speed=speed, world=dinfo.world, gpu=device.type == "cuda",
+                             fixed=given)
+    if model_fixed:
+        mconf = ModelConfig(**payload["model_config"])
+    else:
+        mconf = ModelConfig(vocab_size=vocab_size, cell=r.cell, hidden=choice.hidden, layers=choice.layers,
+                            dropout=choice.dropout, nonlinearity=r.nonlinearity, embedding=choice.embedding)
+    sizing = {"auto": auto, "choice": choice.to_dict(), "flags": autosize.flags(choice),
+              "probe_s": speed.probe_s if speed else 0.0}
+    return mconf, choice.batch_size, choice.seq_len, sizing
+
+
+def _agreed_speed(speed, dinfo):
+    """Under torchrun every process must size the same model: rank 0's measurement is used by all."""
+    if not dinfo.enabled:
+        return speed
+    import torch.distributed as dist
+
+    box = [speed]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _stem(inputs: List) -> str:
@@ -273,7 +320,7 @@ def _named_corpus(name: str, console: Console, dinfo) -> Path:
     return path if path is not None else datasets.corpus_path(name)
 
 
-def _start_summary(path, corpus, train_ids, val_ids, model, tconf, device, dinfo, out, r, trainer) -> dict:
+def _start_summary(path, corpus, train_ids, val_ids, model, tconf, device, dinfo, out, r, trainer, sizing) -> dict:
     from charlm.display import human_count, human_time, vocab_preview
 
     mc = model.config
@@ -288,6 +335,7 @@ def _start_summary(path, corpus, train_ids, val_ids, model, tconf, device, dinfo
         ("layout", f"{tconf.batch_size} streams x {tconf.seq_len}-character chunks "
                    f"({trainer.n_chunks:,} steps per epoch)"),
         ("evaluation", _eval_plan(tconf, trainer)),
+        *_sizing_rows(sizing, r),
         ("device", f"{device} ({tconf.precision})" + (f", {dinfo.world} processes" if dinfo.enabled else "")),
         ("limits", ", ".join(f"{k.replace('_', ' ')} {human_time(v) if k == 'max_time' else v}" for k, v in
                              (("max_time", tconf.max_time), ("max_steps", tconf.max_steps), ("epochs", tconf.epochs))
@@ -295,20 +343,29 @@ def _start_summary(path, corpus, train_ids, val_ids, model, tconf, device, dinfo
         ("run", f"{out}" + (" (resumed)" if r.resume else "") + (f" (from {r.init_from})" if r.init_from else "")),
     ]
     warnings = []
-    if (tconf.batch_size, tconf.seq_len) != (r.batch_size, r.seq_len):
+    if r.batch_size and r.seq_len and (tconf.batch_size, tconf.seq_len) != (r.batch_size, r.seq_len):
         warnings.append(f"the corpus is small: using {tconf.batch_size} streams of {tconf.seq_len}-character chunks "
                         f"instead of {r.batch_size} x {r.seq_len}")
     if corpus.chars < 10_000:
         warnings.append(f"{corpus.chars:,} characters is very little text; expect memorisation rather than style "
                         "(100k+ characters learn far better)")
     ratio = params / max(len(train_ids), 1)
-    if ratio > 10 or ratio < 0.1:
+    if "hidden" not in sizing.get("auto", []) and (ratio > 10 or ratio < 0.1):
         advice = "smaller --hidden" if ratio > 10 else "larger --hidden or more --layers"
         warnings.append(f"{human_count(params)} parameters for {human_count(len(train_ids))} training characters "
                         f"(ratio {ratio:.2g}); the rule of thumb is the same order of magnitude: try {advice}")
-    if corpus.vocab.size > 1000 and not mc.embedding:
+    if corpus.vocab.size > 1000 and not mc.embedding and "embedding" not in sizing.get("auto", []):
         warnings.append(f"{corpus.vocab.size} distinct characters: --embedding 256 trains faster than one-hot input")
     return {"rows": rows, "warnings": warnings}
+
+
+def _sizing_rows(sizing: dict, r: TrainRequest) -> list:
+    if not sizing.get("auto"):
+        return []
+    choice = sizing["choice"]
+    probe = f" (speed probe {sizing['probe_s']:.1f} s)" if sizing.get("probe_s") else ""
+    what = "kept from the run" if r.resume else f"auto ({', '.join(sizing['auto'])})"
+    return [("sizing", f"{what}: {choice['reason']}{probe}"), ("repeat with", sizing["flags"])]
 
 
 def _eval_plan(tconf, trainer) -> str:

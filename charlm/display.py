@@ -48,8 +48,9 @@ def eval_line(r: dict) -> str:
     scored = f"/{human_count(r['val_chars'])}" if r.get("val_chars") else ""
     # fits 80 columns: step, train and validation loss (and how many characters it scored), bits per
     # character, learning rate, speed, time
-    return (f"step {r['step']:>5}  train {r['train_loss']:.3f}  val {r['val_loss']:.3f}{scored} "
-            f"({r['bpc']:.3f} bpc)  lr {r['lr']:.0e}  {human_count(r['chars_per_s'])} ch/s  "
+    train = f"{r['train_loss']:.3f}" if math.isfinite(r["train_loss"]) else "  -  "  # no step taken yet
+    return (f"step {r['step']:>5}  train {train}  val {r['val_loss']:.3f}{scored} "
+            f"({r['bpc']:.3f} bpc)  lr {r['lr'] if math.isfinite(r['lr']) else 0:.0e}  {human_count(r['chars_per_s'])} ch/s  "
             f"{human_time(r['elapsed_s'])}{mark}")
 
 

@@ -125,6 +125,7 @@ class Trainer:
         dist_info: Dist = Dist(),
         resume: Optional[dict] = None,
         compile_model: bool = False,
+        spent: float = 0.0,
     ):
         self.model = model.to(device)
         self.config = config
@@ -166,7 +167,8 @@ class Trainer:
             self.forward = DistributedDataParallel(self.forward, device_ids=ids)
 
         # Where the run stands; everything here goes into a checkpoint and comes back on resume.
-        self.step, self.epoch, self.cursor, self.elapsed = 0, 0, 0, 0.0
+        # spent: seconds already used of the budget before training began (the speed probe)
+        self.step, self.epoch, self.cursor, self.elapsed = 0, 0, 0, float(spent)
         self.best_val, self.best_step, self.bad_evals = math.inf, 0, 0
         self.chars_seen = 0  # training characters predicted so far, all processes together
         self.metrics: list = []
@@ -318,7 +320,7 @@ class Trainer:
             return False
         if self.metrics and self.elapsed - self.metrics[-1]["elapsed_s"] < 20 * getattr(self, "_eval_cost", 0.0):
             return False
-        self._next_eval = math.floor(self._progress() * 10 + 1e-9) / 10 + 0.1
+        self._next_eval = self._progress() + 0.1
         return True
 
     # ------------------------------------------------------------------ stop limits and schedule

@@ -1,0 +1,246 @@
+"""Defaults that size themselves: the model and the batch layout chosen from the text, the budget and the
+measured speed of the device, so that `charlm train FILE` gives about the best model the time allows.
+
+The rule, in four lines (the measurements behind each constant are in BENCHMARKS.md, "Auto defaults"):
+
+    D  characters the run will read: budget seconds x measured chars/s (or steps x B x T, or epochs x N)
+    P  parameters: the largest model with P <= D / READS_PER_PARAM (enough passes over its own weights to
+       train in the budget) and P <= DATA_PARAMS_PER_CHAR x N (a small text cannot feed a big model)
+    B x T  the characters of one step: D / TARGET_STEPS (about a thousand updates: enough steps for the
+       schedule to work, each as wide as the budget affords), T = 64 or 128, B >= 8
+    dropout  by how often the run will see each character: D / N epochs
+
+The input is one-hot while the vocabulary is small (a gather, no weights) and a learned embedding beyond
+ONE_HOT_MAX characters, its width growing with the vocabulary. Speed comes from a probe of a second or two
+on the real device (two sizes of the real cell), fitted as seconds per step = c0 + c1 x FLOPs per step: c0
+is the fixed cost of a step (kernel launches, the optimizer), c1 the inverse of the achieved FLOP rate.
+Everything here but `probe` is a pure function of its arguments.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+# A model reads about this many characters per parameter in its budget: the 2 x 512 GRU (2.5M parameters)
+# that was best for 10 minutes of Tiny Shakespeare on 2 cores read 12M characters (BENCHMARKS.md).
+READS_PER_PARAM = 5.0
+# A text of N characters feeds at most this many parameters per character: the 25k-character notes were
+# best with a 0.8M-parameter model under dropout, 30x; far beyond that the model only memorises.
+DATA_PARAMS_PER_CHAR = 30.0
+TARGET_STEPS = 1000  # updates per run the layout aims at: the best 10-minute layout made ~1,400
+ONE_HOT_MAX = 256  # one-hot input up to this vocabulary; an embedding beyond (its matrix would dominate)
+HIDDEN_SIZES = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+
+
+@dataclass(frozen=True)
+class DeviceSpeed:
+    """Seconds per training step = step_s + flop_s x FLOPs of the step (forward and backward)."""
+
+    step_s: float  # fixed cost of one step
+    flop_s: float  # seconds per FLOP actually achieved
+    probe_s: float = 0.0  # wall time the probe took (it counts against --max-time)
+
+    def chars_per_s(self, flops_per_char: float, chars_per_step: int) -> float:
+        return chars_per_step / (self.step_s + self.flop_s * flops_per_char * chars_per_step)
+
+
+@dataclass(frozen=True)
+class Choice:
+    hidden: int
+    layers: int
+    embedding: int
+    dropout: float
+    batch_size: int  # streams, all processes together
+    seq_len: int
+    parameters: int
+    planned_chars: int  # D: characters the run is expected to read
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parameters(cell: str, vocab: int, hidden: int, layers: int, embedding: int) -> int:
+    g = GATES[cell]
+    inp = embedding or vocab
+    total = vocab * embedding
+    for _ in range(layers):
+        total += g * hidden * (inp + hidden) + 2 * g * hidden
+        inp = hidden
+    return total + hidden * vocab + vocab
+
+
+def train_flops_per_char(cell: str, vocab: int, hidden: int, layers: int, embedding: int) -> float:
+    """Forward and backward (3x the forward's 2 FLOPs per weight) per character; the one-hot input layer
+    is a dense product in the fused kernels, so it counts at its full width."""
+    g = GATES[cell]
+    inp, total = embedding or vocab, 0.0
+    for _ in range(layers):
+        total += 2 * g * hidden * (inp + hidden)
+        inp = hidden
+    return 3.0 * (total + 2 * hidden * vocab)
+
+
+def embedding_for(vocab: int) -> int:
+    """0 (one-hot) for small vocabularies, else a power of two near 3 x sqrt(V), 32..256."""
+    if vocab <= ONE_HOT_MAX:
+        return 0
+    return int(min(256, max(32, 2 ** round(math.log2(3 * math.sqrt(vocab))))))
+
+
+def layers_for(hidden: int) -> int:
+    return 1 if hidden <= 64 else 2  # a second layer pays from ~100 units; a third rarely does in minutes
+
+
+def _layout(planned: float, n_train: int, world: int, gpu: bool) -> tuple:
+    """(B, T): about TARGET_STEPS steps over the planned characters, within what the text can fill."""
+    per_step = planned / TARGET_STEPS
+    seq_len = 128 if per_step >= 4096 else 64
+    cap = 1024 if gpu else 64 * world  # a CPU is busy at 64 rows per process; a GPU wants far more
+    batch = int(min(cap, max(8, round(per_step / seq_len))))
+    return _fit(batch, seq_len, n_train, world)
+
+
+def _fit(batch: int, seq_len: int, n_train: int, world: int) -> tuple:
+    """Fewer streams for a small text: each stream holds at least four chunks of its own."""
+    batch = max(world, batch - batch % world)
+    while batch > world and n_train / batch < 4 * seq_len:
+        batch = max(world, batch // 2 - (batch // 2) % world)
+    return batch, seq_len
+
+
+def _dropout(epochs: float) -> float:
+    if epochs <= 1.0:
+        return 0.0  # every character is new: nothing to overfit
+    if epochs <= 4.0:
+        return 0.1
+    return 0.2 if epochs <= 30 else 0.3
+
+
+def choose(n_train: int, vocab: int, cell: str = "gru", seconds: Optional[float] = None,
+           steps: Optional[int] = None, epochs: Optional[float] = None, speed: Optional[DeviceSpeed] = None,
+           world: int = 1, gpu: bool = False, fixed: Optional[dict] = None) -> Choice:
+    """The sizes for a run, from the training characters, the vocabulary, the budget (any of seconds, steps,
+    epochs: the tightest wins) and the device's speed (needed for a time budget). `fixed` holds the values
+    the user gave (hidden, layers, embedding, batch_size, seq_len, dropout): they are kept, and the rest fit
+    around them."""
+    fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
+    embedding = fixed.get("embedding", embedding_for(vocab))
+    cap_params = DATA_PARAMS_PER_CHAR * n_train
+
+    def layout(planned: Optional[float]) -> tuple:
+        if planned is None or (steps and not seconds):  # a step budget keeps the standard step size
+            batch, seq = _fit(64 * world, 128, n_train, world)
+        else:
+            batch, seq = _layout(planned, n_train, world, gpu)
+        return fixed.get("batch_size", batch), fixed.get("seq_len", seq)
+
+    def plan(hidden: int) -> tuple:
+        layers = fixed.get("layers", layers_for(hidden))
+        # the embedding table is a lookup: each row learns only from its own character, at no compute cost,
+        # so it does not count toward the size the budget must train
+        params = parameters(cell, vocab, hidden, layers, embedding) - vocab * embedding
+        flops = train_flops_per_char(cell, vocab, hidden, layers, embedding)
+        limits = [epochs * n_train] if epochs else []
+        batch, seq = layout(None)
+        if seconds and speed is not None:
+            for _ in range(2):  # the step size depends on the plan, the plan on the speed at that step size
+                rate = world * speed.chars_per_s(flops, max(1, batch * seq // world))
+                guess = rate * max(1.0, seconds - speed.probe_s) * 0.95  # ~5% goes to evaluations
+                batch, seq = layout(min(limits + [guess]))
+            limits.append(guess)
+        if steps:
+            limits.append(steps * batch * seq)
+        planned = min(limits) if limits else 10.0 * n_train
+        return layers, params, planned
+
+    if "hidden" in fixed:
+        hidden = fixed["hidden"]
+        layers, params, planned = plan(hidden)
+    else:
+        hidden = HIDDEN_SIZES[0]
+        layers, params, planned = plan(hidden)
+        for h in HIDDEN_SIZES[1:]:
+            lay, par, pla = plan(h)
+            if par > pla / READS_PER_PARAM or par > cap_params:
+                break
+            hidden, layers, params, planned = h, lay, par, pla
+    batch, seq = layout(planned)
+    dropout = fixed.get("dropout", _dropout(planned / max(n_train, 1)))
+    return Choice(hidden, layers, embedding, dropout, batch, seq, params, int(planned),
+                  _reason(hidden, layers, embedding, cell, n_train, vocab, seconds, steps, epochs, planned))
+
+
+def _reason(hidden, layers, embedding, cell, n_train, vocab, seconds, steps, epochs, planned) -> str:
+    from charlm.display import human_count, human_time
+
+    budget = []
+    if seconds:
+        budget.append(human_time(seconds) if seconds >= 60 else f"{seconds:.0f} s")
+    if steps:
+        budget.append(f"{steps:,} steps")
+    if epochs:
+        budget.append(f"{epochs:g} epochs")
+    inp = f"embedding {embedding}" if embedding else "one-hot"
+    return (f"{layers} x {hidden} {cell}, {inp}: {human_count(n_train)} characters, {vocab} distinct, "
+            f"{', '.join(budget)}; plans to read {human_count(planned)} characters")
+
+
+def flags(choice: Choice) -> str:
+    """The command-line flags that reproduce a choice exactly."""
+    return (f"--hidden {choice.hidden} --layers {choice.layers} --embedding {choice.embedding} "
+            f"--dropout {choice.dropout:g} --batch-size {choice.batch_size} --seq-len {choice.seq_len}")
+
+
+def probe(device, cell: str, vocab: int, embedding: int, precision: str, world: int = 1,
+          limit_s: float = 3.0) -> DeviceSpeed:
+    """Time a few training steps of the real cell at two sizes on the real device, and fit the cost model.
+    About a second on a CPU, never much more than limit_s (a busy machine gets fewer timed steps); the
+    seconds are reported so that they count against --max-time."""
+    import torch
+    import torch.nn.functional as F
+
+    from charlm.evaluation import autocast
+    from charlm.model import CharRNN, ModelConfig
+
+    began = time.perf_counter()
+    torch_state = torch.get_rng_state()
+    points = []
+    batch, seq = 32, 64
+    for hidden in (128, 384):
+        model = CharRNN(ModelConfig(vocab_size=vocab, cell=cell, hidden=hidden, layers=2, dropout=0.0,
+                                    embedding=embedding)).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        x = torch.randint(0, vocab, (batch, seq), device=device)
+        state = model.init_state(batch, device)
+        times = []
+        for i in range(4):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            with autocast(device, precision):
+                logits, _ = model(x, state)
+            loss = F.cross_entropy(logits.float().reshape(-1, vocab), x.reshape(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss.item()
+            times.append(time.perf_counter() - t0)
+            if i >= 1 and time.perf_counter() - began > limit_s:
+                break
+        step_s = min(times[1:] or times)  # the fastest timed step (the first warms up; others' jobs slow steps)
+        points.append((train_flops_per_char(cell, vocab, hidden, 2, embedding) * batch * seq, step_s))
+        if time.perf_counter() - began > limit_s:
+            break
+    torch.set_rng_state(torch_state)
+    if len(points) == 1:  # out of time after one size: all of its cost is taken as FLOPs
+        (f1, t1), = points
+        return DeviceSpeed(0.0, t1 / f1, time.perf_counter() - began)
+    (f1, t1), (f2, t2) = points
+    flop_s = max((t2 - t1) / (f2 - f1), t2 / f2 * 0.25)
+    step_s = max(t1 - flop_s * f1, 0.0)
+    return DeviceSpeed(step_s, flop_s, time.perf_counter() - began)

@@ -1,0 +1,162 @@
+"""Defaults that size themselves: the rule at its corners, explicit flags winning, the summary, resume, and
+evaluation by time."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from charlm import autosize
+from charlm.autosize import DeviceSpeed, choose
+from charlm.model import CharRNN, ModelConfig
+from charlm.train import TrainConfig, Trainer
+from conftest import run_cli, word_text
+
+# Two devices described by the cost model: seconds per step = step_s + flop_s x FLOPs. The slow one is
+# roughly a busy 2-core CPU (~60 GFLOP/s achieved), the fast one a GPU (~50 TFLOP/s, 1 ms per step).
+SLOW = DeviceSpeed(step_s=0.004, flop_s=1 / 60e9)
+FAST = DeviceSpeed(step_s=0.001, flop_s=1 / 50e12)
+
+
+def test_bigger_budgets_and_faster_devices_get_bigger_models():
+    a = choose(10_000_000, 65, seconds=60, speed=SLOW)
+    b = choose(10_000_000, 65, seconds=600, speed=SLOW)
+    c = choose(10_000_000, 65, seconds=600, speed=FAST, gpu=True)
+    assert a.parameters < b.parameters < c.parameters
+    assert a.hidden < b.hidden < c.hidden
+    assert c.batch_size > b.batch_size  # a GPU is given wide steps
+    for choice in (a, b, c):  # each model reads enough characters per parameter in its budget
+        assert choice.planned_chars / choice.parameters >= autosize.READS_PER_PARAM
+
+
+def test_a_two_kilobyte_text_gets_a_small_model_with_dropout():
+    tiny = choose(2_000, 40, seconds=600, speed=FAST, gpu=True)  # all the compute in the world...
+    assert tiny.parameters <= autosize.DATA_PARAMS_PER_CHAR * 2_000  # ...but the text cannot feed more
+    assert tiny.dropout >= 0.2  # it will be read hundreds of times
+    assert tiny.batch_size * tiny.seq_len * 4 <= 2_000 * 4  # streams hold whole chunks of a small text
+
+
+def test_thirty_seconds_gets_a_small_fast_layout():
+    short = choose(1_000_000, 65, seconds=30, speed=SLOW)
+    long = choose(1_000_000, 65, seconds=600, speed=SLOW)
+    assert short.hidden < long.hidden
+    assert short.batch_size * short.seq_len < long.batch_size * long.seq_len  # more, smaller steps
+    steps = short.planned_chars / (short.batch_size * short.seq_len)
+    assert steps >= 300  # enough updates for the schedule to work in half a minute
+
+
+def test_thousands_of_characters_get_an_embedding_and_small_sets_one_hot():
+    big_vocab = choose(5_000_000, 5_000, seconds=120, speed=SLOW)
+    assert big_vocab.embedding >= 128
+    assert choose(5_000_000, 65, seconds=120, speed=SLOW).embedding == 0
+    # the embedding keeps the input layer cheap: without it the first layer would be 5000 wide
+    h, n = big_vocab.hidden, big_vocab.layers
+    assert autosize.train_flops_per_char("gru", 5_000, h, n, big_vocab.embedding) < \
+        autosize.train_flops_per_char("gru", 5_000, h, n, 0) * 0.8
+
+
+def test_a_gigabyte_is_compute_bound_and_read_about_once():
+    huge = choose(1_000_000_000, 200, seconds=600, speed=SLOW)
+    assert huge.planned_chars < 1_000_000_000  # the budget reads a fraction of it
+    assert huge.dropout == 0.0  # nothing is seen twice, nothing to regularise
+    assert huge.parameters <= huge.planned_chars / autosize.READS_PER_PARAM
+
+
+def test_step_and_epoch_budgets_plan_from_what_they_read():
+    by_steps = choose(10_000_000, 65, steps=100)
+    assert by_steps.planned_chars == 100 * by_steps.batch_size * by_steps.seq_len
+    by_epochs = choose(200_000, 65, epochs=3)
+    assert by_epochs.planned_chars == 600_000
+    assert choose(200_000, 65, epochs=50).dropout > by_epochs.dropout
+
+
+def test_given_values_are_kept_and_the_rest_fit_around_them():
+    free = choose(3_000_000, 65, seconds=300, speed=SLOW)
+    fixed = choose(3_000_000, 65, seconds=300, speed=SLOW, fixed={"hidden": 64, "seq_len": 32, "dropout": 0.5})
+    assert (fixed.hidden, fixed.seq_len, fixed.dropout) == (64, 32, 0.5)
+    assert fixed.hidden != free.hidden
+    assert fixed.planned_chars > free.planned_chars  # a smaller model reads more in the same time
+
+
+def test_flags_reproduce_the_choice():
+    choice = choose(500_000, 90, seconds=120, speed=SLOW)
+    words = autosize.flags(choice).split()
+    given = {words[i].lstrip("-").replace("-", "_"): float(words[i + 1]) for i in range(0, len(words), 2)}
+    again = choose(500_000, 90, seconds=120, speed=SLOW, fixed={k: (v if k == "dropout" else int(v))
+                                                                for k, v in given.items()})
+    sizes = ("hidden", "layers", "embedding", "dropout", "batch_size", "seq_len", "parameters")
+    assert [getattr(again, k) for k in sizes] == [getattr(choice, k) for k in sizes]
+
+
+def test_probe_measures_this_device():
+    speed = autosize.probe(torch.device("cpu"), "gru", 40, 0, "fp32", limit_s=2.0)
+    assert speed.flop_s > 0 and speed.step_s >= 0 and speed.probe_s > 0
+
+
+def test_train_with_auto_sizes_shows_and_saves_the_choice_and_resume_keeps_it(tmp_path):
+    corpus = tmp_path / "notes.txt"
+    corpus.write_text(word_text(600), encoding="utf-8")
+    out = tmp_path / "run"
+    first = run_cli("train", corpus, "--out", out, "--max-time", "6s", "--no-preview", "--embedding", "16",
+                    cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "sizing" in first.stderr and "auto (" in first.stderr and "embedding" not in \
+        first.stderr.split("auto (")[1].split(")")[0]  # the given --embedding is not chosen
+    repeat = next(line for line in first.stderr.splitlines() if line.startswith("repeat with"))
+    assert "--embedding 16" in repeat
+    saved = torch.load(out / "last.pt", weights_only=True)
+    assert saved["model_config"]["embedding"] == 16
+    assert saved["sizing"]["choice"]["hidden"] == saved["model_config"]["hidden"]
+    assert f"--hidden {saved['model_config']['hidden']}" in repeat
+    resumed = run_cli("train", corpus, "--out", out, "--max-time", "9s", "--no-preview", "--embedding", "16",
+                      "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "kept from the run" in resumed.stderr
+    again = torch.load(out / "last.pt", weights_only=True)
+    assert again["model_config"] == saved["model_config"]
+    assert again["train_config"]["batch_size"] == saved["train_config"]["batch_size"]
+
+
+def test_explicit_flags_skip_the_probe_and_win(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(word_text(300), encoding="utf-8")
+    result = run_cli("train", corpus, "--out", tmp_path / "r", "--max-steps", "3", "--hidden", "40", "--layers", "1",
+                     "--embedding", "0", "--dropout", "0", "--batch-size", "8", "--seq-len", "16", "--no-preview",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "sizing" not in result.stderr and "1 x 40 gru" in result.stderr and "8 streams x 16" in result.stderr
+
+
+def _cadence(max_time: float, seconds: np.ndarray) -> list:
+    """When a run with this budget evaluates, given the clock at each step (no training done)."""
+    ids = np.arange(5000) % 20
+    model = CharRNN(ModelConfig(vocab_size=20, hidden=8, layers=1, dropout=0.0))
+    trainer = Trainer(model, ids[:4000], ids[4000:], TrainConfig(batch_size=4, seq_len=16, max_time=max_time),
+                      "unused", torch.device("cpu"), {}, dist_info=autosize_dist())
+    trainer._next_eval = trainer._first_eval_mark()
+    due = []
+    for step, now in enumerate(seconds, 1):
+        trainer.step, trainer.elapsed = step, float(now)
+        if trainer._eval_due():
+            due.append(float(now))
+            trainer.metrics.append({"elapsed_s": float(now)})
+    return due
+
+
+def autosize_dist():
+    from charlm.runtime import Dist
+
+    return Dist()
+
+
+@pytest.mark.parametrize("budget", [45.0, 120.0, 600.0])
+def test_evaluations_come_by_time(budget):
+    due = _cadence(budget, np.arange(0.5, budget, 0.5))
+    assert due[0] <= max(15.0, 0.1 * budget) + 1.0 and due[0] >= 15.0  # first: 15 s or 10%, the later
+    gaps = np.diff(due)
+    assert (gaps >= 0.1 * budget - 0.51).all() and (gaps <= 0.1 * budget + 0.51).all()  # then every 10%
+    if budget >= 120:
+        assert len(due) >= 5
