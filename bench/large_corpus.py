@@ -1,78 +1,108 @@
-"""Large corpora: time and peak memory to load and encode a ~100 MB UTF-8 file, cold and from the cache.
+"""Large corpora: whole `charlm train` processes on a mixed UTF-8 corpus of 100 MB and 1 GB.
 
-Writes two synthetic corpora to a temporary directory (pure ASCII, and ASCII with ~3% accented letters,
-Korean and emoji), then, each in a fresh subprocess, runs `charlm.corpus.load_corpus(path, cache_dir=...)`:
-first with an empty cache (decode and encode), then again (the cached .npy). Peak memory is the child's
-maximum resident set minus that of a child that only imports charlm, as a multiple of the file size.
-Targets: under 10 s, under 3x the file size.
+Writes a corpus of the given sizes to a scratch folder: Tiny Shakespeare (read from ../shared/data), this
+Python's standard-library sources and generated Korean text (1,900 distinct syllables) in turn, about 2,000
+distinct characters in all. Then, for each size, runs as separate processes and measures wall time and peak
+resident memory (the child's ru_maxrss):
 
-    .venv/bin/python bench/large_corpus.py
-    .venv/bin/python bench/large_corpus.py --mb 20
+    import   python -c "import charlm.cli"                      the baseline every figure is set beside
+    cold     charlm train big.txt --hidden 32 --layers 1 --max-steps 1 --no-full-final-eval --no-preview
+             with an empty cache: hash, decode, encode into the memory-mapped cache, one step, evaluation
+    cached   the same command again: the cache is mapped, nothing is decoded
+    full     cached, but the final report scores the whole validation tail (the default; 100 MB only)
+    ddp      (--ddp) torchrun --nproc_per_node=2 of the cached command: peak RSS of each rank
+
+    .venv/bin/python bench/large_corpus.py --sizes 100
+    .venv/bin/python bench/large_corpus.py --sizes 100 1000 --ddp
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import re
+import shutil
 import subprocess
 import sys
-import tempfile
+import sysconfig
 from pathlib import Path
 
-CHILD = """
-import resource, sys, time
-from charlm.corpus import load_corpus
-start = time.perf_counter()
-if sys.argv[1] != "-":
-    corpus = load_corpus(sys.argv[1], cache_dir=sys.argv[2])
-    n = corpus.chars
-else:
-    n = 0
-print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, n)
-"""
+ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+TRAIN = ["--hidden", "32", "--layers", "1", "--max-steps", "1", "--no-preview"]
 
 
-def make_corpus(path: Path, megabytes: int, exotic: bool) -> None:
+def make_corpus(path: Path, megabytes: int) -> None:
     rng = random.Random(0)
-    words = ["the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "with", "as", "was", "on"]
-    if exotic:
-        words += ["café", "naïve", "Zürich", "안녕하세요", "😀", "façade"]
-    line = " ".join(rng.choice(words) for _ in range(2000)) + "\n"
-    block = "".join(" ".join(rng.sample(words, len(words))) + "\n" for _ in range(200)) + line
-    data = block.encode("utf-8")
+    syllables = [chr(0xAC00 + i * 5) for i in range(1900)]  # 1,900 distinct Hangul syllables
+    korean = "\n".join(" ".join("".join(rng.choice(syllables) for _ in range(rng.randint(1, 4)))
+                                for _ in range(rng.randint(4, 12))) for _ in range(20_000)).encode("utf-8")
+    shakespeare = SHAKESPEARE.read_bytes() if SHAKESPEARE.is_file() else b""
+    stdlib = b"".join(p.read_bytes() for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:200])
+    blocks = [b for b in (shakespeare, stdlib, korean) if b]
     with open(path, "wb") as f:
-        written = 0
+        written, i = 0, 0
         while written < megabytes * 1_000_000:
-            f.write(data)
-            written += len(data)
+            block = blocks[i % len(blocks)]
+            f.write(block + b"\n")
+            written += len(block) + 1
+            i += 1
 
 
-def child(path, cache) -> tuple:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(path), str(cache)], capture_output=True, text=True,
-                         check=True).stdout.split()
-    return float(out[0]), int(out[1]), int(out[2])
+def measure(cmd, cwd, env=None) -> tuple:
+    """(seconds, peak RSS in bytes of the largest child process, stderr) of a command run to completion."""
+    wrapper = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+               "p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+               "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, "
+               "p.returncode); sys.stderr.write(p.stderr)")
+    out = subprocess.run([sys.executable, "-c", wrapper, *map(str, cmd)], cwd=cwd, capture_output=True, text=True,
+                         env=env)
+    seconds, rss, code = out.stdout.split()
+    if int(code) != 0:
+        raise SystemExit(f"command failed ({code}): {' '.join(map(str, cmd))}\n{out.stderr[-2000:]}")
+    return float(seconds), int(rss), out.stderr
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mb", type=int, default=100)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100], help="corpus sizes in MB")
+    parser.add_argument("--ddp", action="store_true", help="also a 2-process torchrun run on each size")
+    parser.add_argument("--scratch", default="/tmp/charlm-large-corpus")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        _, base_rss, _ = child("-", "-")
-        print(f"baseline (python + torch + charlm imported): {base_rss / 1e6:.0f} MB resident")
-        print(f"{'corpus':<22} {'size MB':>8} {'chars':>12} {'cold s':>7} {'cold mem':>9} {'cached s':>9} "
-              f"{'cached mem':>10} {'cold/cached':>11}")
-        for name, exotic in (("ascii", False), ("utf-8 mixed", True)):
-            path = tmp / f"{name.replace(' ', '_')}.txt"
-            make_corpus(path, args.mb, exotic)
-            size = path.stat().st_size
-            cache = tmp / f"cache-{name.replace(' ', '_')}"
-            cold_s, cold_rss, chars = child(path, cache)
-            warm_s, warm_rss, _ = child(path, cache)
-            print(f"{name:<22} {size / 1e6:8.1f} {chars:12,d} {cold_s:7.2f} {(cold_rss - base_rss) / size:8.2f}x "
-                  f"{warm_s:9.2f} {(warm_rss - base_rss) / size:9.2f}x {cold_s / warm_s:10.1f}x", flush=True)
-    print("mem = peak resident set above the baseline, as a multiple of the file size")
+    scratch = Path(args.scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    charlm = [sys.executable, "-m", "charlm", "train"]
+    _, base, _ = measure([sys.executable, "-c", "import charlm.cli, charlm.train, charlm.corpus"], scratch)
+    print(f"import-only process: {base / 1e6:.0f} MB resident")
+    print(f"{'corpus':>8} {'chars':>12} {'vocab':>6} {'run':>7} {'seconds':>8} {'peak MB':>8} {'above import':>12} "
+          f"{'x file':>7}")
+    for mb in args.sizes:
+        path = scratch / f"mixed-{mb}mb.txt"
+        if not path.is_file():
+            make_corpus(path, mb)
+        size = path.stat().st_size
+        shutil.rmtree(scratch / "checkpoints", ignore_errors=True)
+        runs = [("cold", [*charlm, path, *TRAIN, "--no-full-final-eval", "--out", "checkpoints/a"]),
+                ("cached", [*charlm, path, *TRAIN, "--no-full-final-eval", "--out", "checkpoints/b"])]
+        if mb <= 100:
+            runs.append(("full", [*charlm, path, *TRAIN, "--out", "checkpoints/c"]))
+        for name, cmd in runs:
+            seconds, rss, err = measure(cmd, scratch)
+            chars = re.search(r": ([\d,]+) characters", err)
+            vocab = re.search(r"vocabulary\s+(\d+) characters", err)
+            print(f"{mb:>6}MB {chars.group(1) if chars else '?':>12} {vocab.group(1) if vocab else '?':>6} "
+                  f"{name:>7} {seconds:8.2f} {rss / 1e6:8.0f} {(rss - base) / 1e6:10.0f}MB "
+                  f"{rss / size:6.2f}x", flush=True)
+        if args.ddp:
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                   "-m", "charlm", "train", str(path), *TRAIN, "--no-full-final-eval", "--batch-size", "8",
+                   "--out", "checkpoints/d"]
+            seconds, rss, _ = measure(cmd, scratch, env)  # the agent waits for its ranks: the largest rank
+            print(f"{mb:>6}MB {'':>12} {'':>6} {'ddp x2':>7} {seconds:8.2f} {rss / 1e6:8.0f} "
+                  f"{(rss - base) / 1e6:10.0f}MB {rss / size:6.2f}x  (largest rank)", flush=True)
+    print("peak MB: the largest resident set of the process; above import: minus the import-only process")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ TARGET_STEPS = 1000  # updates per run the layout aims at: the best 10-minute la
 ONE_HOT_MAX = 256  # one-hot input up to this vocabulary; an embedding beyond (its matrix would dominate)
 HIDDEN_SIZES = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+LOGITS_PER_STEP = 8_000_000  # B x T x V of one step: 8192 characters of a 976-character vocabulary
 
 
 @dataclass(frozen=True)
@@ -96,9 +97,10 @@ def layers_for(hidden: int) -> int:
     return 1 if hidden <= 64 else 2  # a second layer pays from ~100 units; a third rarely does in minutes
 
 
-def _layout(planned: float, n_train: int, world: int, gpu: bool) -> tuple:
-    """(B, T): about TARGET_STEPS steps over the planned characters, within what the text can fill."""
-    per_step = planned / TARGET_STEPS
+def _layout(planned: float, n_train: int, world: int, gpu: bool, vocab: int = 0) -> tuple:
+    """(B, T): about TARGET_STEPS steps over the planned characters, within what the text can fill, and with
+    a step's logits (B x T x V floats, kept three times over by the loss and its gradient) under ~100 MB."""
+    per_step = min(planned / TARGET_STEPS, LOGITS_PER_STEP / max(vocab, 1))
     seq_len = 128 if per_step >= 4096 else 64
     cap = 1024 if gpu else 64 * world  # a CPU is busy at 64 rows per process; a GPU wants far more
     batch = int(min(cap, max(8, round(per_step / seq_len))))
@@ -134,9 +136,9 @@ def choose(n_train: int, vocab: int, cell: str = "gru", seconds: Optional[float]
 
     def layout(planned: Optional[float]) -> tuple:
         if planned is None or (steps and not seconds):  # a step budget keeps the standard step size
-            batch, seq = _fit(64 * world, 128, n_train, world)
+            batch, seq = _layout(64 * world * 128 * TARGET_STEPS, n_train, world, gpu, vocab)
         else:
-            batch, seq = _layout(planned, n_train, world, gpu)
+            batch, seq = _layout(planned, n_train, world, gpu, vocab)
         return fixed.get("batch_size", batch), fixed.get("seq_len", seq)
 
     def plan(hidden: int) -> tuple:

@@ -90,6 +90,10 @@ def train(
                                             rich_help_panel=DATA)] = False,
     val_frac: Annotated[float, typer.Option(help="Fraction of the text, from its end, held out for validation.",
                                             rich_help_panel=DATA)] = 0.1,
+    items: Annotated[Optional[bool], typer.Option(
+        "--items/--no-items", help="Train on one item per line (names, words, titles): items reshuffled every "
+        "epoch, a random sample of them validates [default: recognised from the text].", rich_help_panel=DATA,
+        show_default=False)] = None,
     cell: Annotated[str, typer.Option(help="Recurrent cell: rnn, gru or lstm.", rich_help_panel=MODEL)] = "gru",
     nonlinearity: Annotated[str, typer.Option(help="rnn cell only: tanh or relu.", rich_help_panel=MODEL)] = "tanh",
     hidden: Annotated[Optional[int], typer.Option(help="Units per layer [default: auto].", rich_help_panel=MODEL,

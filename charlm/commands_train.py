@@ -28,6 +28,7 @@ class TrainRequest:
     encoding: str
     keep_crlf: bool
     val_frac: float
+    items: Optional[bool]  # None: recognised by items.looks_like_items
     cell: str
     nonlinearity: str
     hidden: Optional[int]  # None: chosen by autosize.py
@@ -174,7 +175,12 @@ def run_train(r: TrainRequest, console: Console) -> None:
                     else f"{corpus.path} is not the corpus"
                 raise CharlmError(f"{what} this run was trained on (SHA-256 differs from {saved.get('path')}); "
                                   "resume with the same text, or add --force")
-        train_ids, val_ids = split_train_val(corpus.ids, r.val_frac, corpus.path)
+        as_items, items_reason = _items_mode(r, payload, corpus)
+        reshuffle, items_meta = None, {"items": False}
+        if as_items:
+            train_ids, val_ids, reshuffle, items_meta = _item_split(corpus, r, items_reason)
+        else:
+            train_ids, val_ids = split_train_val(corpus.ids, r.val_frac, corpus.path)
         # Only once the corpus is known good (bad input leaves no directory behind); a failure here ends every
         # process of a torchrun job with the same message.
         agreed(dinfo, lambda: _prepare_out(out, fresh=not r.resume), here=dinfo.is_main)
@@ -193,15 +199,15 @@ def run_train(r: TrainRequest, console: Console) -> None:
             model.load_state_dict(payload["model"])
         # How the text was read, so that --novelty and the sampling of items find the same cached ids.
         read = {"encoding": r.encoding, "keep_crlf": r.keep_crlf, "fixed_vocab": vocab is not None}
-        meta = {"model_config": mconf.to_dict(), "vocab": corpus.vocab.chars, "corpus": {**corpus.info(), **read},
-                "sizing": sizing}
+        meta = {"model_config": mconf.to_dict(), "vocab": corpus.vocab.chars,
+                "corpus": {**corpus.info(), **read, **items_meta}, "sizing": sizing}
         display = TrainDisplay(console, _preview_fn(corpus.vocab, device) if r.preview else None)
         trainer = Trainer(model, train_ids, val_ids, tconf, out, device, meta, callback=display, dist_info=dinfo,
                           resume=payload if r.resume else None, compile_model=r.compile_model,
-                          spent=sizing.get("probe_s", 0.0) if not r.resume else 0.0)
+                          spent=sizing.get("probe_s", 0.0) if not r.resume else 0.0, reshuffle=reshuffle)
 
         info = _start_summary(corpus.path, corpus, train_ids, val_ids, model, tconf, device, dinfo, out, r,
-                              trainer, sizing)
+                              trainer, sizing, items_meta)
         run_summary(console, info)
         received = []
 
@@ -217,6 +223,42 @@ def run_train(r: TrainRequest, console: Console) -> None:
         _end_summary(console, result, out, r, received)
     finally:
         teardown_distributed()
+
+
+def _items_mode(r: TrainRequest, payload, corpus) -> tuple:
+    """(train as items?, why). A resumed run keeps its mode; --items/--no-items force it; otherwise the
+    rule in items.py decides from the text (corpora beyond 50M characters are never taken for lists)."""
+    from charlm.items import looks_like_items
+
+    if r.resume and payload is not None:
+        saved = payload.get("corpus", {})
+        return bool(saved.get("items")), saved.get("items_reason", "one item per line")
+    if r.items is False:
+        return False, "--no-items"
+    if "\n" not in corpus.vocab:
+        if r.items:
+            raise CharlmError(f"{corpus.path} has no line breaks, so it has no items; leave out --items")
+        return False, "no line breaks"
+    if r.items:
+        return True, "one item per line (--items)"
+    if corpus.chars > 50_000_000:
+        return False, "too long for a list"
+    return looks_like_items(corpus.vocab.decode(corpus.ids[:2_000_000]))
+
+
+def _item_split(corpus, r: TrainRequest, reason: str) -> tuple:
+    from charlm.items import Items, epoch_order, split_items
+
+    items = Items.from_ids(corpus.ids, corpus.vocab.chars.index("\n"))
+    if len(items) < 2:
+        raise CharlmError(f"{corpus.path} has {len(items)} item(s); a list needs at least 2 (one to validate)")
+    train_items, val_items = split_items(items, r.val_frac, r.seed)
+
+    def reshuffle(epoch: int):
+        return train_items.text_ids(epoch_order(len(train_items), r.seed, epoch))
+
+    meta = {"items": True, "items_reason": reason, "train_items": len(train_items), "val_items": len(val_items)}
+    return train_items.text_ids(), val_items.text_ids(), reshuffle, meta
 
 
 def _sizes(r: TrainRequest, payload, corpus, train_ids, device, precision, dinfo, max_time) -> tuple:
@@ -320,7 +362,8 @@ def _named_corpus(name: str, console: Console, dinfo) -> Path:
     return path if path is not None else datasets.corpus_path(name)
 
 
-def _start_summary(path, corpus, train_ids, val_ids, model, tconf, device, dinfo, out, r, trainer, sizing) -> dict:
+def _start_summary(path, corpus, train_ids, val_ids, model, tconf, device, dinfo, out, r, trainer, sizing,
+                   items_meta) -> dict:
     from charlm.display import human_count, human_time, vocab_preview
 
     mc = model.config
@@ -329,6 +372,8 @@ def _start_summary(path, corpus, train_ids, val_ids, model, tconf, device, dinfo
         ("corpus", f"{path}: {corpus.chars:,} characters ({len(train_ids):,} train, {len(val_ids):,} validation)"
                    + (f", {corpus.crlf_converted:,} CRLF -> LF" if corpus.crlf_converted else "")),
         ("vocabulary", f"{corpus.vocab.size} characters: {vocab_preview(corpus.vocab.chars)}"),
+        *([("items", f"{items_meta['items_reason']}; {items_meta['train_items']:,} train, {items_meta['val_items']:,} "
+                     "validation (a random sample), reshuffled every epoch")] if items_meta.get("items") else []),
         ("model", f"{mc.layers} x {mc.hidden} {mc.cell}{'-' + mc.nonlinearity if mc.cell == 'rnn' else ''}, "
                   f"{'one-hot' if not mc.embedding else f'{mc.embedding}-d embedding'} input, "
                   f"{params:,} parameters"),

@@ -15,6 +15,7 @@ from charlm.streams import Streams, eval_streams
 # Characters each evaluation stream reads per forward call: long chunks amortise the per-call cost and the
 # carried state makes the chunk boundary invisible to the loss.
 EVAL_SEQ_LEN = 256
+LOGITS_PER_CHUNK = 1 << 22
 
 
 def autocast(device: torch.device, precision: str):
@@ -29,6 +30,9 @@ def evaluate(model: CharRNN, streams: Streams, seq_len: int, device, precision: 
     chunk sums are added in float64 on the host once, at the end: no host sync per chunk, no precision lost
     over millions of characters."""
     device = torch.device(device)
+    # Bound one chunk's logits (rows x T x V floats) to ~16 MB, so a vocabulary of thousands of characters
+    # does not make evaluation the largest allocation of a run.
+    seq_len = max(8, min(seq_len, LOGITS_PER_CHUNK // max(1, streams.rows * model.config.vocab_size)))
     was_training = model.training
     model.eval()
     state = model.init_state(streams.rows, device)

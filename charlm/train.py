@@ -126,6 +126,7 @@ class Trainer:
         resume: Optional[dict] = None,
         compile_model: bool = False,
         spent: float = 0.0,
+        reshuffle: Optional[Callable[[int], np.ndarray]] = None,
     ):
         self.model = model.to(device)
         self.config = config
@@ -137,6 +138,11 @@ class Trainer:
         self.stop_request: Optional[str] = None
 
         c = config
+        # reshuffle(epoch) -> the training text of that epoch (items.py: the items in a new order each
+        # epoch); the layout below is rebuilt from it whenever an epoch begins
+        self.reshuffle = reshuffle
+        if reshuffle is not None:
+            train_ids = reshuffle(0)
         self.train_streams = make_streams(train_ids, c.batch_size)
         if self.train_streams.rows % self.dist.world:
             raise CharlmError(
@@ -218,6 +224,7 @@ class Trainer:
             if self.cursor == self.n_chunks:  # an epoch ends: streams restart at their beginnings
                 self.cursor, self.epoch = 0, self.epoch + 1
                 self.state = self.model.init_state(self.my_streams.rows, self.device)
+                self._lay_out_epoch()
             now = time.perf_counter()
             rate = chars_since / max(now - last_report, 1e-9)
             self._last_rate = rate
@@ -243,6 +250,13 @@ class Trainer:
             self._save(ckpt.LAST)
         return TrainResult(self.step, self.epoch, stopped_by, self.best_val, self.best_step, self.metrics,
                            self.elapsed, full_val)
+
+    def _lay_out_epoch(self) -> None:
+        """For a list of items: this epoch's order of the items, in the same stream layout."""
+        if self.reshuffle is None:
+            return
+        self.train_streams = make_streams(self.reshuffle(self.epoch), self.config.batch_size)
+        self.my_streams = self.train_streams.select(self.my_rows)
 
     _last_loss, _last_lr, _last_rate = math.nan, math.nan, 0.0
     # Stops that every process must agree on (a signal, a failure, rank 0's clock), in the step's reduce.
@@ -467,6 +481,7 @@ class Trainer:
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.step, self.epoch, self.cursor = int(payload["step"]), int(payload["epoch"]), int(payload["cursor"])
+        self._lay_out_epoch()
         self.elapsed = float(payload.get("elapsed_s", 0.0))
         self.best_val = float(payload.get("best_val_loss", math.inf))
         self.best_step = int(payload.get("best_step", 0))

@@ -86,4 +86,7 @@ class Vocabulary:
         return self._table[codes].astype(np.int64) if len(codes) else np.zeros(0, dtype=np.int64)
 
     def decode(self, ids) -> str:
-        return "".join(self.chars[int(i)] for i in ids)
+        """ids -> text, vectorised: the code points go through UTF-32 (4 bytes a character, no per-character
+        Python object)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        return self.codes[ids].astype("<u4").tobytes().decode("utf-32-le") if len(ids) else ""

@@ -1,0 +1,183 @@
+"""Lists of things: a text with one item per line (names, words, titles) trained as items, sampled as items.
+
+Recognising a list. Read the first MAX_LINES lines; the text is a list when all of these hold:
+
+    lines        at least MIN_ITEMS non-blank lines
+    short        the median line is at most 40 characters and 95% are at most 80
+    no blanks    at most 1% of the lines are blank (stanzas and code paragraphs have blank lines)
+    distinct     at least 90% of the lines differ from each other (refrains and `return` lines repeat)
+    no columns   the lines do not share a delimiter count (CSV and TSV rows are records, not items)
+    no indents   at most 5% of the lines start with a space or a tab (source code does)
+
+Training on items. The items are split at random (seeded) into training and validation items, and every
+epoch lays the training items out in a new order, a permutation drawn from (seed, epoch): the model learns
+what an item looks like instead of the order of the list, and a resumed run draws the same orders. The
+reordered text goes through the same stream layout and carried state as any other text (streams.py).
+
+Sampling items. Each item starts from the state after a line break and ends at the next one; a prime is the
+beginning of the item. Items already in the list are set aside unless copies are allowed, and the sampler
+draws batches until it has enough new ones or has tried MAX_ROUNDS times.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+MIN_ITEMS = 50
+MAX_LINES = 200_000
+MAX_ROUNDS = 25  # batches of samples drawn before giving up on finding enough new items
+
+
+def looks_like_items(text: str) -> tuple:
+    """(is a list, reason): the rule above, on the first MAX_LINES lines of text."""
+    lines = text.split("\n", MAX_LINES)[:MAX_LINES]
+    if lines and lines[-1] == "":
+        lines = lines[:-1]
+    filled = [x for x in lines if x.strip()]
+    if len(filled) < MIN_ITEMS:
+        return False, f"{len(filled)} lines (a list has at least {MIN_ITEMS})"
+    lengths = np.array([len(x) for x in filled])
+    if np.median(lengths) > 40 or np.percentile(lengths, 95) > 80:
+        return False, f"lines of {np.median(lengths):.0f} characters (median): prose, not items"
+    blank = (len(lines) - len(filled)) / len(lines)
+    if blank > 0.01:
+        return False, f"{blank:.0%} blank lines: paragraphs or stanzas"
+    distinct = len(set(filled)) / len(filled)
+    if distinct < 0.9:
+        return False, f"only {distinct:.0%} of the lines are distinct"
+    for sep in (",", "\t", ";", "|"):
+        counts = np.array([x.count(sep) for x in filled])
+        if (counts > 0).mean() > 0.9 and (counts == np.bincount(counts).argmax()).mean() > 0.9:
+            return False, f"rows with {np.bincount(counts).argmax()} {sep!r} each: a table"
+    indented = np.mean([x[:1] in (" ", "\t") for x in filled])
+    if indented > 0.05:
+        return False, f"{indented:.0%} of the lines are indented: code or verse"
+    return True, f"{len(filled):,} lines, one item per line"
+
+
+@dataclass(frozen=True)
+class Items:
+    """The items of a text, as spans of its ids: item k is ids[start[k] : start[k] + length[k]], each
+    including its closing line break."""
+
+    ids: np.ndarray
+    start: np.ndarray  # (K,)
+    length: np.ndarray  # (K,)
+
+    @classmethod
+    def from_ids(cls, ids: np.ndarray, newline: int) -> "Items":
+        ends = np.flatnonzero(np.asarray(ids) == newline) + 1  # one past each line break
+        if len(ends) == 0 or ends[-1] != len(ids):
+            ends = np.append(ends, len(ids))  # a last item without its line break
+        starts = np.concatenate([[0], ends[:-1]])
+        keep = (ends - starts) > 1  # blank lines are not items
+        return cls(ids, starts[keep].astype(np.int64), (ends - starts)[keep].astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    def subset(self, which: np.ndarray) -> "Items":
+        return Items(self.ids, self.start[which], self.length[which])
+
+    def text_ids(self, order: Optional[np.ndarray] = None) -> np.ndarray:
+        """The ids of the items laid end to end, in `order` (default: as they are): one gather."""
+        order = np.arange(len(self)) if order is None else order
+        lengths = self.length[order]
+        offsets = np.repeat(self.start[order] - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+        return np.asarray(self.ids)[offsets + np.arange(int(lengths.sum()))]
+
+    def strings(self, decode) -> List[str]:
+        return [decode(np.asarray(self.ids)[s : s + n]).rstrip("\n") for s, n in zip(self.start, self.length)]
+
+
+def split_items(items: Items, val_frac: float, seed: int) -> tuple:
+    """(training items, validation items): a seeded random sample of items is held out, not the tail (lists
+    are often sorted, so their tail is unlike the rest)."""
+    rng = np.random.default_rng([seed, 0x17E75])
+    n_val = max(1, int(round(len(items) * val_frac)))
+    if len(items) - n_val < 1:
+        n_val = len(items) - 1
+    held = np.zeros(len(items), dtype=bool)
+    held[rng.choice(len(items), n_val, replace=False)] = True
+    return items.subset(np.flatnonzero(~held)), items.subset(np.flatnonzero(held))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of the training items in an epoch: a permutation drawn from (seed, epoch) alone."""
+    return np.random.default_rng([seed, 0x5EED, epoch]).permutation(n)
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+@dataclass
+class SampledItem:
+    text: str
+    logprob: float  # natural log of the model's probability of the item, its closing line break included
+    new: bool
+
+
+@torch.no_grad()
+def sample_items(model, vocab, count: int, known: set, prime: str = "", temperature: float = 0.8,
+                 top_k: int = 0, top_p: float = 1.0, min_length: int = 1, max_length: int = 64,
+                 allow_copies: bool = False, seed: Optional[int] = None, device="cpu", batch: int = 0) -> dict:
+    """Draw items until `count` are kept. Returns {"items": [SampledItem], "copies": skipped copies,
+    "rejected": too short or too long, "drawn": items drawn, "complete": whether count was reached}."""
+    from charlm.sample import SampleConfig, default_context, pick
+
+    device = torch.device(device)
+    model = model.to(device).eval()
+    newline = vocab.chars.index("\n") if "\n" in vocab else None
+    start = vocab.encode("\n" if newline is not None else default_context(vocab))
+    cfg = SampleConfig(length=max_length, temperature=temperature, top_k=top_k, top_p=top_p)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
+    batch = batch or int(min(4096, max(64, 2 * count)))
+    prime_ids = torch.as_tensor(vocab.encode(prime), dtype=torch.long, device=device) if prime else None
+    kept, seen = [], set()
+    copies = rejected = drawn = 0
+    for _ in range(MAX_ROUNDS):
+        state = model.init_state(batch, device)
+        x = torch.as_tensor(start, dtype=torch.long, device=device).unsqueeze(0).expand(batch, -1)
+        logits, state = model(x, state)
+        logits = logits[:, -1]
+        logprob = torch.zeros(batch, device=device)
+        if prime_ids is not None:  # the prime is the start of every item: score it, then go on from it
+            for c in prime_ids:
+                logprob += torch.log_softmax(logits.float(), -1)[:, c]
+                logits, state = model.step(c.expand(batch), state)
+        out = torch.full((batch, max_length + 1), -1, dtype=torch.long, device=device)
+        ended = torch.zeros(batch, dtype=torch.bool, device=device)
+        for t in range(max_length + 1):
+            ids = pick(logits, cfg, generator)
+            lp = torch.log_softmax(logits.float(), -1).gather(1, ids[:, None]).squeeze(1)
+            logprob = torch.where(ended, logprob, logprob + lp)
+            out[:, t] = torch.where(ended, torch.full_like(ids, -1), ids)
+            ended |= ids == newline if newline is not None else torch.zeros_like(ended)
+            if bool(ended.all()):
+                break
+            logits, state = model.step(ids, state)
+        rows, lps = out.tolist(), logprob.tolist()
+        for row, lp, done in zip(rows, lps, ended.tolist()):
+            drawn += 1
+            body = [i for i in row if i >= 0]
+            if not done or body[-1:] != [newline]:
+                rejected += 1  # ran past max_length without ending
+                continue
+            text = prime + vocab.decode(body[:-1])
+            if not (min_length <= len(text) <= max_length):
+                rejected += 1
+                continue
+            is_new = text not in known
+            if not is_new and not allow_copies:
+                copies += 1
+                continue
+            if text in seen:
+                continue  # each item once in the answer
+            seen.add(text)
+            kept.append(SampledItem(text, lp, is_new))
+            if len(kept) == count:
+                return {"items": kept, "copies": copies, "rejected": rejected, "drawn": drawn, "complete": True}
+    return {"items": kept, "copies": copies, "rejected": rejected, "drawn": drawn, "complete": False}
