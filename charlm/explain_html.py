@@ -75,6 +75,7 @@ _TEMPLATE = r"""<!DOCTYPE html>
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
 <title>@TITLE@</title>
 <style>
+  [hidden] { display: none !important; }
   body { font-family: system-ui, sans-serif; margin: 1.5rem auto; max-width: 60rem; padding: 0 1rem;
          color: #1b1b1b; background: #fdfdfb; }
   h1 { font-size: 1.2rem; margin: 0 0 .3rem; }

@@ -123,8 +123,9 @@ def score_ids(model: CharRNN, pieces, device, top: int = 5, context_id: Optional
     block carries the exact state the previous block's last row ended with (the text continues there); every
     other row starts fresh and is first warmed on the `burn_in` characters before it, as eval's streams are.
     All rows of a full block have the same length, so no padding ever runs through a carried state. What is
-    left at the end is split into at most `streams` rows of at least `row_chars` (one row for a short text,
-    which is then exactly the one-stream pass). Memory: one block of ids and scores, whatever the length.
+    left at the end is split into at most `streams` rows of at least 8 * burn_in characters (one row for a
+    text under 4096 characters, which is then exactly the one-stream pass). Memory: one block of ids and
+    scores, whatever the length of the text.
 
     Defaults: 8 rows like eval's default streams; 32k characters a row keeps a block's scores near 10 MB and
     the warm-up overhead at burn_in/row_chars < 1%; 256-column chunks like eval's seq_len."""
@@ -151,8 +152,8 @@ def score_ids(model: CharRNN, pieces, device, top: int = 5, context_id: Optional
             remaining = len(buf) - (pos - base)
             if remaining >= full:
                 lengths = [width] + [row_chars] * (streams - 1)
-            else:  # the end: split what is left evenly, padding the rows' ends
-                rows = max(1, min(streams, remaining // row_chars))
+            else:  # the end: split what is left evenly (rows of >= 8 warm-ups), padding the rows' ends
+                rows = max(1, min(streams, remaining // (8 * max(burn_in, 1))))
                 lengths = np.diff(np.linspace(0, remaining, rows + 1).astype(np.int64)).tolist()
             carry = []
             yield from _score_block(model, buf, pos - base, base, lengths, state, context_id, burn_in, top,

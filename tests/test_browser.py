@@ -189,13 +189,14 @@ def test_hover_focus_and_unit_picker_in_a_real_browser(browser, runner, trained_
     assert result.exit_code == 0, result.stderr
     browser.open(page)
     assert browser.js("document.querySelectorAll('#text span.c').length") == len(text)
-    assert browser.js("document.getElementById('tip').hidden") is True
+    assert browser.js("getComputedStyle(document.getElementById('tip')).display") == "none"
+    assert browser.js("getComputedStyle(document.getElementById('pager')).display") == "none"  # one page only
 
     # hovering a character shows its probability and the model's top 5, the numbers `charlm score` gives
     rows = _rows(runner, trained_run, text)
     i = 4  # the 'q' of quick: a real choice for the model
     browser.hover(f'#text span.c[data-i="{i}"]')
-    assert browser.js("document.getElementById('tip').hidden") is False
+    assert browser.js("getComputedStyle(document.getElementById('tip')).display") != "none"
     tip = browser.js("document.getElementById('tip').innerText")
     assert tip.startswith(f"#{i} {json.dumps(text[i])}") and f"rank {rows[i]['rank'] + 1}" in tip
     assert float(re.search(r"p=([0-9.e-]+)", tip).group(1)) == pytest.approx(math.exp(rows[i]["logprob"]), rel=5e-3)
@@ -269,7 +270,8 @@ def test_korean_emoji_and_a_long_paged_text(browser, runner, tmp_path):
                   "--html", big).exit_code == 0
     browser.open(big)
     pages = browser.js("window.charlmExplain.pages()")
-    assert pages == -(-len(long_text) // 20_000) and browser.js("document.getElementById('pager').hidden") is False
+    assert pages == -(-len(long_text) // 20_000)
+    assert browser.js("getComputedStyle(document.getElementById('pager')).display") != "none"
     assert browser.js("document.querySelectorAll('#text span.c').length") == 20_000
     browser.js("document.getElementById('next').click()")
     assert browser.js("document.querySelector('#text span.c').dataset.i") == "20000"

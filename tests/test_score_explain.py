@@ -55,7 +55,7 @@ def test_summary_equals_eval_on_the_text_after_its_context(runner, trained_run, 
     text = word_text(60, seed=3)
     (tmp_path / "t.txt").write_text(text, encoding="utf-8")
     (tmp_path / "nl.txt").write_text("\n" + text, encoding="utf-8")
-    s = invoke(runner, "score", tmp_path / "t.txt", "-c", trained_run, "--summary", "--json")
+    s = invoke(runner, "score", tmp_path / "t.txt", "-c", trained_run, "--summary", "--json", "--streams", "1")
     e = invoke(runner, "eval", tmp_path / "nl.txt", "-c", trained_run, "--streams", "1", "--json")
     assert s.exit_code == 0 and e.exit_code == 0, s.stderr + e.stderr
     summary, report = json.loads(s.stdout), json.loads(e.stdout)
