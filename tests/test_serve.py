@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from html.parser import HTMLParser
 from urllib.parse import quote
 
 import pytest
@@ -290,42 +289,58 @@ def test_a_client_that_leaves_mid_stream_is_dropped_and_stalls_nobody(server):
 
 
 # ---------------------------------------------------------------------------------------------- the page
-class _TextOf(HTMLParser):
-    def __init__(self, element_id):
-        super().__init__()
-        self.id, self.depth, self.text = element_id, 0, []
-
-    def handle_starttag(self, tag, attrs):
-        if self.depth or dict(attrs).get("id") == self.id:
-            self.depth += 1
-
-    def handle_endtag(self, tag):
-        if self.depth:
-            self.depth -= 1
-
-    def handle_data(self, data):
-        if self.depth:
-            self.text.append(data)
+@pytest.fixture
+def page(server, tmp_path):
+    """A headless Chromium driven over the DevTools protocol, with the explain page's test client."""
+    if shutil.which("chromium") is None and shutil.which("chromium-browser") is None:
+        pytest.skip("no chromium on PATH (apt-get install chromium; .ci/run installs it) to load the page in")
+    devtools = pytest.importorskip("test_browser", reason="the DevTools client lives in tests/test_browser.py")
+    browser = devtools.Browser(tmp_path / "profile")
+    yield browser
+    browser.close()
 
 
-def test_page_streams_a_sample_in_a_real_browser(server, tmp_path):
-    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if browser is None:
-        pytest.skip("no headless browser (apt-get install chromium) to load the page in")
+def _text(browser, element_id: str) -> str:
+    """The element's text; empty while the page is still loading and it does not exist yet."""
+    return browser.js(f"(document.getElementById({json.dumps(element_id)}) || {{}}).textContent || ''")
+
+
+def _until(browser, element_id: str, contains: str, seconds: float = 30) -> str:
+    deadline = time.monotonic() + seconds
+    while contains not in _text(browser, element_id):
+        assert time.monotonic() < deadline, f"#{element_id} never showed {contains!r}: {_text(browser, element_id)!r}"
+        time.sleep(0.05)
+    return _text(browser, element_id)
+
+
+def test_the_page_is_self_contained(server):
     status, ctype, html = server.get("/")
     assert status == 200 and ctype.startswith("text/html")
-    assert b"http://" not in html and b"https://" not in html  # self-contained: nothing from the network
-    url = f"http://127.0.0.1:{server.port}/?prime={quote('the ')}&seed=9&length=120&go"
-    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path}",
-                          "--virtual-time-budget=10000", "--dump-dom", url], capture_output=True, text=True,
-                         timeout=60).stdout
-    shown = _TextOf("out")
-    shown.feed(dom)
+    assert b"http://" not in html and b"https://" not in html and b"<script src" not in html
+
+
+def test_typing_a_prime_and_clicking_generate_streams_the_sample(server, page):
+    page.call("Page.navigate", url=f"http://127.0.0.1:{server.port}/")
+    _until(page, "model", "parameters")  # it fetched /v1/model
+    page.js("document.getElementById('prime').focus()")
+    page.call("Input.insertText", text="the dog")
+    page.js("document.getElementById('seed').value = '21'; document.getElementById('length').value = '90'")
+    x, y = page.centre("#go")
+    for kind in ("mousePressed", "mouseReleased"):
+        page.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+    assert "90 characters in" in _until(page, "status", "characters in")
+    _, _, want = server.post("/v1/sample", {"prime": "the dog", "length": 90, "seed": 21})
+    assert _text(page, "out") == want["samples"][0]
+    assert page.problems() == []
+
+
+def test_a_link_fills_the_page_and_starts(server, page):
+    page.call("Page.navigate", url=f"http://127.0.0.1:{server.port}/?prime={quote('the ')}&seed=9&length=120&go")
+    _until(page, "status", "characters in")
     _, _, want = server.post("/v1/sample", {"prime": "the ", "length": 120, "seed": 9})
-    assert "".join(shown.text) == want["samples"][0]
-    status_line = _TextOf("status")
-    status_line.feed(dom)
-    assert "120 characters" in "".join(status_line.text)
+    assert _text(page, "out") == want["samples"][0]
+    page.call("Page.navigate", url=f"http://127.0.0.1:{server.port}/?prime=THE&go")  # outside the vocabulary
+    assert "not in the model's vocabulary" in _until(page, "status", "vocabulary")
 
 
 # ---------------------------------------------------------------------------------------------- stopping
