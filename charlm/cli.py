@@ -192,8 +192,9 @@ def sample(
                                          "reach p (1 = all).", rich_help_panel=SAMPLING)] = 1.0,
     greedy: Annotated[bool, typer.Option(help="Always take the most likely character.",
                                          rich_help_panel=SAMPLING)] = False,
-    num_samples: Annotated[int, typer.Option(help="Samples generated together as one batch.",
-                                             rich_help_panel=SAMPLING)] = 1,
+    num_samples: Annotated[Optional[int], typer.Option(
+        help="Samples generated together as one batch [default: 1; 10 items for a model of a list].",
+        rich_help_panel=SAMPLING, show_default=False)] = None,
     stop: Annotated[Optional[str], typer.Option(help="End a sample once it produces this text.",
                                                 rich_help_panel=SAMPLING)] = None,
     unknown: UnknownOpt = "error",
@@ -206,14 +207,24 @@ def sample(
                                            rich_help_panel=OUTPUT)] = "\n---\n",
     as_json: JsonOpt = False,
     device: DeviceOpt = "auto",
+    allow_copies: Annotated[bool, typer.Option(help="Model of a list: also print items already in the list.",
+                                               rich_help_panel=SAMPLING)] = False,
+    min_length: Annotated[int, typer.Option(help="Model of a list: the shortest item to keep.",
+                                            rich_help_panel=SAMPLING)] = 1,
+    max_length: Annotated[int, typer.Option(help="Model of a list: the longest item to keep.",
+                                            rich_help_panel=SAMPLING)] = 64,
 ):
     """Generate text: warm the model on the prime, then sample one character at a time.
+
+    A model trained on a list (one item per line) answers with new items, one per line: the prime is the
+    start of each item, and items already in the list are left out unless --allow-copies.
 
     [bold]Examples[/bold]:
       charlm sample --prime "ROMEO:" --length 300
       charlm sample -c checkpoints/corpus --temperature 0.5 --num-samples 4 --seed 1
       charlm sample --prime "def " --stop "\\n\\n" > snippet.py
       charlm sample --interactive
+      charlm sample -c checkpoints/names --prime ka --num-samples 20 --json
     """
     from charlm.commands import SampleRequest, run_sample
 
@@ -310,8 +321,9 @@ def score(
 ):
     """Score every character of a text: JSON lines {"i", "char", "logprob", "rank", "top"} on stdout.
 
-    The first character is predicted after the model has read one line break (where sampling starts); each
-    later one from all the text before it. Files and stdin of any length stream in constant memory.
+    The first character is predicted after one line break (where sampling starts), the rest from all before.
+
+    Files and stdin of any length are read piece by piece, in constant memory. --summary: totals instead.
 
     [bold]Examples[/bold]:
       charlm score held_out.txt | head

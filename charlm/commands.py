@@ -62,6 +62,9 @@ class SampleRequest:
     separator: str
     as_json: bool
     device: str
+    allow_copies: bool = False  # item models: also print items that are already in the training list
+    min_length: int = 1  # item models: the shortest item to keep
+    max_length: int = 64  # item models: the longest item to keep (longer ones are dropped, not cut)
 
 
 def _load_model(checkpoint: Optional[Path], device_name: str):
@@ -81,10 +84,12 @@ def run_sample(r: SampleRequest, console: Console) -> None:
            f"--temperature must be above 0, got {r.temperature}; use --greedy for the most likely character")
     _check(0 < r.top_p <= 1, f"--top-p must be in (0, 1], got {r.top_p}")
     _check(r.top_k >= 0, f"--top-k must be 0 (off) or positive, got {r.top_k}")
-    _check(r.num_samples >= 1, f"--num-samples must be at least 1, got {r.num_samples}")
+    _check(r.num_samples is None or r.num_samples >= 1, f"--num-samples must be at least 1, got {r.num_samples}")
+    _check(1 <= r.min_length <= r.max_length, f"--min-length and --max-length need 1 <= min <= max, got "
+           f"{r.min_length} and {r.max_length}")
     _check(r.unknown in ("error", "skip"), f"--unknown must be error or skip, got {r.unknown!r}")
     _check(not (r.prime is not None and r.prime_file is not None), "give --prime or --prime-file, not both")
-    _check(not (r.interactive and r.num_samples > 1), "--interactive works with one sample at a time")
+    _check(not (r.interactive and (r.num_samples or 1) > 1), "--interactive works with one sample at a time")
     prime = r.prime
     if r.prime_file is not None:
         from charlm.corpus import read_bytes
@@ -98,7 +103,9 @@ def run_sample(r: SampleRequest, console: Console) -> None:
     from charlm.runtime import sampling_device
 
     payload, model, vocab, _ = _load_model(r.checkpoint, "cpu")
-    device, note = sampling_device(r.device, r.num_samples, model.num_parameters())
+    items = bool(payload.get("corpus", {}).get("items")) and not r.interactive
+    num_samples = r.num_samples or (10 if items else 1)  # a list model answers with a list
+    device, note = sampling_device(r.device, num_samples if not items else 64, model.num_parameters())
     if note:
         console.print(f"[dim]note:[/dim] {note}")
     model = model.to(device)
@@ -117,8 +124,10 @@ def run_sample(r: SampleRequest, console: Console) -> None:
         elif missing:
             raise CharlmError(f"the prime has {len(missing)} character(s) not in the model's vocabulary: "
                               f"{describe_chars(missing)}; remove them or add --unknown skip")
+    if items:
+        return _sample_items(r, payload, model, vocab, prime, top_k, num_samples, device, console)
     cfg = SampleConfig(length=r.length, temperature=r.temperature if r.temperature > 0 else 1.0, top_k=top_k,
-                       top_p=r.top_p, greedy=r.greedy, num_samples=r.num_samples, seed=r.seed, stop=r.stop)
+                       top_p=r.top_p, greedy=r.greedy, num_samples=num_samples, seed=r.seed, stop=r.stop)
     out = sys.stdout
     try:
         if r.interactive:
@@ -157,23 +166,68 @@ def run_sample(r: SampleRequest, console: Console) -> None:
         _report_novelty(payload, samples, prime, console, vocab)
 
 
-def _report_novelty(payload, samples, prime, console, vocab) -> None:
-    """The longest stretch of each sample found verbatim in the training text (charlm/novelty.py: one scan
-    of the memory-mapped corpus, about a second per 100 MB)."""
+def _training_corpus(payload):
+    """The corpus a checkpoint was trained on, mapped from the cache beside its run (encoded if missing), or a
+    CharlmError when its files are gone or changed."""
     from charlm.corpus import load_corpus
-    from charlm.novelty import longest_copies
 
     info = payload.get("corpus", {})
     files = [Path(f) for f in (info.get("files") or [info.get("path", "")])]
     missing = [f for f in files if not f.is_file()]
     if missing:
-        raise CharlmError(f"--novelty needs the training corpus, {missing[0]}, which is not there any more")
+        raise CharlmError(f"the training corpus, {missing[0]}, is not there any more")
     cache = Path(payload["path"]).resolve().parent.parent / ".charlm-cache"
     corpus = load_corpus(files, Vocabulary(payload["vocab"]) if info.get("fixed_vocab") else None,
                          info.get("encoding", "utf-8"), info.get("keep_crlf", False), cache_dir=cache)
     if corpus.sha256 != info.get("sha256") or corpus.vocab.chars != payload["vocab"]:
-        raise CharlmError(f"--novelty: {info.get('path')} has changed since training, so it cannot say what "
-                          "was copied")
+        raise CharlmError(f"{info.get('path')} has changed since training")
+    return corpus
+
+
+def _sample_items(r: SampleRequest, payload, model, vocab, prime, top_k, count, device, console) -> None:
+    """An item model's answer: new items, one per line (or JSON), each starting with the prime."""
+    from charlm.items import Items, sample_items
+
+    _check(not r.greedy, "--greedy would give the same item every time; lower --temperature instead")
+    _check("\n" not in prime, "an item prime is the start of one item: it cannot hold a line break")
+    try:
+        corpus = _training_corpus(payload)
+        known = set(Items.from_ids(corpus.ids, vocab.chars.index("\n")).strings(vocab.decode))
+    except CharlmError as exc:
+        if not r.allow_copies:
+            raise CharlmError(f"{exc}: it is needed to leave out items already in the list; add "
+                              "--allow-copies to sample without that check")
+        known = set()
+    result = sample_items(model, vocab, count, known, prime, temperature=r.temperature, top_k=top_k, top_p=r.top_p,
+                          min_length=max(r.min_length, len(prime) + 1 if prime else 1), max_length=r.max_length,
+                          allow_copies=r.allow_copies, seed=r.seed, device=device)
+    found = result["items"]
+    out = sys.stdout
+    if r.as_json:
+        out.write(json.dumps({"items": [{"text": i.text, "logprob": round(i.logprob, 4), "new": i.new}
+                                        for i in found], "copies_skipped": result["copies"],
+                              "rejected": result["rejected"], "drawn": result["drawn"]}, ensure_ascii=False) + "\n")
+    else:
+        out.write("".join(i.text + "\n" for i in found))
+    out.flush()
+    skipped = f"skipped {result['copies']:,} already in the list" if not r.allow_copies else "copies allowed"
+    console.print(f"[dim]items:[/dim] {len(found):,} of {count:,} from {result['drawn']:,} drawn; {skipped}, "
+                  f"{result['rejected']:,} outside --min-length/--max-length", highlight=False)
+    if not result["complete"]:
+        raise CharlmError(f"found only {len(found):,} new item(s) of the {count:,} asked for after "
+                          f"{result['drawn']:,} tries; ask for fewer, raise --temperature, or add --allow-copies")
+
+
+def _report_novelty(payload, samples, prime, console, vocab) -> None:
+    """The longest stretch of each sample found verbatim in the training text (charlm/novelty.py: one scan
+    of the memory-mapped corpus, about a second per 100 MB)."""
+    from charlm.novelty import longest_copies
+
+    info = payload.get("corpus", {})
+    try:
+        corpus = _training_corpus(payload)
+    except CharlmError as exc:
+        raise CharlmError(f"--novelty cannot say what was copied: {exc}")
     generated = [text[len(prime):] for text in samples]
     found = longest_copies(corpus.ids, [vocab.encode(g) for g in generated])
     name = Path(info.get("path", "corpus")).name

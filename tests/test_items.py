@@ -1,0 +1,142 @@
+"""Lists of things: recognising a list, training on items, sampling new items."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from charlm.items import Items, epoch_order, looks_like_items, sample_items, split_items
+from charlm.model import CharRNN, ModelConfig
+from charlm.vocab import Vocabulary
+from conftest import run_cli
+
+TINY = ["--hidden", "48", "--layers", "1", "--batch-size", "8", "--seq-len", "16", "--no-preview"]
+
+
+def names(n=400, seed=0):
+    rng = random.Random(seed)
+    syllables = ["ka", "ri", "na", "mo", "le", "sa", "ti", "ro", "da", "ne", "vi", "lo", "ma", "ja", "ke", "lu"]
+    out = set()
+    while len(out) < n:
+        out.add("".join(rng.choice(syllables) for _ in range(rng.randint(2, 4))).capitalize())
+    return sorted(out)
+
+
+def python_source():
+    import inspect
+
+    return inspect.getsource(json)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("\n".join(names()) + "\n", True),  # a names list
+    ("\n".join(sorted(dir(builtins))) + "\n", True),  # a word list: Python's built-in names
+    ("\n\n".join("\n".join(f"the rose and the {w} of line {i}" for i in range(4))
+                 for w in ["moon", "sun", "sea"] * 6) + "\n", False),  # a poem with stanzas
+    (python_source(), False),  # Python source
+    ("\n".join(f"{n},{i},{i * 3}" for i, n in enumerate(names(100))) + "\n", False),  # a CSV
+    ("\n".join(names(20)) + "\n", False),  # too few lines to call a list
+])
+def test_list_detection_at_its_corners(text, expected):
+    found, reason = looks_like_items(text)
+    assert found is expected, reason
+
+
+def test_items_split_at_random_and_reorder_every_epoch():
+    vocab = Vocabulary("".join(sorted(set("\n".join(names()) + "\n"))))
+    ids = vocab.encode("\n".join(names()) + "\n")
+    items = Items.from_ids(ids, vocab.chars.index("\n"))
+    assert len(items) == 400 and items.strings(vocab.decode)[:2] == names()[:2]
+    train, val = split_items(items, 0.1, seed=3)
+    assert len(val) == 40 and len(train) == 360
+    held = set(val.strings(vocab.decode))
+    assert not held <= set(names()[-60:])  # not the tail of the sorted list: spread through it
+    assert set(train.strings(vocab.decode)) | held == set(names())
+    orders = [epoch_order(len(train), 3, e) for e in range(3)]
+    assert all(sorted(o.tolist()) == list(range(len(train))) for o in orders)  # permutations
+    assert not np.array_equal(orders[0], orders[1]) and np.array_equal(orders[1], epoch_order(len(train), 3, 1))
+    text = vocab.decode(train.text_ids(orders[1]))
+    assert text.split("\n")[:-1] == [train.strings(vocab.decode)[k] for k in orders[1]]
+
+
+def test_items_reshuffle_and_a_resumed_run_equals_an_unbroken_one(tmp_path):
+    corpus = tmp_path / "names.txt"
+    corpus.write_text("\n".join(names()) + "\n", encoding="utf-8")
+    common = ["train", corpus, "--max-time", "1h", "--eval-every", "10", "--precision", "fp32", *TINY]
+    whole = run_cli(*common, "--max-steps", "40", "--out", tmp_path / "whole", cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr
+    assert "items" in whole.stderr and "reshuffled every epoch" in whole.stderr
+    half = run_cli(*common, "--max-steps", "20", "--out", tmp_path / "split", cwd=tmp_path)
+    assert half.returncode == 0, half.stderr
+    rest = run_cli(*common, "--max-steps", "40", "--out", tmp_path / "split", "--resume", cwd=tmp_path)
+    assert rest.returncode == 0, rest.stderr
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
+    assert a["epoch"] >= 1  # the run crossed into a new epoch, a new order of the items
+    assert [m["val_loss"] for m in a["metrics"]] == [m["val_loss"] for m in b["metrics"]]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_sampling_items_skips_copies_and_gives_up_saying_why():
+    vocab = Vocabulary("\na")  # every item this model can write is a run of a's
+    model = CharRNN(ModelConfig(vocab_size=2, hidden=8, layers=1, dropout=0.0))
+    known = {"a" * k for k in range(1, 65)}
+    result = sample_items(model, vocab, 5, known, max_length=64, seed=1)
+    assert not result["complete"] and result["items"] == []
+    assert result["copies"] + result["rejected"] == result["drawn"] and result["copies"] > 0
+    allowed = sample_items(model, vocab, 5, known, max_length=64, allow_copies=True, seed=1)
+    assert allowed["complete"] and all(set(i.text) == {"a"} and not i.new for i in allowed["items"])
+
+
+@pytest.fixture(scope="module")
+def names_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("names")
+    corpus = root / "names.txt"
+    corpus.write_text("\n".join(names(600)) + "\n", encoding="utf-8")
+    out = root / "run"
+    result = run_cli("train", corpus, "--out", out, "--max-steps", "150", "--eval-every", "50", "--lr", "1e-2",
+                     *TINY, cwd=root)
+    assert result.returncode == 0, result.stderr
+    return root, out
+
+
+def test_item_model_samples_new_items_that_begin_with_the_prime(names_run):
+    root, out = names_run
+    result = run_cli("sample", "-c", out, "--prime", "Ka", "--num-samples", "12", "--seed", "1", cwd=root)
+    assert result.returncode == 0, result.stderr
+    got = result.stdout.splitlines()
+    assert len(got) == 12 and len(set(got)) == 12
+    assert all(g.startswith("Ka") and len(g) > 2 for g in got)  # the prime begins each item, never alone
+    assert not set(got) & set(names(600))  # none is a copy of the list
+    assert "already in the list" in result.stderr
+
+
+def test_item_json_gives_log_probabilities_and_newness(names_run):
+    root, out = names_run
+    result = run_cli("sample", "-c", out, "--num-samples", "6", "--seed", "2", "--json", "--allow-copies",
+                     "--max-length", "12", cwd=root)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    known = set(names(600))
+    assert len(data["items"]) == 6
+    for item in data["items"]:
+        assert item["logprob"] < 0 and item["new"] == (item["text"] not in known)
+        assert 1 <= len(item["text"]) <= 12
+
+
+def test_a_list_the_model_cannot_escape_gives_up_with_one_line(tmp_path):
+    corpus = tmp_path / "runs.txt"
+    corpus.write_text("\n".join("a" * k for k in range(1, 70)) + "\n", encoding="utf-8")
+    out = tmp_path / "run"
+    trained = run_cli("train", corpus, "--out", out, "--max-steps", "5", *TINY, cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    result = run_cli("sample", "-c", out, "--num-samples", "3", "--seed", "1", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "found only 0 new item(s) of the 3 asked for" in result.stderr and "Traceback" not in result.stderr
