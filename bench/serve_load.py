@@ -50,6 +50,30 @@ def write_model(folder: Path) -> Path:
     return path
 
 
+def step_costs(model: Path) -> list:
+    """(threads, batch, ms per CharRNN.step + picks) in this process: what bounds the server's rates."""
+    from charlm.commands import _load_model
+    from charlm.sample import SampleConfig, pick
+
+    _, net, _, _ = _load_model(model, "cpu")
+    cfg, rows = SampleConfig(), []
+    for threads in (1, os.cpu_count() or 1):
+        torch.set_num_threads(threads)
+        for batch in (1, 8, 32):
+            state, ids = net.init_state(batch), torch.zeros(batch, dtype=torch.long)
+            gens = [torch.Generator().manual_seed(i) for i in range(batch)]
+            best = float("inf")
+            for _ in range(5):
+                start = time.perf_counter()
+                for _ in range(50):
+                    logits, state = net.step(ids, state)
+                    ids = torch.cat([pick(logits[b: b + 1], cfg, gens[b]) for b in range(batch)])
+                best = min(best, (time.perf_counter() - start) / 50)
+            rows.append((threads, batch, 1e3 * best))
+    torch.set_num_threads(1)
+    return rows
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -135,9 +159,10 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()
     levels = [int(x) for x in args.clients.split(",")]
-    torch.set_num_threads(1)  # this process only makes the checkpoint; the server gets the cores
+    torch.set_num_threads(1)  # while the servers run, this process (the clients) leaves them the cores
     with tempfile.TemporaryDirectory() as tmp:
         model = write_model(Path(tmp))
+        steps = step_costs(model)
         servers = [start_server(model, 64), start_server(model, 1)]
         (_, bport), (_, pport) = servers
         configs = [(f"batched, {n} clients", bport, n) for n in levels] + [("unbatched, 8 clients", pport, 8)]
@@ -161,8 +186,13 @@ def main() -> None:
     for row in summary.values():
         row["ratio_to_1_client"] = row["total_chars_per_s"] / one if one else None
     if args.json:
-        print(json.dumps({"length": args.length, "rounds": args.rounds, "cpus": os.cpu_count(), **summary}, indent=1))
+        print(json.dumps({"length": args.length, "rounds": args.rounds, "cpus": os.cpu_count(), **summary,
+                          "step_ms": [{"threads": t, "batch": b, "ms": ms} for t, b, ms in steps]}, indent=1))
         return
+    print("| step + picks (in-process) | " + " | ".join(f"{t} thread(s), {b} rows" for t, b, _ in steps) + " |")
+    print("| --- |" + " ---: |" * len(steps))
+    print("| ms per step | " + " | ".join(f"{ms:.2f}" for _, _, ms in steps) + " |")
+    print()
     print(f"| configuration | total chars/s | per-client chars/s | TTFC p50 | TTFC p99 | x 1 client |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, row in summary.items():

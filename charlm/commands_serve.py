@@ -61,7 +61,7 @@ def run_serve(checkpoint: Optional[Path], host: str, port: int, device_name: str
     _check(threads >= 0, f"--threads must be 0 (automatic) or positive, got {threads}")
     # The event loop (HTTP, JSON, server-sent events) needs a core of its own: when every core runs the
     # model's OpenMP threads, each step waits for a thread the event loop has displaced (on a busy 2-core
-    # machine, 30 ms instead of 2 ms for the default model's step; BENCHMARKS.md section 6).
+    # machine, 16-31 ms instead of 3.6 ms for the default model's step; BENCHMARKS.md section 7).
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - 1))
     payload, model, vocab, device = _load_model(checkpoint, device_name)
     limits = Limits(max_rows=max_batch)

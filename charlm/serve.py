@@ -76,6 +76,8 @@ async def read_json(request: Request, limit: int) -> dict:
         raise ApiError(400, "body", "the body is not UTF-8")
     except json.JSONDecodeError as exc:
         raise ApiError(400, "body", f"the body is not valid JSON ({exc.msg} at character {exc.pos})")
+    except RecursionError:
+        raise ApiError(400, "body", "the body nests too deeply to be a request")
     if not isinstance(data, dict):
         raise ApiError(400, "body", "the body must be a JSON object")
     return data
