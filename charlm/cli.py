@@ -380,13 +380,13 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port (0 = any free port).", rich_help_panel=RUN)] = 8000,
     max_batch: Annotated[int, typer.Option(help="Samples advanced together in one model step; more "
                                            "wait their turn.", rich_help_panel=RUN)] = 64,
-    threads: Annotated[int, typer.Option(help="CPU threads for the model's steps [default: one per core but "
+    threads: Annotated[int, typer.Option(help="CPU threads for the model's steps \\[default: one per core but "
                                          "one, which is left to the HTTP side].", show_default=False,
                                          rich_help_panel=RUN)] = 0,
     device: DeviceOpt = "auto",
 ):
     """Serve a model over HTTP: POST /v1/sample (JSON, or server-sent events with "stream": true),
-    POST /v1/score, GET /v1/model, GET /healthz, and a page at / to try it. Needs pip install 'charlm[serve]'.
+    POST /v1/score, GET /v1/model, GET /healthz, and a page at / to try it. Needs pip install 'charlm\\[serve]'.
 
     [bold]Examples[/bold]:
       charlm serve -c checkpoints/corpus
@@ -400,10 +400,10 @@ def serve(
 @app.command()
 @reports_errors
 def export(
-    run: Annotated[Optional[Path], typer.Argument(help="A checkpoint file or run directory [default: the newest "
+    run: Annotated[Optional[Path], typer.Argument(help="A checkpoint file or run directory \\[default: the newest "
                                                   "run].", show_default=False)] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="The file to write: .onnx (ONNX, needs pip "
-                                         "install 'charlm[export]') or .pt2 (torch.export).",
+                                         "install 'charlm\\[export]') or .pt2 (torch.export).",
                                          rich_help_panel=OUTPUT)] = Path("model.onnx"),
     check: Annotated[bool, typer.Option("--check", help="Run the file (onnxruntime for .onnx) and compare "
                                         "sampled steps with the model's own.", rich_help_panel=OUTPUT)] = False,
