@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import signal
+import socket
 from pathlib import Path
 from typing import Optional
 
@@ -64,6 +65,8 @@ def run_serve(checkpoint: Optional[Path], host: str, port: int, device_name: str
     # machine, 16-31 ms instead of 3.6 ms for the default model's step; BENCHMARKS.md section 7).
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - 1))
     payload, model, vocab, device = _load_model(checkpoint, device_name)
+    sock = _listen(host, port)  # before anything starts: a taken port is one line, and --port 0 is known
+    port = sock.getsockname()[1]
     limits = Limits(max_rows=max_batch)
     engine = Engine(model, vocab, device, max_rows=limits.max_rows, max_queued=limits.max_queued)
     app = create_app(engine, model_summary(payload, model, vocab), limits)
@@ -90,14 +93,29 @@ def run_serve(checkpoint: Optional[Path], host: str, port: int, device_name: str
     previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
                 for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if not server.started and not received:
-        raise CharlmError(f"could not listen on {host}:{port} (in use, or not an address of this machine); "
-                          "choose another --port or --host")
+        sock.close()
     console.print("stopped")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A bound socket for uvicorn (it listens on it), or one line saying why there cannot be one."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart at once after a stop
+        try:
+            sock.bind(address)
+        except OSError:
+            sock.close()
+            raise
+    except OSError as exc:
+        raise CharlmError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port "
+                          "(0 = any free one) or --host")
+    return sock
 
 
 def run_export(run: Optional[Path], output: Path, check: bool, steps: int, device_name: str,
