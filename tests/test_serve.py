@@ -246,23 +246,31 @@ def test_unknown_routes_and_methods_answer_json(server):
 
 
 # ---------------------------------------------------------------------------------------------- concurrency
-def test_concurrent_clients_get_their_own_seeds_text(server):
-    body = {"prime": "the ", "length": 150}
-    alone = [server.post("/v1/sample", {**body, "seed": s})[2]["samples"][0] for s in (0, 5)]
+def test_concurrent_clients_get_their_own_seeds_text(server, loaded):
+    model, vocab = loaded
+    # Eight clients at once, with their own seeds and a mix of sampling rules (rows that share a temperature
+    # share one softmax in the engine; top-k and top-p rows take charlm.sample.pick's path).
+    bodies = [{"prime": "the ", "length": 150, "seed": s, "temperature": (0.8, 0.5)[s % 2]} for s in range(8)]
+    bodies[3]["top_k"] = 5
+    bodies[6]["top_p"] = 0.9
     results = {}
 
-    def client(seed):
-        events, deltas = streamed_text(server, {**body, "seed": seed})
-        results[seed] = "the " + "".join(deltas)
+    def client(i):
+        events, deltas = streamed_text(server, bodies[i])
+        results[i] = "the " + "".join(deltas)
 
-    threads = [threading.Thread(target=client, args=(s,)) for s in range(8)]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
     assert len(results) == 8
-    assert results[0] == alone[0] and results[5] == alone[1]
-    assert len(set(results.values())) > 1  # different seeds, different texts
+    for i, body in enumerate(bodies):
+        cfg = SampleConfig(**{k: v for k, v in body.items() if k != "prime"})
+        assert results[i] == sample_text(model, vocab, "the ", cfg)[0], body
+    alone = server.post("/v1/sample", bodies[5])[2]["samples"][0]
+    assert results[5] == alone
+    assert len(set(results.values())) == 8
 
 
 def _raw_request(server, body: dict) -> socket.socket:
