@@ -333,13 +333,14 @@ async def _until_result(request: Request, job: Job, queue: asyncio.Queue):
 
 
 def score_json(chunks: list, vocab) -> list:
-    """One entry per character: its log-probability (nats), its rank (0 = the model's top choice) and the
-    model's top alternatives with their probabilities."""
+    """One entry per character, as the JSON lines of `charlm score`: its index, log-probability (nats), rank
+    (0 = the model's top choice) and the model's top alternatives with their probabilities."""
     chars = vocab.chars
     out = []
     for chunk in chunks:
         for i in range(len(chunk.ids)):
-            out.append({"char": chars[int(chunk.ids[i])], "logprob": round(float(chunk.logprob[i]), 6),
+            out.append({"i": chunk.start + i, "char": chars[int(chunk.ids[i])],
+                        "logprob": round(float(chunk.logprob[i]), 6),
                         "rank": int(chunk.rank[i]),
                         "top": [[chars[int(c)], round(float(p), 6)] for c, p in zip(chunk.top_ids[i], chunk.top_p[i])]})
     return out

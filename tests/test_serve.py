@@ -21,7 +21,7 @@ pytest.importorskip("starlette", reason="charlm serve needs the serve extra: pip
 pytest.importorskip("uvicorn", reason="charlm serve needs the serve extra: pip install 'charlm[serve]'")
 
 from charlm.commands import _load_model  # noqa: E402
-from conftest import run_cli  # noqa: E402
+from conftest import run_cli, word_text  # noqa: E402
 from charlm.sample import SampleConfig, sample_text  # noqa: E402
 from charlm.score import score_text  # noqa: E402
 from charlm.serve import Limits  # noqa: E402
@@ -175,11 +175,12 @@ def test_stream_sends_characters_as_they_come_then_the_whole_sample(server):
 
 def test_score_gives_the_library_scores(server, loaded):
     model, vocab = loaded
-    text = "the lazy dog runs\n"
+    text = word_text(lines=25, seed=3)  # ~1200 characters: scored in pieces between other work
     status, _, got = server.post("/v1/score", {"text": text, "top": 3})
     want = score_text(model, vocab, text, "cpu", top=3)
     assert status == 200 and got["chars"] == len(text)
     assert [c["char"] for c in got["characters"]] == list(text)
+    assert [c["i"] for c in got["characters"]] == list(range(len(text)))
     for c, lp, rank, top_ids in zip(got["characters"], want.logprob, want.rank, want.top_ids):
         assert c["logprob"] == pytest.approx(float(lp), abs=1e-5)
         assert c["rank"] == int(rank) and [t[0] for t in c["top"]] == [vocab.chars[i] for i in top_ids]
