@@ -22,9 +22,9 @@ from conftest import invoke
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def random_model(cell: str, vocab: Vocabulary) -> CharRNN:
+def random_model(cell: str, vocab: Vocabulary, **config) -> CharRNN:
     torch.manual_seed(0)
-    return CharRNN(ModelConfig(vocab_size=vocab.size, cell=cell, hidden=24, layers=2, embedding=0)).eval()
+    return CharRNN(ModelConfig(vocab_size=vocab.size, cell=cell, hidden=24, layers=2, **config)).eval()
 
 
 VOCAB = Vocabulary("\n abcdefghijklmnopqrstuvwxyz")
@@ -54,11 +54,11 @@ def test_export_check_on_the_command_line(runner, trained_run, tmp_path):
     assert np.abs(logits - want.numpy()).max() <= TOLERANCE and np.abs(logits2 - want2.numpy()).max() <= TOLERANCE
 
 
-@pytest.mark.parametrize("cell", ["rnn", "lstm"])  # gru: the trained run above
-def test_every_cell_exports_and_checks(cell, tmp_path):
+@pytest.mark.parametrize("cell,config", [("rnn", {"embedding": 8, "nonlinearity": "relu"}), ("lstm", {})])
+def test_every_cell_exports_and_checks(cell, config, tmp_path):  # gru, one-hot: the trained run above
     pytest.importorskip("onnxruntime", reason="the check runs the file in onnxruntime")
     pytest.importorskip("onnx", reason="writing ONNX needs the onnx package")
-    model = random_model(cell, VOCAB)
+    model = random_model(cell, VOCAB, **config)
     export_onnx(model, VOCAB, tmp_path / "m.onnx")
     assert check(tmp_path / "m.onnx", model, VOCAB, steps=200) <= TOLERANCE
 
