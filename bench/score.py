@@ -9,6 +9,12 @@ minutes); the figure is the median round. Rendering JSON lines is timed on its o
 
     .venv/bin/python bench/score.py                       # the whole file, 3 rounds
     .venv/bin/python bench/score.py --chars 200000 --rounds 2
+    .venv/bin/python bench/score.py --memory              # peak memory of `charlm score` on 1 MB and 8 MB
+
+--memory runs `charlm score FILE --summary` (a file, 8 streams) and `charlm score - --summary` (the same
+text on stdin, one stream) as child processes on Tiny Shakespeare repeated to 1 MB and 8 MB, with a small
+1 x 64 GRU (memory does not depend on the weights, and a small model keeps 8 MB quick), and reports each
+child's peak resident memory (wait4's ru_maxrss): constant memory means the 8 MB rows match the 1 MB rows.
 """
 
 from __future__ import annotations
@@ -37,7 +43,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--memory", action="store_true", help="measure peak memory instead of speed")
     args = ap.parse_args()
+    if args.memory:
+        return memory(args.corpus)
     if args.threads:
         torch.set_num_threads(args.threads)
     corpus = load_corpus(args.corpus)
@@ -80,6 +89,39 @@ def main() -> None:
     text = _json_lines(chunk, quoted)
     spent = time.perf_counter() - start
     print(f"JSON lines rendering: {len(chunk) / spent:,.0f} chars/s ({len(text) / len(chunk):.0f} bytes a line)")
+
+
+def memory(corpus: Path) -> None:
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from charlm import checkpoint as ckpt
+
+    text = corpus.read_text(encoding="utf-8")
+    vocab = "".join(sorted(set(text)))
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        config = ModelConfig(len(vocab), hidden=64, layers=1)
+        model_path = Path(tmp) / "model.pt"
+        ckpt.save({"model_config": config.to_dict(), "vocab": vocab, "model": CharRNN(config).state_dict()},
+                  model_path)
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        for size in (1_000_000, 8_000_000):
+            path = Path(tmp) / f"text-{size}.txt"
+            path.write_text((text * (size // len(text) + 1))[:size], encoding="utf-8")
+            for how in ("file", "stdin"):
+                arg = str(path) if how == "file" else "-"
+                with open(path, "rb") as stdin:
+                    start = time.perf_counter()
+                    proc = subprocess.Popen([sys.executable, "-m", "charlm", "score", arg, "-c", str(model_path),
+                                             "--summary", "--json"], stdin=stdin, stdout=subprocess.PIPE, env=env)
+                    out = proc.stdout.read()
+                    _, status, usage = os.wait4(proc.pid, 0)
+                chars = json.loads(out)["chars"]
+                print(f"{size / 1e6:.0f} MB {how:5s}: {chars:,} characters scored, peak RSS "
+                      f"{usage.ru_maxrss / 1024:.0f} MiB, {time.perf_counter() - start:.1f} s", flush=True)
 
 
 if __name__ == "__main__":
