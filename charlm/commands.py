@@ -279,6 +279,15 @@ def run_eval(corpus: Path, checkpoint, encoding, unknown, streams, as_json, devi
         raise CharlmError(f"{corpus} has fewer than 2 known characters; nothing to score")
     report = evaluate_text(model, text.ids, device, streams=streams)
     report["checkpoint"] = payload["path"]
+    if payload.get("corpus", {}).get("items") and "\n" in vocab:
+        # a model of a list: each line also scored as an item, from the start of an item (as sampling writes)
+        from charlm.items import Items, score_items
+
+        lines = Items.from_ids(text.ids, vocab.chars.index("\n")).strings(vocab.decode)
+        scores = score_items(model, vocab, lines, device)
+        chars = sum(len(x) + 1 for x in lines)
+        report["items"] = {"count": len(lines), "nats_per_item": float(-scores.mean()) if len(lines) else None,
+                           "nats_per_char": float(-scores.sum() / max(chars, 1))}
     if as_json:
         sys.stdout.write(json.dumps(report) + "\n")
         return
@@ -287,6 +296,10 @@ def run_eval(corpus: Path, checkpoint, encoding, unknown, streams, as_json, devi
                        ("perplexity", f"{report['perplexity']:.3f}"), ("chars", f"{report['chars']:,}"),
                        ("checkpoint", report["checkpoint"])):
         table.add_row(key, value)
+    if report.get("items"):
+        it = report["items"]
+        table.add_row("items", f"{it['count']:,}: {it['nats_per_item']:.3f} nats per item, "
+                               f"{it['nats_per_char']:.4f} nats/char (each from the start of an item)")
     Console().print(table)
 
 

@@ -181,3 +181,26 @@ def sample_items(model, vocab, count: int, known: set, prime: str = "", temperat
             if len(kept) == count:
                 return {"items": kept, "copies": copies, "rejected": rejected, "drawn": drawn, "complete": True}
     return {"items": kept, "copies": copies, "rejected": rejected, "drawn": drawn, "complete": False}
+
+
+@torch.no_grad()
+def score_items(model, vocab, texts: List[str], device="cpu", batch: int = 512) -> np.ndarray:
+    """Natural-log probability of each item under the model, each read as sampling writes one: from the
+    state after a line break, through its closing line break. Items are batched, padded to equal length."""
+    device = torch.device(device)
+    model = model.to(device).eval()
+    newline = vocab.chars.index("\n")
+    out = np.zeros(len(texts), dtype=np.float64)
+    for a in range(0, len(texts), batch):
+        group = [np.concatenate([[newline], vocab.encode(t), [newline]]) for t in texts[a : a + batch]]
+        width = max(len(g) for g in group)
+        ids = torch.full((len(group), width), newline, dtype=torch.long)
+        for row, g in enumerate(group):
+            ids[row, : len(g)] = torch.as_tensor(g)
+        ids = ids.to(device)
+        logits, _ = model(ids[:, :-1], model.init_state(len(group), device))
+        logp = torch.log_softmax(logits.float(), -1).gather(2, ids[:, 1:, None]).squeeze(2)  # (n, width-1)
+        lengths = torch.as_tensor([len(g) - 1 for g in group], device=device)
+        mask = torch.arange(width - 1, device=device)[None, :] < lengths[:, None]
+        out[a : a + len(group)] = (logp * mask).sum(1).double().cpu().numpy()
+    return out

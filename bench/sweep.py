@@ -1,0 +1,120 @@
+"""Do the auto defaults give about the best model the text and the time allow? A sweep over corpora of every
+size and budgets of minutes, each cell measured in one invocation.
+
+Corpora (made at run time from what the machine has; nothing is stored here):
+
+    25k        the first 25,000 characters of Tang poems (Debian's fortunes-zh: tang300), 1,800+ distinct
+    250k       English fortunes (Debian's fortunes: cookie)
+    1m         Tiny Shakespeare (../shared/data)
+    4m         this Python's standard library (charlm's python-stdlib corpus)
+    zh         Chinese fortunes and poems (fortunes-zh: chinese, tang300, song100; 1.2M chars, 6,000+ distinct)
+
+In every cell (corpus x budget) four runs train for the same wall-clock budget, two at a time, one thread each
+(OMP_NUM_THREADS=1), in this order: `auto` (no model or layout flags) beside `fixed` (the fixed defaults charlm
+had before: 2 x 512 GRU, one-hot, 64 x 128, dropout 0.2), then two grid models beside each other (2 x 128 and
+2 x 256, embedding 64 when the vocabulary has more than 256 characters, 32 x 64). Each run is scored on the
+whole validation tail (the last 10%) with its best checkpoint. Pairs share the machine with each other, so the
+comparison within a pair is fair; between pairs, a busy machine can move both.
+
+    apt-get install fortunes fortunes-zh     # once
+    .venv/bin/python bench/sweep.py --budgets 1m 3m
+    .venv/bin/python bench/sweep.py --corpora 1m --budgets 10m --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+FORTUNES = Path("/usr/share/games/fortunes")
+FIXED = ["--hidden", "512", "--layers", "2", "--embedding", "0", "--dropout", "0.2", "--batch-size", "64",
+         "--seq-len", "128"]
+
+
+def make_corpora(work: Path, names) -> dict:
+    from charlm.datasets import corpus_path
+
+    out = {}
+    for name in names:
+        if name == "25k":
+            path = work / "tang-25k.txt"
+            path.write_text((FORTUNES / "tang300").read_text(encoding="utf-8", errors="replace")[:25_000])
+        elif name == "250k":
+            path = FORTUNES / "cookie"
+        elif name == "1m":
+            path = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+        elif name == "4m":
+            path = corpus_path("python-stdlib", data_dir=work / "data")
+        elif name == "zh":
+            path = work / "zh"
+            path.mkdir(exist_ok=True)
+            for part in ("chinese", "tang300", "song100"):
+                text = (FORTUNES / part).read_text(encoding="utf-8", errors="replace")
+                (path / f"{part}.txt").write_text(text, encoding="utf-8")
+        else:
+            raise SystemExit(f"unknown corpus {name}")
+        out[name] = path
+    return out
+
+
+def run_pair(work: Path, corpus: Path, runs: dict, budget: str, threads: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    procs = {}
+    for name, flags in runs.items():
+        out = work / name
+        procs[name] = subprocess.Popen([sys.executable, "-m", "charlm", "train", str(corpus), "--max-time", budget,
+                                        "--no-preview", "--out", str(out), "--force", *flags], cwd=work, env=env,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    results = {}
+    for name, p in procs.items():
+        _, err = p.communicate()
+        if p.returncode:
+            raise SystemExit(f"{name} failed:\n{err[-2000:]}")
+        best = re.search(r"best: val loss ([\d.]+) nats/char", err)
+        chosen = re.search(r"repeat with\s+(.*?)\n(?:\S)", err + "\nx", re.S)
+        steps = re.search(r"at step (\d+)", err)
+        results[name] = (float(best.group(1)), " ".join(chosen.group(1).split()) if chosen else "",
+                         int(steps.group(1)) if steps else 0)
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpora", nargs="+", default=["25k", "250k", "1m", "4m", "zh"])
+    parser.add_argument("--budgets", nargs="+", default=["1m", "3m"])
+    parser.add_argument("--threads", type=int, default=1, help="threads per run (two runs at a time)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        corpora = make_corpora(work, args.corpora)
+        print("| corpus | budget | auto | fixed (old defaults) | 2x128 | 2x256 | grid best | auto - best | auto chose |")
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+        for name, corpus in corpora.items():
+            from charlm.corpus import load_corpus
+
+            vocab = load_corpus(corpus).vocab.size
+            emb = ["--embedding", "64" if vocab > 256 else "0"]
+            grid = {"2x128": ["--hidden", "128", "--layers", "2", *emb, "--dropout", "0.1", "--batch-size", "32",
+                              "--seq-len", "64"],
+                    "2x256": ["--hidden", "256", "--layers", "2", *emb, "--dropout", "0.1", "--batch-size", "32",
+                              "--seq-len", "64"]}
+            for budget in args.budgets:
+                res = run_pair(work, corpus, {"auto": [], "fixed": FIXED}, budget, args.threads)
+                res.update(run_pair(work, corpus, grid, budget, args.threads))
+                best = min(("fixed", "2x128", "2x256"), key=lambda k: res[k][0])
+                gap = res["auto"][0] - res[best][0]
+                print(f"| {name} (V={vocab}) | {budget} | {res['auto'][0]:.4f} | {res['fixed'][0]:.4f} | "
+                      f"{res['2x128'][0]:.4f} | {res['2x256'][0]:.4f} | {res[best][0]:.4f} ({best}) | {gap:+.4f} | "
+                      f"`{res['auto'][1]}`, {res['auto'][2]} steps |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
