@@ -72,7 +72,8 @@ _TEMPLATE = r"""<!DOCTYPE html>
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
+<meta http-equiv="Content-Security-Policy"
+      content="default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
 <title>@TITLE@</title>
 <style>
   [hidden] { display: none !important; }
@@ -269,7 +270,9 @@ their value and a feature of the text:</p><ul id="features"></ul></details>
     spans.appendChild(li);
   }
   const fl = document.getElementById("features");
-  for (const [f, d] of D.features) { const li = document.createElement("li"); li.textContent = `${f}: ${d}`; fl.appendChild(li); }
+  for (const [f, d] of D.features) {
+    const li = document.createElement("li"); li.textContent = `${f}: ${d}`; fl.appendChild(li);
+  }
   draw(); drawLegend();
   window.charlmExplain = {pages: () => Math.ceil(N / PAGE), focusChar: focusChar};
 })();

@@ -131,7 +131,8 @@ def activations(model: CharRNN, ids: np.ndarray, device, context_id: int, chunk:
     layers = _single_layers(model)
     state = model.init_state(1, device)
     hs, cs = (state if c.cell == "lstm" else (state, None))
-    hs, cs = [hs[k : k + 1] for k in range(c.layers)], [cs[k : k + 1] for k in range(c.layers)] if cs is not None else None
+    hs = [hs[k : k + 1] for k in range(c.layers)]  # per layer (1, 1, H)
+    cs = [cs[k : k + 1] for k in range(c.layers)] if cs is not None else None
     ids = np.asarray(ids, dtype=np.int64)
     first = True
     for a in range(0, len(ids), chunk):

@@ -151,7 +151,8 @@ def test_explain_terminal_colours_by_surprisal_within_80_columns(runner, trained
     bits = -worst["logprob"] / math.log(2)
     colour = ["#c8ecd0", "#eef3a6", "#ffe08a", "#ffb070", "#ff7070"][sum(bits >= b for b in (1, 2, 4, 8))]
     rgb = ";".join(str(int(colour[k : k + 2], 16)) for k in (1, 3, 5))
-    result = invoke(runner, "explain", text, "-c", trained_run, env={"FORCE_COLOR": "1", "COLORTERM": "truecolor", "COLUMNS": "200"})
+    terminal = {"FORCE_COLOR": "1", "COLORTERM": "truecolor", "COLUMNS": "200"}  # a wide true-colour terminal
+    result = invoke(runner, "explain", text, "-c", trained_run, env=terminal)
     assert result.exit_code == 0, result.stderr
     out = result.stdout
     assert f"48;2;{rgb}m{worst['char']}" in out  # the most surprising character wears its bin's colour
@@ -237,3 +238,26 @@ def test_ranking_finds_the_quote_unit_of_a_trained_model():
     # the reported r is the correlation of the unit's actual values with the feature
     values = unit_values(model, probe, [best], "cpu", 0)[:, 0]
     assert np.corrcoef(values, feats["inside quotes"])[0, 1] == pytest.approx(after.corr[k, best], abs=1e-4)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_activations_are_the_states_sampling_walks_through(cell):
+    """Every recorded value is the hidden (and LSTM cell) state the model's own step reaches at that character,
+    layer by layer: the per-layer replay and the cell-state recurrence add nothing of their own."""
+    from charlm.neurons import activations, unit_name
+
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(20, cell=cell, hidden=16, layers=2)).eval()
+    ids = np.random.RandomState(0).randint(0, 20, size=150)
+    got = np.concatenate([a for _, a in activations(model, ids, "cpu", context_id=3, chunk=64)])
+    _, state = model.step(torch.tensor([3]), model.init_state(1))
+    expected = []
+    for i in ids:
+        _, state = model.step(torch.tensor([int(i)]), state)
+        parts = state if cell == "lstm" else (state,)
+        expected.append(torch.cat([p.reshape(-1) for p in parts]).numpy())
+    assert got.shape == (150, 64 if cell == "lstm" else 32)
+    assert np.abs(got - np.array(expected)).max() < 1e-5
+    assert unit_name(model, 17) == "layer 2 unit 1"
+    if cell == "lstm":
+        assert unit_name(model, 33) == "layer 1 cell 1"
