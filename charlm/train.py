@@ -332,7 +332,8 @@ class Trainer:
         # never more often than 20x an evaluation's own cost (evaluations stay under ~5% of the run).
         if self._progress() < self._next_eval or self.elapsed < 15.0:
             return False
-        if self.metrics and self.elapsed - self.metrics[-1]["elapsed_s"] < 20 * getattr(self, "_eval_cost", 0.0):
+        cost = 0.0 if self.dist.enabled else getattr(self, "_eval_cost", 0.0)  # a local clock: not under DDP,
+        if self.metrics and self.elapsed - self.metrics[-1]["elapsed_s"] < 20 * cost:  # where all must agree
             return False
         self._next_eval = self._progress() + 0.1
         return True
