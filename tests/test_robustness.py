@@ -49,7 +49,7 @@ def test_bad_corpus_files(runner, tmp_path, content, fragments):
 def test_missing_corpus_and_directory(runner, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     one_line_error(invoke(runner, "train", tmp_path / "nope.txt"), 1, "no such file")
-    one_line_error(invoke(runner, "train", tmp_path), 1, "is a directory")
+    one_line_error(invoke(runner, "train", tmp_path), 1, "is a folder with no files in it")
     one_line_error(invoke(runner, "train"), 2, "--corpus")
     assert not (tmp_path / "checkpoints").exists()
 
@@ -85,7 +85,7 @@ def test_tiny_corpus_adapts_the_layout(runner, tmp_path):
     path = tmp_path / "short.txt"
     path.write_text("hello world\n" * 8, encoding="utf-8")  # 96 characters: less than one 128-chunk
     result = invoke(runner, "train", path, "--out", tmp_path / "run", "--max-steps", "5", "--eval-every", "5",
-                    "--hidden", "16", "--no-preview")
+                    "--hidden", "16", "--layers", "1", "--batch-size", "64", "--seq-len", "128", "--no-preview")
     assert result.exit_code == 0, result.output
     assert "the corpus is small: using" in result.stderr
     assert (tmp_path / "run" / "best.pt").is_file()
