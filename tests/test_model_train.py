@@ -116,27 +116,23 @@ def test_same_seed_same_run(tmp_path):
 
 
 def test_nonfinite_loss_stops_without_overwriting_best(tmp_path):
+    """A real divergence, no stub: a relu RNN trained sanely, then resumed with lr 1e6 and no effective clip,
+    overflows to inf within a few steps; the loop must stop there and leave the earlier best.pt alone."""
+    from charlm import checkpoint as ckpt
+
     corpus = decode_corpus(word_text(300).encode(), "t.txt")
     train_ids, val_ids = split_train_val(corpus.ids, 0.1)
-    model = CharRNN(ModelConfig(vocab_size=corpus.vocab.size, hidden=32, layers=1))
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(vocab_size=corpus.vocab.size, cell="rnn", nonlinearity="relu", hidden=32, layers=1))
     meta = {"model_config": model.config.to_dict(), "vocab": corpus.vocab.chars, "corpus": corpus.info()}
-    config = TrainConfig(batch_size=8, seq_len=16, max_steps=30, eval_every=5, precision="fp32")
-    trainer = Trainer(model, train_ids, val_ids, config, tmp_path / "nan", torch.device("cpu"), meta)
-    original = trainer._train_step
-
-    def poisoned(*args):  # the loss turns NaN from step 12 on, as an absurd learning rate would make it
-        return (float("nan"), None) if trainer.step >= 12 else original(*args)
-
-    trainer._train_step = poisoned
-    best_before = None
-
-    def watch(event, data):
-        nonlocal best_before
-        if event == "save" and data["path"].endswith("best.pt"):
-            best_before = (tmp_path / "nan" / "best.pt").read_bytes()
-
-    trainer.callback = watch
-    result = trainer.run()
-    assert result.stopped_by == "nonfinite" and result.step == 12
-    assert (tmp_path / "nan" / "best.pt").read_bytes() == best_before
+    sane = TrainConfig(batch_size=8, seq_len=16, max_steps=10, eval_every=5, lr=1e-2, precision="fp32")
+    assert Trainer(model, train_ids, val_ids, sane, tmp_path, torch.device("cpu"), meta).run().best_step == 10
+    best_before = (tmp_path / "best.pt").read_bytes()
+    absurd = TrainConfig(batch_size=8, seq_len=16, max_steps=40, eval_every=5, lr=1e6, clip=1e9, warmup_steps=0,
+                         precision="fp32")
+    resumed = Trainer(model, train_ids, val_ids, absurd, tmp_path, torch.device("cpu"), meta,
+                      resume=ckpt.load(tmp_path, prefer=ckpt.LAST))
+    result = resumed.run()
+    assert result.stopped_by == "nonfinite" and 10 < result.step < 40
+    assert (tmp_path / "best.pt").read_bytes() == best_before
     assert result.best_step == 10
