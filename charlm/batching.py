@@ -22,6 +22,7 @@ points at its event loop.
 from __future__ import annotations
 
 import collections
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -196,7 +197,7 @@ class Engine:
                     self._tasks.append(job)
                     continue
                 rows += job.rows
-                seed = job.cfg.seed
+                seed = job.cfg.seed if job.cfg.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
                 job.generator = torch.Generator(device=self.device).manual_seed(seed)
                 job.state = self.model.init_state(job.rows, self.device)
                 if len(job.prime_ids) == 0:  # no prime: start after the default context, as `charlm sample`
