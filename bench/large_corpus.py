@@ -6,6 +6,7 @@ distinct characters in all. Then, for each size, runs as separate processes and 
 resident memory (the child's ru_maxrss):
 
     import   python -c "import charlm.cli"                      the baseline every figure is set beside
+    build    load_corpus(path, cache_dir) alone, with an empty cache: the streaming build's own peak
     cold     charlm train big.txt --hidden 32 --layers 1 --max-steps 1 --no-full-final-eval --no-preview
              with an empty cache: hash, decode, encode into the memory-mapped cache, one step, evaluation
     cached   the same command again: the cache is mapped, nothing is decoded
@@ -83,7 +84,10 @@ def main():
             make_corpus(path, mb)
         size = path.stat().st_size
         shutil.rmtree(scratch / "checkpoints", ignore_errors=True)
-        runs = [("cold", [*charlm, path, *TRAIN, "--no-full-final-eval", "--out", "checkpoints/a"]),
+        build = ("from charlm.corpus import load_corpus; import sys; "
+                 "load_corpus(sys.argv[1], cache_dir='checkpoints/build-only')")
+        runs = [("build", [sys.executable, "-c", build, path]),
+                ("cold", [*charlm, path, *TRAIN, "--no-full-final-eval", "--out", "checkpoints/a"]),
                 ("cached", [*charlm, path, *TRAIN, "--no-full-final-eval", "--out", "checkpoints/b"])]
         if mb <= 100:
             runs.append(("full", [*charlm, path, *TRAIN, "--out", "checkpoints/c"]))

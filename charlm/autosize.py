@@ -34,7 +34,7 @@ TARGET_STEPS = 1000  # updates per run the layout aims at: the best 10-minute la
 ONE_HOT_MAX = 256  # one-hot input up to this vocabulary; an embedding beyond (its matrix would dominate)
 HIDDEN_SIZES = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}
-LOGITS_PER_STEP = 8_000_000  # B x T x V of one step: 8192 characters of a 976-character vocabulary
+LOGITS_PER_STEP = 4_000_000  # B x T x V of one step: 8192 characters of a 488-character vocabulary
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def layers_for(hidden: int) -> int:
 
 def _layout(planned: float, n_train: int, world: int, gpu: bool, vocab: int = 0) -> tuple:
     """(B, T): about TARGET_STEPS steps over the planned characters, within what the text can fill, and with
-    a step's logits (B x T x V floats, kept three times over by the loss and its gradient) under ~100 MB."""
+    a step's logits (B x T x V floats, kept about four times over by the loss and its gradient) under ~70 MB."""
     per_step = min(planned / TARGET_STEPS, LOGITS_PER_STEP / max(vocab, 1))
     seq_len = 128 if per_step >= 4096 else 64
     cap = 1024 if gpu else 64 * world  # a CPU is busy at 64 rows per process; a GPU wants far more

@@ -418,10 +418,10 @@ def _eval_plan(tconf, trainer) -> str:
 
     when = f"every {tconf.eval_every} steps" if tconf.eval_every else "every 10% of the budget (first after 15 s)"
     scored, full = trainer.val_sample_chars, trainer.val_full_chars
-    if not trainer.needs_full_pass:
+    if scored >= full:
         return f"{when}, all {human_count(full)} validation characters"
-    return (f"{when}, a fixed sample of {human_count(scored)} validation characters "
-            f"(the whole {human_count(full)} at the end)")
+    end = f"the whole {human_count(full)} at the end" if trainer.needs_full_pass else "the same at the end"
+    return f"{when}, a fixed sample of {human_count(scored)} validation characters ({end})"
 
 
 def _end_summary(console: Console, result, out: Path, r: TrainRequest, received: list) -> None:

@@ -332,7 +332,19 @@ def build_corpus(sources: Sequence[_Source], name: str, vocab: Optional[Vocabula
         except OSError:
             pass
         raise
+    _release_heap()
     return CorpusText(ids, vocab, name, total_sha, crlf, per_file, str(ids_file) if directory is not None else None)
+
+
+def _release_heap() -> None:
+    """Hand the pieces' freed memory back to the system (glibc keeps it otherwise), so that the build's peak
+    and the training's do not add up in the resident set. Elsewhere a no-op."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def describe_mapped(corpus: CorpusText) -> dict:
