@@ -4,8 +4,9 @@ measured speed of the device, so that `charlm train FILE` gives about the best m
 The rule, in four lines (the measurements behind each constant are in BENCHMARKS.md, "Auto defaults"):
 
     D  characters the run will read: budget seconds x measured chars/s (or steps x B x T, or epochs x N)
-    P  parameters: the largest model with P <= D / READS_PER_PARAM (enough passes over its own weights to
-       train in the budget) and P <= DATA_PARAMS_PER_CHAR x N (a small text cannot feed a big model)
+    P  parameters: the largest model with P <= ANCHOR_P x (D / ANCHOR_D)^EXPONENT (what the budget can
+       train; bigger models learn more per character, so P grows as about the square root of D) and
+       P <= DATA_PARAMS_PER_CHAR x N (a small text cannot feed a big model)
     B x T  the characters of one step: D / TARGET_STEPS (about a thousand updates: enough steps for the
        schedule to work, each as wide as the budget affords), T = 64 or 128, B >= 8
     dropout  by how often the run will see each character: D / N epochs
@@ -24,9 +25,11 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-# A model reads about this many characters per parameter in its budget: the 2 x 512 GRU (2.5M parameters)
-# that was best for 10 minutes of Tiny Shakespeare on 2 cores read 12M characters (BENCHMARKS.md).
-READS_PER_PARAM = 5.0
+# The size a budget can train grows more slowly than what it reads: P = ANCHOR_P x (D / ANCHOR_D)^EXPONENT.
+# Two measured anchors fix it: the 2 x 512 GRU (2.5M parameters) was best for 10 minutes of Tiny Shakespeare
+# on 2 cores, reading 12M characters; a 0.8M-parameter model was best for 45 s of a 25k-character text,
+# reading ~0.9M (BENCHMARKS.md): 2.5M/0.8M over 12M/0.9M gives the exponent.
+ANCHOR_P, ANCHOR_D, EXPONENT = 2.5e6, 12e6, 0.45
 # A text of N characters feeds at most this many parameters per character: the 25k-character notes were
 # best with a 0.8M-parameter model under dropout, 30x; far beyond that the model only memorises.
 DATA_PARAMS_PER_CHAR = 30.0
@@ -63,6 +66,11 @@ class Choice:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def trainable(planned: float) -> float:
+    """The parameters a run that reads `planned` characters can train well (the anchors above)."""
+    return ANCHOR_P * (max(planned, 1.0) / ANCHOR_D) ** EXPONENT
 
 
 def parameters(cell: str, vocab: int, hidden: int, layers: int, embedding: int) -> int:
@@ -168,7 +176,7 @@ def choose(n_train: int, vocab: int, cell: str = "gru", seconds: Optional[float]
         layers, params, planned = plan(hidden)
         for h in HIDDEN_SIZES[1:]:
             lay, par, pla = plan(h)
-            if par > pla / READS_PER_PARAM or par > cap_params:
+            if par > trainable(pla) or par > cap_params:
                 break
             hidden, layers, params, planned = h, lay, par, pla
     batch, seq = layout(planned)

@@ -28,8 +28,8 @@ def test_bigger_budgets_and_faster_devices_get_bigger_models():
     assert a.parameters < b.parameters < c.parameters
     assert a.hidden < b.hidden < c.hidden
     assert c.batch_size > b.batch_size  # a GPU is given wide steps
-    for choice in (a, b, c):  # each model reads enough characters per parameter in its budget
-        assert choice.planned_chars / choice.parameters >= autosize.READS_PER_PARAM
+    for choice in (a, b, c):  # each model is one its budget can train
+        assert choice.parameters <= autosize.trainable(choice.planned_chars)
 
 
 def test_a_two_kilobyte_text_gets_a_small_model_with_dropout():
@@ -62,7 +62,8 @@ def test_a_gigabyte_is_compute_bound_and_read_about_once():
     huge = choose(1_000_000_000, 200, seconds=600, speed=SLOW)
     assert huge.planned_chars < 1_000_000_000  # the budget reads a fraction of it
     assert huge.dropout == 0.0  # nothing is seen twice, nothing to regularise
-    assert huge.parameters <= huge.planned_chars / autosize.READS_PER_PARAM
+    assert huge.parameters <= autosize.trainable(huge.planned_chars)
+    assert huge.hidden >= 256
 
 
 def test_step_and_epoch_budgets_plan_from_what_they_read():
