@@ -214,10 +214,21 @@ def run_train(r: TrainRequest, console: Console) -> None:
         def on_signal(signum, frame):
             received.append(signum)
             trainer.request_stop("interrupt")
+            if trainer.finishing:  # the final full evaluation: stop it; the checkpoints are already written
+                raise KeyboardInterrupt
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        with display:
-            result = trainer.run()
+        try:
+            with display:
+                result = trainer.run()
+        except KeyboardInterrupt:
+            if not trainer.finishing:
+                raise
+            for s in previous:
+                signal.signal(s, signal.SIG_IGN)
+            console.print(f"[bold]stopped[/bold]: interrupted during the final evaluation of the whole validation "
+                          f"text; the run is complete and saved in {out}/ (best.pt, last.pt)")
+            raise SystemExit(128 + (received[0] if received else signal.SIGINT))
         for s, handler in previous.items():  # after an interrupt, more Ctrl-Cs are ignored until the exit
             signal.signal(s, signal.SIG_IGN if received else handler)
         _end_summary(console, result, out, r, received)

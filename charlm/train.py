@@ -136,6 +136,7 @@ class Trainer:
         self.callback = callback or (lambda event, data: None)
         self.dist = dist_info
         self.stop_request: Optional[str] = None
+        self.finishing = False  # True during the final full evaluation, after the last checkpoint
 
         c = config
         # reshuffle(epoch) -> the training text of that epoch (items.py: the items in a new order each
@@ -409,9 +410,11 @@ class Trainer:
         self._eval_cost = time.perf_counter() - began
 
     def _final_full_pass(self) -> Optional[dict]:
-        """The best model's loss on the whole validation text, when the periodic passes read only a sample."""
+        """The best model's loss on the whole validation text, when the periodic passes read only a sample.
+        Every checkpoint is written before it starts, so an interrupt here (self.finishing) loses nothing."""
         if not self.needs_full_pass or not math.isfinite(self.best_val):
             return None
+        self.finishing = True
         model = self.model
         if self.best_step != self.step:
             import copy
