@@ -4,6 +4,7 @@ Recognising a list. Read the first MAX_LINES lines; the text is a list when all 
 
     lines        at least MIN_ITEMS non-blank lines
     short        the median line is at most 40 characters and 95% are at most 80
+    few words    the median line has at most 4 words (a line of 8 words is a sentence, not a name)
     no blanks    at most 1% of the lines are blank (stanzas and code paragraphs have blank lines)
     distinct     at least 90% of the lines differ from each other (refrains and `return` lines repeat)
     no columns   the lines do not share a delimiter count (CSV and TSV rows are records, not items)
@@ -43,6 +44,9 @@ def looks_like_items(text: str) -> tuple:
     lengths = np.array([len(x) for x in filled])
     if np.median(lengths) > 40 or np.percentile(lengths, 95) > 80:
         return False, f"lines of {np.median(lengths):.0f} characters (median): prose, not items"
+    words = np.median([len(x.split()) for x in filled])
+    if words > 4:
+        return False, f"lines of {words:.0f} words (median): sentences, not items"
     blank = (len(lines) - len(filled)) / len(lines)
     if blank > 0.01:
         return False, f"{blank:.0%} blank lines: paragraphs or stanzas"

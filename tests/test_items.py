@@ -43,6 +43,7 @@ def python_source():
     (python_source(), False),  # Python source
     ("\n".join(f"{n},{i},{i * 3}" for i, n in enumerate(names(100))) + "\n", False),  # a CSV
     ("\n".join(names(20)) + "\n", False),  # too few lines to call a list
+    ("\n".join(" ".join(names(8, seed=i)) for i in range(80)) + "\n", False),  # sentences of 8 words
 ])
 def test_list_detection_at_its_corners(text, expected):
     found, reason = looks_like_items(text)
