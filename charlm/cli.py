@@ -33,7 +33,7 @@ DATA, MODEL, TRAIN, SAMPLING, OUTPUT, RUN = "Data", "Model", "Training", "Sampli
 
 # ---------------------------------------------------------------------------------------------- shared options
 CheckpointOpt = Annotated[Optional[Path], typer.Option(
-    "--checkpoint", "-c", help="A checkpoint file or run directory [default: the newest run under ./checkpoints].",
+    "--checkpoint", "-c", help="A checkpoint file or run directory \\[default: the newest run under ./checkpoints].",
     rich_help_panel=DATA)]
 DeviceOpt = Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.", rich_help_panel=RUN)]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed: the same seed gives the same result.",
@@ -92,24 +92,24 @@ def train(
                                             rich_help_panel=DATA)] = 0.1,
     items: Annotated[Optional[bool], typer.Option(
         "--items/--no-items", help="Train on one item per line (names, words, titles): items reshuffled every "
-        "epoch, a random sample of them validates [default: recognised from the text].", rich_help_panel=DATA,
+        "epoch, a random sample of them validates \\[default: recognised from the text].", rich_help_panel=DATA,
         show_default=False)] = None,
     cell: Annotated[str, typer.Option(help="Recurrent cell: rnn, gru or lstm.", rich_help_panel=MODEL)] = "gru",
     nonlinearity: Annotated[str, typer.Option(help="rnn cell only: tanh or relu.", rich_help_panel=MODEL)] = "tanh",
-    hidden: Annotated[Optional[int], typer.Option(help="Units per layer [default: auto].", rich_help_panel=MODEL,
+    hidden: Annotated[Optional[int], typer.Option(help="Units per layer \\[default: auto].", rich_help_panel=MODEL,
                                                   show_default=False)] = None,
-    layers: Annotated[Optional[int], typer.Option(help="Recurrent layers [default: auto].", rich_help_panel=MODEL,
+    layers: Annotated[Optional[int], typer.Option(help="Recurrent layers \\[default: auto].", rich_help_panel=MODEL,
                                                   show_default=False)] = None,
     dropout: Annotated[Optional[float], typer.Option(help="Dropout between layers and before the decoder "
-                                                     "[default: auto].", rich_help_panel=MODEL,
+                                                     "\\[default: auto].", rich_help_panel=MODEL,
                                                      show_default=False)] = None,
     embedding: Annotated[Optional[int], typer.Option(help="0 = one-hot input; N = a learned N-dim embedding "
-                                                     "[default: auto].", rich_help_panel=MODEL,
+                                                     "\\[default: auto].", rich_help_panel=MODEL,
                                                      show_default=False)] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Parallel streams per step, all processes together "
-                                                      "(B) [default: auto].", rich_help_panel=TRAIN,
+                                                      "(B) \\[default: auto].", rich_help_panel=TRAIN,
                                                       show_default=False)] = None,
-    seq_len: Annotated[Optional[int], typer.Option(help="Characters per truncated-BPTT chunk (T) [default: auto].",
+    seq_len: Annotated[Optional[int], typer.Option(help="Characters per truncated-BPTT chunk (T) \\[default: auto].",
                                                    rich_help_panel=TRAIN, show_default=False)] = None,
     lr: Annotated[float, typer.Option(help="Peak learning rate.", rich_help_panel=TRAIN)] = 3e-3,
     optimizer: Annotated[str, typer.Option(help="adamw, adam, rmsprop or sgd.", rich_help_panel=TRAIN)] = "adamw",
@@ -121,10 +121,10 @@ def train(
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.",
                                                      rich_help_panel=TRAIN)] = None,
     max_time: Annotated[Optional[str], typer.Option(help="Stop after this much training time: 90s, 10m, 1.5h "
-                                                    "[default: 10m when no limit is given].",
+                                                    "\\[default: 10m when no limit is given].",
                                                     rich_help_panel=TRAIN, show_default=False)] = None,
     eval_every: Annotated[Optional[int], typer.Option(
-        help="Steps between validation passes and checkpoints [default: by time: the first after 15 s or 10% "
+        help="Steps between validation passes and checkpoints \\[default: by time: the first after 15 s or 10% "
              "of the budget, whichever is later, then every 10%].", rich_help_panel=TRAIN, show_default=False)] = None,
     eval_chars: Annotated[int, typer.Option(
         help="Validation characters each periodic evaluation scores: a fixed sample spread over the held-out "
@@ -143,7 +143,7 @@ def train(
                                                 "of compiling, counted in --max-time, and no measurable speed-up "
                                                 "(BENCHMARKS.md). Untried on GPUs.",
                                                 rich_help_panel=RUN)] = False,
-    out: Annotated[Optional[Path], typer.Option(help="Run directory [default: checkpoints/<corpus name>].",
+    out: Annotated[Optional[Path], typer.Option(help="Run directory \\[default: checkpoints/<corpus name>].",
                                                 rich_help_panel=OUTPUT, show_default=False)] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out (or the newest run of this corpus) "
                                          "exactly where it stopped.", rich_help_panel=OUTPUT)] = False,
@@ -193,7 +193,7 @@ def sample(
     greedy: Annotated[bool, typer.Option(help="Always take the most likely character.",
                                          rich_help_panel=SAMPLING)] = False,
     num_samples: Annotated[Optional[int], typer.Option(
-        help="Samples generated together as one batch [default: 1; 10 items for a model of a list].",
+        help="Samples generated together as one batch \\[default: 1; 10 items for a model of a list].",
         rich_help_panel=SAMPLING, show_default=False)] = None,
     stop: Annotated[Optional[str], typer.Option(help="End a sample once it produces this text.",
                                                 rich_help_panel=SAMPLING)] = None,
@@ -257,7 +257,7 @@ def evaluate(
 @app.command()
 @reports_errors
 def info(
-    path: Annotated[Optional[Path], typer.Argument(help="A checkpoint file or run directory [default: the newest "
+    path: Annotated[Optional[Path], typer.Argument(help="A checkpoint file or run directory \\[default: the newest "
                                                    "run].", show_default=False)] = None,
     as_json: JsonOpt = False,
 ):
@@ -273,10 +273,10 @@ def info(
 @app.command()
 @reports_errors
 def plot(
-    run_dir: Annotated[Optional[Path], typer.Argument(help="A run directory [default: the newest run].",
+    run_dir: Annotated[Optional[Path], typer.Argument(help="A run directory \\[default: the newest run].",
                                                       show_default=False)] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write a PNG (needs matplotlib: "
-                                                   "pip install 'charlm[plot]'); without it, draw in the "
+                                                   "pip install 'charlm\\[plot]'); without it, draw in the "
                                                    "terminal.")] = None,
 ):
     """Plot training and validation loss against step.
