@@ -35,6 +35,9 @@ def save(payload: dict, path) -> None:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint gets a plain file's permissions
         os.replace(tmp, path)
     except BaseException as exc:
         try:
