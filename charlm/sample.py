@@ -54,7 +54,13 @@ def pick(logits: torch.Tensor, cfg: SampleConfig, generator: Optional[torch.Gene
     """logits (B, V) -> ids (B,) under the sampling rules."""
     if cfg.greedy:
         return logits.argmax(dim=-1)
-    logits = logits.float() / cfg.temperature
+    scaled = logits.float() / cfg.temperature
+    if not torch.isfinite(scaled).all():
+        # A temperature so small that logits/T overflows (or is 0 in fp32): shift the top logit to 0 first and
+        # divide by at least fp32's smallest normal number, so the top stays finite and the rest go to -inf.
+        t = max(cfg.temperature, torch.finfo(torch.float32).tiny)
+        scaled = (logits.float() - logits.float().amax(dim=-1, keepdim=True)) / t
+    logits = scaled
     if cfg.top_k and cfg.top_k < logits.shape[-1]:
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -63,6 +69,7 @@ def pick(logits: torch.Tensor, cfg: SampleConfig, generator: Optional[torch.Gene
         probs = torch.softmax(sorted_logits, dim=-1)
         # Drop a character when the ones more likely than it already reach top_p (the first always stays).
         drop = probs.cumsum(dim=-1) - probs >= cfg.top_p
+        drop[:, 0] = False  # explicitly: a top_p below fp32's range would round to 0 and drop it too
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)

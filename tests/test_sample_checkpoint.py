@@ -148,3 +148,16 @@ def test_missing_paths(tmp_path):
 
 def test_wrapper_prefixes_are_stripped():
     assert list(ckpt.clean_state_dict({"module._orig_mod.rnn.w": 1})) == ["rnn.w"]
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-40, 1.1e-308])
+def test_a_vanishing_temperature_picks_the_most_likely(temperature):
+    """logits / T overflows (or T rounds to 0 in fp32): still a valid draw, the top character, no NaN."""
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0]]).repeat(4, 1)
+    assert pick(logits, SampleConfig(temperature=temperature), torch.Generator().manual_seed(0)).tolist() == [1] * 4
+
+
+def test_a_vanishing_top_p_keeps_the_most_likely():
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0]]).repeat(4, 1)
+    picked = pick(logits, SampleConfig(top_p=1.1e-308), torch.Generator().manual_seed(0))
+    assert picked.tolist() == [1] * 4
