@@ -238,7 +238,8 @@ def _encoder(vocab: Vocabulary, unknown: str, names) -> Callable[[np.ndarray], n
                 shown = describe_chars(missing[:20]) + (" ..." if len(missing) > 20 else "")
                 raise CharlmError(
                     f"{names()} has {len(missing)} character(s) the model's vocabulary lacks: {shown}; "
-                    "remove them from the file, or train a new model on it instead of --init-from")
+                    "remove them from the text, drop them with --unknown skip (eval, score), or train a new "
+                    "model on it instead of --init-from")
             ids = ids[~bad]
         return ids.astype(dtype, copy=False)
 
