@@ -34,6 +34,7 @@ ANCHOR_P, ANCHOR_D, EXPONENT = 2.5e6, 12e6, 0.45
 # best with a 0.8M-parameter model under dropout, 30x; far beyond that the model only memorises.
 DATA_PARAMS_PER_CHAR = 30.0
 TARGET_STEPS = 1000  # updates per run the layout aims at: the best 10-minute layout made ~1,400
+MIN_STEPS = 300  # fewer updates than this and the schedule has no room: steps get smaller instead
 ONE_HOT_MAX = 256  # one-hot input up to this vocabulary; an embedding beyond (its matrix would dominate)
 HIDDEN_SIZES = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}
@@ -105,10 +106,12 @@ def layers_for(hidden: int) -> int:
     return 1 if hidden <= 64 else 2  # a second layer pays from ~100 units; a third rarely does in minutes
 
 
-def _layout(planned: float, n_train: int, world: int, gpu: bool, vocab: int = 0) -> tuple:
-    """(B, T): about TARGET_STEPS steps over the planned characters, within what the text can fill, and with
-    a step's logits (B x T x V floats, kept about four times over by the loss and its gradient) under ~70 MB."""
-    per_step = min(planned / TARGET_STEPS, LOGITS_PER_STEP / max(vocab, 1))
+def _layout(planned: float, n_train: int, world: int, gpu: bool, vocab: int = 0, efficient: float = 0.0) -> tuple:
+    """(B, T): about TARGET_STEPS steps over the planned characters, but no step smaller than `efficient`
+    characters (below it the fixed cost of a step dominates and the device idles) unless that would leave
+    fewer than MIN_STEPS steps; within what the text can fill, and with a step's logits (B x T x V floats,
+    kept about four times over by the loss and its gradient) under ~70 MB."""
+    per_step = min(max(planned / TARGET_STEPS, efficient), planned / MIN_STEPS, LOGITS_PER_STEP / max(vocab, 1))
     seq_len = 128 if per_step >= 4096 else 64
     cap = 1024 if gpu else 64 * world  # a CPU is busy at 64 rows per process; a GPU wants far more
     batch = int(min(cap, max(8, round(per_step / seq_len))))
@@ -142,12 +145,18 @@ def choose(n_train: int, vocab: int, cell: str = "gru", seconds: Optional[float]
     embedding = fixed.get("embedding", embedding_for(vocab))
     cap_params = DATA_PARAMS_PER_CHAR * n_train
 
-    def layout(planned: Optional[float]) -> tuple:
+    def layout(planned: Optional[float], efficient: float = 0.0) -> tuple:
         if planned is None or (steps and not seconds):  # a step budget keeps the standard step size
             batch, seq = _layout(64 * world * 128 * TARGET_STEPS, n_train, world, gpu, vocab)
         else:
-            batch, seq = _layout(planned, n_train, world, gpu, vocab)
+            batch, seq = _layout(planned, n_train, world, gpu, vocab, efficient)
         return fixed.get("batch_size", batch), fixed.get("seq_len", seq)
+
+    def efficient_step(flops: float) -> float:
+        """Characters per step at which the fixed cost of a step is a quarter of it."""
+        if speed is None or speed.flop_s <= 0:
+            return 0.0
+        return world * 3.0 * speed.step_s / (speed.flop_s * flops)
 
     def plan(hidden: int) -> tuple:
         layers = fixed.get("layers", layers_for(hidden))
@@ -158,28 +167,28 @@ def choose(n_train: int, vocab: int, cell: str = "gru", seconds: Optional[float]
         limits = [epochs * n_train] if epochs else []
         batch, seq = layout(None)
         if seconds and speed is not None:
-            for _ in range(2):  # the step size depends on the plan, the plan on the speed at that step size
+            for _ in range(3):  # the step size depends on the plan, the plan on the speed at that step size
                 rate = world * speed.chars_per_s(flops, max(1, batch * seq // world))
                 guess = rate * max(1.0, seconds - speed.probe_s) * 0.95  # ~5% goes to evaluations
-                batch, seq = layout(min(limits + [guess]))
+                batch, seq = layout(min(limits + [guess]), efficient_step(flops))
             limits.append(guess)
         if steps:
             limits.append(steps * batch * seq)
         planned = min(limits) if limits else 10.0 * n_train
-        return layers, params, planned
+        return layers, params, planned, flops
 
     if "hidden" in fixed:
         hidden = fixed["hidden"]
-        layers, params, planned = plan(hidden)
+        layers, params, planned, flops = plan(hidden)
     else:
         hidden = HIDDEN_SIZES[0]
-        layers, params, planned = plan(hidden)
+        layers, params, planned, flops = plan(hidden)
         for h in HIDDEN_SIZES[1:]:
-            lay, par, pla = plan(h)
+            lay, par, pla, flo = plan(h)
             if par > trainable(pla) or par > cap_params:
                 break
-            hidden, layers, params, planned = h, lay, par, pla
-    batch, seq = layout(planned)
+            hidden, layers, params, planned, flops = h, lay, par, pla, flo
+    batch, seq = layout(planned, efficient_step(flops))
     dropout = fixed.get("dropout", _dropout(planned / max(n_train, 1)))
     return Choice(hidden, layers, embedding, dropout, batch, seq, params, int(planned),
                   _reason(hidden, layers, embedding, cell, n_train, vocab, seconds, steps, epochs, planned))
