@@ -318,6 +318,9 @@ def score(
                                          "as eval's); stdin always uses one.", rich_help_panel=RUN)] = 8,
     as_json: JsonOpt = False,
     device: DeviceOpt = "auto",
+    rank: Annotated[bool, typer.Option("--rank", help="Read each line as a candidate item and list them from the "
+                                       "most to the least likely (for a model of a list: which of these sounds "
+                                       "most like my list?).", rich_help_panel=OUTPUT)] = False,
 ):
     """Score every character of a text: JSON lines {"i", "char", "logprob", "rank", "top"} on stdout.
 
@@ -328,7 +331,12 @@ def score(
     [bold]Examples[/bold]:
       charlm score held_out.txt | head
       cat notes.txt | charlm score - --summary
+      charlm score candidates.txt -c checkpoints/names --rank
     """
+    if rank:
+        from charlm.commands_explain import run_rank
+
+        return run_rank(path, checkpoint, encoding, unknown, as_json, device, err)
     from charlm.commands_explain import run_score
 
     run_score(path, checkpoint, encoding, unknown, streams, top, summary, as_json, device, err)

@@ -134,6 +134,45 @@ def run_score(path: str, checkpoint, encoding: str, unknown: str, streams: int, 
         raise SystemExit(0)
 
 
+def run_rank(path: str, checkpoint, encoding: str, unknown: str, as_json: bool, device_name: str,
+             console: Console) -> None:
+    """Candidate items, one per line, from the most to the least likely under the model: each scored as
+    sampling writes an item, from the start of an item through its closing line break (charlm.items), and
+    ordered by nats per character so that long and short candidates compare fairly."""
+    from charlm.items import score_items
+
+    _check(unknown in ("error", "skip"), f"--unknown must be error or skip, got {unknown!r}")
+    payload, model, vocab, device = _load_model(checkpoint, device_name)
+    _check("\n" in vocab, "this model has never seen a line break, so it has no items to rank")
+    source, name = _open_source(path)
+    text = "".join(_decoded_pieces(source, encoding, name))
+    if source is not sys.stdin.buffer:
+        source.close()
+    lines = [x for x in text.split("\n") if x]
+    if not lines:
+        raise CharlmError(f"{name} has no lines to rank; give one candidate per line")
+    if unknown == "skip":
+        lines = [x for x in ("".join(c for c in line if c in vocab) for line in lines) if x]
+    else:
+        for n, line in enumerate(lines, 1):
+            missing = vocab.unknown(line)
+            if missing:
+                raise CharlmError(f"{name} line {n} has character(s) the model's vocabulary lacks: "
+                                  f"{describe_chars(missing)}; remove them or pass --unknown skip to drop them")
+    scores = score_items(model, vocab, lines, device)
+    per_char = [-s / (len(x) + 1) for s, x in zip(scores, lines)]
+    order = sorted(range(len(lines)), key=lambda i: per_char[i])
+    out = sys.stdout
+    if as_json:
+        out.write(json.dumps([{"item": lines[i], "logprob": round(float(scores[i]), 4),
+                               "nats_per_char": round(per_char[i], 4)} for i in order], ensure_ascii=False) + "\n")
+    else:
+        out.write("".join(f"{per_char[i]:.3f}\t{scores[i]:.2f}\t{lines[i]}\n" for i in order))
+    out.flush()
+    console.print(f"[dim]ranked {len(lines):,} candidates: nats per character (lower = more like the training "
+                  "text), log-probability, item[/dim]", highlight=False)
+
+
 def _json_lines(chunk, quoted: list) -> str:
     lines = []
     for j, (i, lp, rank, tids, tps) in enumerate(zip(chunk.ids.tolist(), chunk.logprob.tolist(), chunk.rank.tolist(),

@@ -157,3 +157,16 @@ def test_a_list_the_model_cannot_escape_gives_up_with_one_line(tmp_path):
     result = run_cli("sample", "-c", out, "--num-samples", "3", "--seed", "1", cwd=tmp_path)
     assert result.returncode == 1
     assert "found only 0 new item(s) of the 3 asked for" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_score_rank_puts_names_like_the_list_above_gibberish(names_run):
+    root, out = names_run
+    candidates = root / "candidates.txt"
+    like = [n for n in names(600)[:3]]
+    candidates.write_text("Kkkkkkkkk\n" + "\n".join(like) + "\nAaaaaaaaaa\n", encoding="utf-8")
+    result = run_cli("score", candidates, "-c", out, "--rank", "--json", cwd=root)
+    assert result.returncode == 0, result.stderr
+    ranked = [r["item"] for r in json.loads(result.stdout)]
+    assert set(ranked[:3]) == set(like)  # the list's own kind of names first, the gibberish last
+    values = [r["nats_per_char"] for r in json.loads(result.stdout)]
+    assert values == sorted(values)
