@@ -163,7 +163,7 @@ def test_score_rank_puts_names_like_the_list_above_gibberish(names_run):
     root, out = names_run
     candidates = root / "candidates.txt"
     like = [n for n in names(600)[:3]]
-    candidates.write_text("Kkkkkkkkk\n" + "\n".join(like) + "\nAaaaaaaaaa\n", encoding="utf-8")
+    candidates.write_text("Kkkkkkkkk\n" + "\n".join(like) + "\nLllllllll\n", encoding="utf-8")
     result = run_cli("score", candidates, "-c", out, "--rank", "--json", cwd=root)
     assert result.returncode == 0, result.stderr
     ranked = [r["item"] for r in json.loads(result.stdout)]
