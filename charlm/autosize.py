@@ -34,7 +34,8 @@ ANCHOR_P, ANCHOR_D, EXPONENT = 2.5e6, 12e6, 0.45
 # best with a 0.8M-parameter model under dropout, 30x; far beyond that the model only memorises.
 DATA_PARAMS_PER_CHAR = 30.0
 TARGET_STEPS = 1000  # updates per run the layout aims at: the best 10-minute layout made ~1,400
-MIN_STEPS = 300  # fewer updates than this and the schedule has no room: steps get smaller instead
+MIN_STEPS = 400  # fewer updates than this and the schedule has no room: steps get smaller instead
+MIN_STEP_CHARS = 1024  # 16 x 64: the best layout for 45 s of a 25k text; smaller steps are mostly noise
 ONE_HOT_MAX = 256  # one-hot input up to this vocabulary; an embedding beyond (its matrix would dominate)
 HIDDEN_SIZES = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}
@@ -111,7 +112,8 @@ def _layout(planned: float, n_train: int, world: int, gpu: bool, vocab: int = 0,
     characters (below it the fixed cost of a step dominates and the device idles) unless that would leave
     fewer than MIN_STEPS steps; within what the text can fill, and with a step's logits (B x T x V floats,
     kept about four times over by the loss and its gradient) under ~70 MB."""
-    per_step = min(max(planned / TARGET_STEPS, efficient), planned / MIN_STEPS, LOGITS_PER_STEP / max(vocab, 1))
+    per_step = min(max(planned / TARGET_STEPS, efficient, MIN_STEP_CHARS * world), planned / MIN_STEPS,
+                   LOGITS_PER_STEP / max(vocab, 1))
     seq_len = 128 if per_step >= 4096 else 64
     cap = 1024 if gpu else 64 * world  # a CPU is busy at 64 rows per process; a GPU wants far more
     batch = int(min(cap, max(8, round(per_step / seq_len))))
@@ -153,10 +155,10 @@ def choose(n_train: int, vocab: int, cell: str = "gru", seconds: Optional[float]
         return fixed.get("batch_size", batch), fixed.get("seq_len", seq)
 
     def efficient_step(flops: float) -> float:
-        """Characters per step at which the fixed cost of a step is a quarter of it."""
+        """Characters per step at which the fixed cost of a step is half of it."""
         if speed is None or speed.flop_s <= 0:
             return 0.0
-        return world * 3.0 * speed.step_s / (speed.flop_s * flops)
+        return world * speed.step_s / (speed.flop_s * flops)
 
     def plan(hidden: int) -> tuple:
         layers = fixed.get("layers", layers_for(hidden))
