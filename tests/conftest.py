@@ -59,8 +59,8 @@ TINY = ["--hidden", "48", "--layers", "1", "--batch-size", "16", "--seq-len", "3
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
     """A small model trained on word_text as running text, shared by the sampling and inspection tests.
-    (Its short distinct lines would pass for a list of items; --no-items keeps the text-model behaviour those
-    tests check: one sample, the prime continued.)"""
+    (--no-items keeps the text-model behaviour those tests check, one sample continuing the prime, whatever
+    the list-detection rule makes of its short distinct lines.)"""
     root = tmp_path_factory.mktemp("trained")
     corpus = root / "words.txt"
     corpus.write_text(word_text(), encoding="utf-8")
