@@ -69,3 +69,15 @@ def trained_run(tmp_path_factory) -> Path:
                      "--no-items", *TINY, cwd=root)
     assert result.returncode == 0, result.stderr
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, which also leaves the other core to the rest of the suite (two
+    OpenMP threads on a busy 2-core machine make a 48-unit model 100x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

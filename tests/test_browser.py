@@ -29,18 +29,9 @@ import torch
 from conftest import invoke, word_text
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH: the HTML page's browser tests "
-                                "need Debian's chromium package (apt-get install chromium; .ci/run installs it)")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, which also leaves the other core to the rest of the suite (two
-    OpenMP threads on a busy 2-core machine make a 48-unit model 100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH: the HTML page's browser tests "
+                                 "need Debian's chromium package (apt-get install chromium; .ci/run installs it)"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 # ============================================================================================== a tiny DevTools client

@@ -26,16 +26,7 @@ from typer.testing import CliRunner
 from conftest import invoke, word_text
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, which also leaves the other core to the rest of the suite (two
-    OpenMP threads on a busy 2-core machine make a 48-unit model 100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
