@@ -3,7 +3,7 @@
 
 1,000 names are held out at random (seed 0); the rest is the list charlm trains on. Every cell trains two
 runs side by side, one thread each (OMP_NUM_THREADS=1), for the same wall-clock budget, and scores both on the
-same held-out names with `charlm eval` (nats/char, each name from the start of an item):
+same held-out names with `charlm score --rank` (nats/char, each name from the start of an item):
 
     order      the same model (2 x 256 GRU, embedding 32, 32 streams x 64) trained --no-items (one stream in
                the list's fixed order, validation on its tail) against --items (reshuffled every epoch,
@@ -56,9 +56,13 @@ def train_pair(work: Path, runs: dict, budget: str) -> None:
 
 
 def held_out_loss(work: Path, run: str) -> float:
-    out = subprocess.run([sys.executable, "-m", "charlm", "eval", str(work / "held-out.txt"), "-c", str(work / run),
-                          "--json"], cwd=work, capture_output=True, text=True, check=True).stdout
-    return json.loads(out)["items"]["nats_per_char"]
+    """Nats per character of the held-out names, each scored as an item (from a line break through its own),
+    whichever way the model was trained: `charlm score --rank` scores every line so."""
+    out = subprocess.run([sys.executable, "-m", "charlm", "score", str(work / "held-out.txt"), "-c",
+                          str(work / run), "--rank", "--json"], cwd=work, capture_output=True, text=True,
+                         check=True).stdout
+    rows = json.loads(out)
+    return -sum(r["logprob"] for r in rows) / sum(len(r["item"]) + 1 for r in rows)
 
 
 def main():
