@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table

@@ -195,8 +195,6 @@ def _file_codes(src: _Source, encoding: str, keep_crlf: bool, crlf: List[int]) -
                     yield _codes(text)
             offset += len(block)
             block = following
-        if held:
-            yield np.frombuffer(b"\r", dtype=np.uint8)
 
 
 def _all_codes(sources, encoding, keep_crlf, separator, crlf) -> Iterator[np.ndarray]:
