@@ -227,6 +227,7 @@ def probe(device, cell: str, vocab: int, embedding: int, precision: str, world: 
 
     from charlm.evaluation import autocast
     from charlm.model import CharRNN, ModelConfig
+    from charlm.optim import AdamW
 
     began = time.perf_counter()
     torch_state = torch.get_rng_state()
@@ -235,7 +236,7 @@ def probe(device, cell: str, vocab: int, embedding: int, precision: str, world: 
     for hidden in (128, 384):
         model = CharRNN(ModelConfig(vocab_size=vocab, cell=cell, hidden=hidden, layers=2, dropout=0.0,
                                     embedding=embedding)).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        opt = AdamW(model.parameters(), lr=1e-4)
         x = torch.randint(0, vocab, (batch, seq), device=device)
         state = model.init_state(batch, device)
         times = []

@@ -27,6 +27,7 @@ from charlm.errors import CharlmError
 from charlm.evaluation import (EVAL_SEQ_LEN, autocast, evaluate, evaluate_text, full_pass_streams,  # noqa: F401
                                loss_report)
 from charlm.model import CharRNN
+from charlm.optim import AdamW
 from charlm.runtime import Dist
 from charlm.streams import eval_streams, make_streams
 
@@ -81,15 +82,16 @@ class TrainResult:
     full_val: Optional[dict] = None  # the best model on the whole validation text: {"loss", "chars"}
 
 
-def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, config: TrainConfig):
+    """AdamW and Adam are charlm's own (charlm/optim.py: no compiler import at start-up); the others torch's."""
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "adamw":
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.99))
+        return AdamW(groups, lr=config.lr, betas=(0.9, 0.99))
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.99))
+        return AdamW(params, lr=config.lr, betas=(0.9, 0.99), weight_decay=0.0)
     if config.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=config.lr, alpha=0.95)
     return torch.optim.SGD(params, lr=config.lr, momentum=0.9)
