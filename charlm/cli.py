@@ -211,8 +211,9 @@ def sample(
                                                rich_help_panel=SAMPLING)] = False,
     min_length: Annotated[int, typer.Option(help="Model of a list: the shortest item to keep.",
                                             rich_help_panel=SAMPLING)] = 1,
-    max_length: Annotated[int, typer.Option(help="Model of a list: the longest item to keep.",
-                                            rich_help_panel=SAMPLING)] = 64,
+    max_length: Annotated[Optional[int], typer.Option(
+        help="Model of a list: the longest item to keep \\[default: half again the length of 99% of the list's "
+             "items, at least 64].", rich_help_panel=SAMPLING)] = None,
 ):
     """Generate text: warm the model on the prime, then sample one character at a time.
 

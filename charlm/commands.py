@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from charlm import checkpoint as ckpt
+from charlm.corpus import DOC_SEPARATOR
 from charlm.errors import CharlmError
 from charlm.model import CharRNN, ModelConfig, layer_parameter_counts
 from charlm.vocab import Vocabulary, describe_chars
@@ -63,7 +65,7 @@ class SampleRequest:
     device: str
     allow_copies: bool = False  # item models: also print items that are already in the training list
     min_length: int = 1  # item models: the shortest item to keep
-    max_length: int = 64  # item models: the longest item to keep (longer ones are dropped, not cut)
+    max_length: Optional[int] = None  # item models: the longest item to keep (longer ones are dropped, not cut)
 
 
 def _load_model(checkpoint: Optional[Path], device_name: str):
@@ -84,8 +86,8 @@ def run_sample(r: SampleRequest, console: Console) -> None:
     _check(0 < r.top_p <= 1, f"--top-p must be in (0, 1], got {r.top_p}")
     _check(r.top_k >= 0, f"--top-k must be 0 (off) or positive, got {r.top_k}")
     _check(r.num_samples is None or r.num_samples >= 1, f"--num-samples must be at least 1, got {r.num_samples}")
-    _check(1 <= r.min_length <= r.max_length, f"--min-length and --max-length need 1 <= min <= max, got "
-           f"{r.min_length} and {r.max_length}")
+    _check(1 <= r.min_length <= (r.max_length or r.min_length), f"--min-length and --max-length need 1 <= min <= "
+           f"max, got {r.min_length} and {r.max_length}")
     _check(r.unknown in ("error", "skip"), f"--unknown must be error or skip, got {r.unknown!r}")
     _check(not (r.prime is not None and r.prime_file is not None), "give --prime or --prime-file, not both")
     _check(not (r.interactive and (r.num_samples or 1) > 1), "--interactive works with one sample at a time")
@@ -177,29 +179,36 @@ def _training_corpus(payload):
         raise CharlmError(f"the training corpus, {missing[0]}, is not there any more")
     cache = Path(payload["path"]).resolve().parent.parent / ".charlm-cache"
     corpus = load_corpus(files, Vocabulary(payload["vocab"]) if info.get("fixed_vocab") else None,
-                         info.get("encoding", "utf-8"), info.get("keep_crlf", False), cache_dir=cache)
+                         info.get("encoding", "utf-8"), info.get("keep_crlf", False), cache_dir=cache,
+                         separator=info.get("separator", DOC_SEPARATOR))
     if corpus.sha256 != info.get("sha256") or corpus.vocab.chars != payload["vocab"]:
         raise CharlmError(f"{info.get('path')} has changed since training")
     return corpus
 
 
 def _sample_items(r: SampleRequest, payload, model, vocab, prime, top_k, count, device, console) -> None:
-    """An item model's answer: new items, one per line (or JSON), each starting with the prime."""
+    """An item model's answer: new items, one per line (or JSON; items of a list of files are separated by
+    --separator), each starting with the prime."""
     from charlm.items import Items, sample_items
 
+    end = payload.get("corpus", {}).get("item_end", "\n")
     _check(not r.greedy, "--greedy would give the same item every time; lower --temperature instead")
-    _check("\n" not in prime, "an item prime is the start of one item: it cannot hold a line break")
+    _check(end != "\n" or "\n" not in prime, "an item prime is the start of one item: it cannot hold a line break")
     try:
         corpus = _training_corpus(payload)
-        known = set(Items.from_ids(corpus.ids, vocab.chars.index("\n")).strings(vocab.decode))
+        known = Items.from_ids(corpus.ids, vocab.chars.index(end))
+        longest = int(np.percentile(known.length - 1, 99)) if len(known) else 0
+        known = set(known.strings(vocab.decode))
     except CharlmError as exc:
         if not r.allow_copies:
             raise CharlmError(f"{exc}: it is needed to leave out items already in the list; add "
                               "--allow-copies to sample without that check")
-        known = set()
+        known, longest = set(), 0
+    # Unless given, the longest item kept: half again the length of 99% of the list's items (64 at least).
+    max_length = r.max_length or max(64, longest * 3 // 2, r.min_length)
     result = sample_items(model, vocab, count, known, prime, temperature=r.temperature, top_k=top_k, top_p=r.top_p,
-                          min_length=max(r.min_length, len(prime) + 1 if prime else 1), max_length=r.max_length,
-                          allow_copies=r.allow_copies, seed=r.seed, device=device)
+                          min_length=max(r.min_length, len(prime) + 1 if prime else 1), max_length=max_length,
+                          allow_copies=r.allow_copies, seed=r.seed, device=device, end=end)
     found = result["items"]
     out = sys.stdout
     if r.as_json:
@@ -207,7 +216,10 @@ def _sample_items(r: SampleRequest, payload, model, vocab, prime, top_k, count, 
                                         for i in found], "copies_skipped": result["copies"],
                               "rejected": result["rejected"], "drawn": result["drawn"]}, ensure_ascii=False) + "\n")
     else:
-        out.write("".join(i.text + "\n" for i in found))
+        if end == "\n":
+            out.write("".join(i.text + "\n" for i in found))
+        elif found:  # whole files: separated as samples are
+            out.write(r.separator.join(i.text.rstrip("\n") for i in found) + "\n")
     out.flush()
     skipped = f"skipped {result['copies']:,} already in the list" if not r.allow_copies else "copies allowed"
     console.print(f"[dim]items:[/dim] {len(found):,} of {count:,} from {result['drawn']:,} drawn; {skipped}, "
@@ -273,17 +285,19 @@ def run_eval(corpus: Path, checkpoint, encoding, unknown, streams, as_json, devi
     _check(unknown in ("error", "skip"), f"--unknown must be error or skip, got {unknown!r}")
     _check(streams >= 1, f"--streams must be at least 1, got {streams}")
     payload, model, vocab, device = _load_model(checkpoint, device_name)
-    text = load_corpus(corpus, vocab, encoding, unknown=unknown)
+    info = payload.get("corpus", {})
+    end = info.get("item_end", "\n")  # an item model: each line an item, or each file of a list of files
+    text = load_corpus(corpus, vocab, encoding, unknown=unknown, separator=info.get("separator", DOC_SEPARATOR))
     if text.chars < 2:
         raise CharlmError(f"{corpus} has fewer than 2 known characters; nothing to score")
     report = evaluate_text(model, text.ids, device, streams=streams)
     report["checkpoint"] = payload["path"]
-    if payload.get("corpus", {}).get("items") and "\n" in vocab:
-        # a model of a list: each line also scored as an item, from the start of an item (as sampling writes)
+    if info.get("items") and end in vocab:
+        # a model of a list: each item also scored as one, from the start of an item (as sampling writes)
         from charlm.items import Items, score_items
 
-        lines = Items.from_ids(text.ids, vocab.chars.index("\n")).strings(vocab.decode)
-        scores = score_items(model, vocab, lines, device)
+        lines = Items.from_ids(text.ids, vocab.chars.index(end)).strings(vocab.decode)
+        scores = score_items(model, vocab, lines, device, end=end)
         chars = sum(len(x) + 1 for x in lines)
         report["items"] = {"count": len(lines), "nats_per_item": float(-scores.mean()) if len(lines) else None,
                            "nats_per_char": float(-scores.sum() / max(chars, 1))}

@@ -144,6 +144,8 @@ def run_rank(path: str, checkpoint, encoding: str, unknown: str, as_json: bool, 
     _check(unknown in ("error", "skip"), f"--unknown must be error or skip, got {unknown!r}")
     payload, model, vocab, device = _load_model(checkpoint, device_name)
     _check("\n" in vocab, "this model has never seen a line break, so it has no items to rank")
+    _check("item_end" not in payload.get("corpus", {}), "this model's items are whole files; --rank ranks "
+           "candidates one per line, so it needs a model of a list of lines")
     source, name = _open_source(path)
     text = "".join(_decoded_pieces(source, encoding, name))
     if source is not sys.stdin.buffer:

@@ -16,6 +16,8 @@ from rich.markup import escape
 
 from charlm import checkpoint as ckpt
 from charlm.commands import _check
+from charlm.corpus import DOC_SEPARATOR
+from charlm.items import ITEM_END
 from charlm.errors import CharlmError
 from charlm.model import CELLS, CharRNN, ModelConfig
 from charlm.vocab import Vocabulary
@@ -175,10 +177,14 @@ def run_train(r: TrainRequest, console: Console) -> None:
                     else f"{corpus.path} is not the corpus"
                 raise CharlmError(f"{what} this run was trained on (SHA-256 differs from {saved.get('path')}); "
                                   "resume with the same text, or add --force")
-        as_items, items_reason = _items_mode(r, payload, corpus)
-        reshuffle, items_meta = None, {"items": False}
-        if as_items:
-            train_ids, val_ids, reshuffle, items_meta = _item_split(corpus, r, items_reason)
+        items_unit, items_reason = _items_mode(r, payload, corpus)
+        reshuffle, items_meta, read = None, {"items": False}, {}
+        if items_unit == "files":  # the same files joined by ITEM_END instead of a blank line
+            read = {"separator": ITEM_END}
+            corpus = _training_corpus(inputs, vocab, r, out.parent / ".charlm-cache", dinfo, ITEM_END)
+        if items_unit:
+            train_ids, val_ids, reshuffle, items_meta = _item_split(corpus, r, items_reason,
+                                                                    ITEM_END if items_unit == "files" else "\n")
         else:
             train_ids, val_ids = split_train_val(corpus.ids, r.val_frac, corpus.path)
         # Only once the corpus is known good (bad input leaves no directory behind); a failure here ends every
@@ -198,7 +204,7 @@ def run_train(r: TrainRequest, console: Console) -> None:
         if r.init_from is not None:
             model.load_state_dict(payload["model"])
         # How the text was read, so that --novelty and the sampling of items find the same cached ids.
-        read = {"encoding": r.encoding, "keep_crlf": r.keep_crlf, "fixed_vocab": vocab is not None}
+        read = {"encoding": r.encoding, "keep_crlf": r.keep_crlf, "fixed_vocab": vocab is not None, **read}
         meta = {"model_config": mconf.to_dict(), "vocab": corpus.vocab.chars,
                 "corpus": {**corpus.info(), **read, **items_meta}, "sizing": sizing}
         display = TrainDisplay(console, _preview_fn(corpus.vocab, device) if r.preview else None)
@@ -237,30 +243,43 @@ def run_train(r: TrainRequest, console: Console) -> None:
 
 
 def _items_mode(r: TrainRequest, payload, corpus) -> tuple:
-    """(train as items?, why). A resumed run keeps its mode; --items/--no-items force it; otherwise the
-    rule in items.py decides from the text (corpora beyond 50M characters are never taken for lists)."""
-    from charlm.items import looks_like_items
+    """(None, "lines" or "files"; why). A resumed run keeps its mode; --items/--no-items force it (--items on
+    several files makes each file an item, unless their lines pass the rule of a list); otherwise the rule in
+    items.py decides from the text (corpora beyond 50M characters are never taken for lists)."""
+    from charlm.items import ITEM_END, looks_like_items
 
     if r.resume and payload is not None:
         saved = payload.get("corpus", {})
-        return bool(saved.get("items")), saved.get("items_reason", "one item per line")
+        if not saved.get("items"):
+            return None, ""
+        return ("files" if saved.get("item_end") == ITEM_END else "lines"), saved.get("items_reason", "")
     if r.items is False:
-        return False, "--no-items"
+        return None, "--no-items"
+    text = (lambda: corpus.vocab.decode(corpus.ids[:2_000_000])) if corpus.chars <= 50_000_000 else None
+    if r.items and len(corpus.files) > 1:
+        is_list, why = looks_like_items(text()) if text and "\n" in corpus.vocab else (False, "")
+        if is_list:
+            return "lines", f"{why} (--items)"
+        if ITEM_END in corpus.vocab:
+            raise CharlmError(f"a file of {corpus.path} holds the character U+001E, which ends each item of a "
+                              "list of files; remove it, or leave out --items")
+        return "files", f"{len(corpus.files):,} files, one item per file (--items)"
     if "\n" not in corpus.vocab:
         if r.items:
             raise CharlmError(f"{corpus.path} has no line breaks, so it has no items; leave out --items")
-        return False, "no line breaks"
+        return None, "no line breaks"
     if r.items:
-        return True, "one item per line (--items)"
-    if corpus.chars > 50_000_000:
-        return False, "too long for a list"
-    return looks_like_items(corpus.vocab.decode(corpus.ids[:2_000_000]))
+        return "lines", "one item per line (--items)"
+    if text is None:
+        return None, "too long for a list"
+    is_list, why = looks_like_items(text())
+    return ("lines" if is_list else None), why
 
 
-def _item_split(corpus, r: TrainRequest, reason: str) -> tuple:
+def _item_split(corpus, r: TrainRequest, reason: str, end: str) -> tuple:
     from charlm.items import Items, epoch_order, split_items
 
-    items = Items.from_ids(corpus.ids, corpus.vocab.chars.index("\n"))
+    items = Items.from_ids(corpus.ids, corpus.vocab.chars.index(end))
     if len(items) < 2:
         raise CharlmError(f"{corpus.path} has {len(items)} item(s); a list needs at least 2 (one to validate)")
     train_items, val_items = split_items(items, r.val_frac, r.seed)
@@ -268,7 +287,8 @@ def _item_split(corpus, r: TrainRequest, reason: str) -> tuple:
     def reshuffle(epoch: int):
         return train_items.text_ids(epoch_order(len(train_items), r.seed, epoch))
 
-    meta = {"items": True, "items_reason": reason, "train_items": len(train_items), "val_items": len(val_items)}
+    meta = {"items": True, "items_reason": reason, "train_items": len(train_items), "val_items": len(val_items),
+            **({"item_end": end} if end != "\n" else {})}
     return train_items.text_ids(), val_items.text_ids(), reshuffle, meta
 
 
@@ -330,7 +350,7 @@ def _stem(inputs: List) -> str:
     return (parents.pop().name if len(parents) == 1 else "") or first.stem or "corpus"
 
 
-def _training_corpus(inputs, vocab, r: TrainRequest, cache: Path, dinfo):
+def _training_corpus(inputs, vocab, r: TrainRequest, cache: Path, dinfo, separator: str = DOC_SEPARATOR):
     """The encoded corpus. Under torchrun the first process of each machine builds (or finds) the cached,
     memory-mapped ids while the others wait; then every process maps that file and reads only the rows it
     trains on. A bad file ends every process with the same one-line message."""
@@ -338,7 +358,7 @@ def _training_corpus(inputs, vocab, r: TrainRequest, cache: Path, dinfo):
     from charlm.runtime import agreed
 
     def build():
-        return load_corpus(inputs, vocab, r.encoding, r.keep_crlf, cache_dir=cache)
+        return load_corpus(inputs, vocab, r.encoding, r.keep_crlf, cache_dir=cache, separator=separator)
 
     if not dinfo.enabled:
         return build()

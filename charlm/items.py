@@ -10,6 +10,10 @@ Recognising a list. Read the first MAX_LINES lines; the text is a list when all 
     no columns   the lines do not share a delimiter count (CSV and TSV rows are records, not items)
     no indents   at most 5% of the lines start with a space or a tab (source code does)
 
+A folder of files (or several files) with --items is trained as a list of files, a file being one item,
+unless its lines pass the rule above (a folder of name lists is still a list of names). The files are then
+joined by ITEM_END, a control character that ends each item the way a line break ends a line.
+
 Training on items. The items are split at random (seeded) into training and validation items, and every
 epoch lays the training items out in a new order, a permutation drawn from (seed, epoch): the model learns
 what an item looks like instead of the order of the list, and a resumed run draws the same orders. The
@@ -31,6 +35,8 @@ import torch
 MIN_ITEMS = 50
 MAX_LINES = 200_000
 MAX_ROUNDS = 25  # batches of samples drawn before giving up on finding enough new items
+# Ends each item of a list of files: U+001E, ASCII's record separator, made for this and absent from text.
+ITEM_END = "\x1e"
 
 
 def looks_like_items(text: str) -> tuple:
@@ -73,13 +79,16 @@ class Items:
     length: np.ndarray  # (K,)
 
     @classmethod
-    def from_ids(cls, ids: np.ndarray, newline: int) -> "Items":
-        ends = np.flatnonzero(np.asarray(ids) == newline) + 1  # one past each line break
-        if len(ends) == 0 or ends[-1] != len(ids):
-            ends = np.append(ends, len(ids))  # a last item without its line break
-        starts = np.concatenate([[0], ends[:-1]])
+    def from_ids(cls, ids: np.ndarray, end: int) -> "Items":
+        """Split ids at every `end` id (a line break, or ITEM_END between files); empty items are dropped. A
+        last item without its end gets one (in a copy of the ids), so that reordered items never run together."""
+        ids = np.asarray(ids)
+        if len(ids) and ids[-1] != end:
+            ids = np.append(ids, np.array([end], dtype=ids.dtype))
+        ends = np.flatnonzero(ids == end) + 1  # one past each end
+        starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
         keep = (ends - starts) > 1  # blank lines are not items
-        return cls(ids, starts[keep].astype(np.int64), (ends - starts)[keep].astype(np.int64))
+        return cls(ids, starts[keep], (ends - starts)[keep].astype(np.int64))
 
     def __len__(self) -> int:
         return len(self.start)
@@ -95,7 +104,11 @@ class Items:
         return np.asarray(self.ids)[offsets + np.arange(int(lengths.sum()))]
 
     def strings(self, decode) -> List[str]:
-        return [decode(np.asarray(self.ids)[s : s + n]).rstrip("\n") for s, n in zip(self.start, self.length)]
+        """Each item's text without its end."""
+        return [decode(np.asarray(self.ids)[s : s + n - 1]) for s, n in zip(self.start, self.length)]
+
+    def lengths_chars(self) -> np.ndarray:
+        return self.length - 1
 
 
 def split_items(items: Items, val_frac: float, seed: int) -> tuple:
@@ -126,15 +139,17 @@ class SampledItem:
 @torch.no_grad()
 def sample_items(model, vocab, count: int, known: set, prime: str = "", temperature: float = 0.8,
                  top_k: int = 0, top_p: float = 1.0, min_length: int = 1, max_length: int = 64,
-                 allow_copies: bool = False, seed: Optional[int] = None, device="cpu", batch: int = 0) -> dict:
-    """Draw items until `count` are kept. Returns {"items": [SampledItem], "copies": skipped copies,
+                 allow_copies: bool = False, seed: Optional[int] = None, device="cpu", batch: int = 0,
+                 end: str = "\n") -> dict:
+    """Draw items until `count` are kept; each starts after `end` (a line break, or ITEM_END) and stops at
+    the next one. Returns {"items": [SampledItem], "copies": skipped copies,
     "rejected": too short or too long, "drawn": items drawn, "complete": whether count was reached}."""
     from charlm.sample import SampleConfig, default_context, pick
 
     device = torch.device(device)
     model = model.to(device).eval()
-    newline = vocab.chars.index("\n") if "\n" in vocab else None
-    start = vocab.encode("\n" if newline is not None else default_context(vocab))
+    newline = vocab.chars.index(end) if end in vocab else None
+    start = vocab.encode(end if newline is not None else default_context(vocab))
     cfg = SampleConfig(length=max_length, temperature=temperature, top_k=top_k, top_p=top_p)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
@@ -188,12 +203,12 @@ def sample_items(model, vocab, count: int, known: set, prime: str = "", temperat
 
 
 @torch.no_grad()
-def score_items(model, vocab, texts: List[str], device="cpu", batch: int = 512) -> np.ndarray:
+def score_items(model, vocab, texts: List[str], device="cpu", batch: int = 512, end: str = "\n") -> np.ndarray:
     """Natural-log probability of each item under the model, each read as sampling writes one: from the
-    state after a line break, through its closing line break. Items are batched, padded to equal length."""
+    state after an item's end (a line break, or ITEM_END), through its own. Batched, padded to equal length."""
     device = torch.device(device)
     model = model.to(device).eval()
-    newline = vocab.chars.index("\n")
+    newline = vocab.chars.index(end)
     out = np.zeros(len(texts), dtype=np.float64)
     for a in range(0, len(texts), batch):
         group = [np.concatenate([[newline], vocab.encode(t), [newline]]) for t in texts[a : a + batch]]

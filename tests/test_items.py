@@ -170,3 +170,44 @@ def test_score_rank_puts_names_like_the_list_above_gibberish(names_run):
     assert set(ranked[:3]) == set(like)  # the list's own kind of names first, the gibberish last
     values = [r["nats_per_char"] for r in json.loads(result.stdout)]
     assert values == sorted(values)
+
+
+def test_a_folder_with_items_trains_each_file_as_one_item(tmp_path):
+    """A folder of short multi-line files (poems, recipes) with --items: a file is an item. Sampling writes
+    whole items (several lines each, never a copy of a file), eval counts the files, a resumed run keeps it;
+    a folder of name lists with --items is still a list of names."""
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    pool = names(400, seed=3)
+    files = {f"{pool[2 * k]}\n{pool[2 * k + 1]}\n" for k in range(150)}
+    for k, text in enumerate(sorted(files)):
+        (folder / f"{k:03d}.txt").write_text(text, encoding="utf-8")
+    out = tmp_path / "run"
+    trained = run_cli("train", folder, "--items", "--out", out, "--max-steps", "200", "--lr", "1e-2", *TINY,
+                      cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    assert "150 files, one item per file" in trained.stderr
+    sampled = run_cli("sample", "-c", out, "--num-samples", "20", "--seed", "1", "--json", cwd=tmp_path)
+    assert sampled.returncode == 0, sampled.stderr
+    items = [i["text"] for i in json.loads(sampled.stdout)["items"]]
+    assert len(items) == 20 and not set(items) & files  # never a copy of a file
+    assert all(text.endswith("\n") and "\x1e" not in text for text in items)  # each a whole file
+    assert any("\n" in text[:-1] for text in items)  # items run across line breaks (a list of lines never does)
+    plain = run_cli("sample", "-c", out, "--num-samples", "3", "--seed", "1", cwd=tmp_path)
+    assert plain.stdout.count("\n---\n") == 2  # whole items, separated as samples are
+
+    scored = run_cli("eval", folder, "-c", out, "--json", cwd=tmp_path)
+    assert scored.returncode == 0, scored.stderr
+    assert json.loads(scored.stdout)["items"]["count"] == 150
+    resumed = run_cli("train", folder, "--out", out, "--resume", "--max-steps", "210", *TINY, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "one item per file" in resumed.stderr
+
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    for k in range(3):
+        (lists / f"{k}.txt").write_text("\n".join(names(200, seed=10 + k)) + "\n", encoding="utf-8")
+    as_lines = run_cli("train", lists, "--items", "--out", tmp_path / "lines", "--max-steps", "2", *TINY,
+                       cwd=tmp_path)
+    assert as_lines.returncode == 0, as_lines.stderr
+    assert "one item per line" in as_lines.stderr and "per file" not in as_lines.stderr
