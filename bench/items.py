@@ -98,13 +98,14 @@ def main():
                   f"gap {auto - results[best]:+.4f}  grid: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()),
                   flush=True)
             print(f"     auto chose: {chosen.group(1).strip() if chosen else '?'}")
-            sample = subprocess.run([sys.executable, "-m", "charlm", "sample", "-c", str(work / f"auto-{tag}"),
-                                     "--num-samples", "1000", "--allow-copies", "--json", "--seed", "1"], cwd=work,
-                                    capture_output=True, text=True, check=True).stdout
-            items = json.loads(sample)["items"]
-            print(f"{budget:>4} new       {sum(i['new'] for i in items)} of {len(items)} distinct samples are new "
-                  f"names", flush=True)
-
+            for temperature in ("0.8", "1.0"):  # the default, and the model's own distribution
+                sample = subprocess.run([sys.executable, "-m", "charlm", "sample", "-c", str(work / f"auto-{tag}"),
+                                         "--num-samples", "1000", "--allow-copies", "--json", "--seed", "1",
+                                         "--temperature", temperature], cwd=work, capture_output=True, text=True,
+                                        check=True).stdout
+                items = json.loads(sample)["items"]
+                print(f"{budget:>4} new       {sum(i['new'] for i in items)} of {len(items)} distinct samples are new "
+                      f"names (temperature {temperature})", flush=True)
 
 if __name__ == "__main__":
     main()

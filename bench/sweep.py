@@ -12,13 +12,15 @@ Corpora (made at run time from what the machine has; nothing is stored here):
 In every cell (corpus x budget) four runs train for the same wall-clock budget, two at a time, one thread each
 (OMP_NUM_THREADS=1), in this order: `auto` (no model or layout flags) beside `fixed` (the fixed defaults charlm
 had before: 2 x 512 GRU, one-hot, 64 x 128, dropout 0.2), then two grid models beside each other (2 x 128 and
-2 x 256, embedding 64 when the vocabulary has more than 256 characters, 32 x 64). Each run is scored on the
-whole validation tail (the last 10%) with its best checkpoint. Pairs share the machine with each other, so the
-comparison within a pair is fair; between pairs, a busy machine can move both.
+2 x 256, embedding 64 when the vocabulary has more than 256 characters, 32 x 64; `--grid` picks others, 2 x 384
+too). Each run is scored on the whole validation tail (the last 10%) with its best checkpoint. Pairs share the
+machine with each other, so the comparison within a pair is fair; between pairs, a busy machine can move both.
+With --threads 2 the runs cannot share 2 cores, so they go one after another in the same order.
 
     apt-get install fortunes fortunes-zh     # once
     .venv/bin/python bench/sweep.py --budgets 1m 3m
-    .venv/bin/python bench/sweep.py --corpora 1m --budgets 10m --threads 2
+    .venv/bin/python bench/sweep.py --corpora 1m --budgets 10m --grid 2x256 2x384
+    .venv/bin/python bench/sweep.py --corpora 1m --budgets 10m --threads 2 --grid 2x384
 """
 
 from __future__ import annotations
@@ -66,16 +68,22 @@ def make_corpora(work: Path, names) -> dict:
 
 
 def run_pair(work: Path, corpus: Path, runs: dict, budget: str, threads: int) -> dict:
+    """Train the runs at the same time, or one after another when their threads would not fit the cores
+    side by side (two 2-thread runs on 2 cores fight over them and both crawl)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    procs = {}
+    together = threads * len(runs) <= (os.cpu_count() or 1)
+    procs, errs = {}, {}
     for name, flags in runs.items():
         out = work / name
         procs[name] = subprocess.Popen([sys.executable, "-m", "charlm", "train", str(corpus), "--max-time", budget,
                                         "--no-preview", "--out", str(out), "--force", *flags], cwd=work, env=env,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if not together:
+            errs[name] = procs[name].communicate()[1]
     results = {}
     for name, p in procs.items():
-        _, err = p.communicate()
+        err = errs[name] if name in errs else p.communicate()[1]
+        (work / f"{name}.log").write_text(err)
         if p.returncode:
             raise SystemExit(f"{name} failed:\n{err[-2000:]}")
         best = re.search(r"best: val loss ([\d.]+) nats/char", err)
@@ -90,29 +98,30 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpora", nargs="+", default=["25k", "250k", "1m", "4m", "zh"])
     parser.add_argument("--budgets", nargs="+", default=["1m", "3m"])
-    parser.add_argument("--threads", type=int, default=1, help="threads per run (two runs at a time)")
+    parser.add_argument("--threads", type=int, default=1, help="threads per run (two runs at a time when they fit "
+                        "the cores, else one after another)")
+    parser.add_argument("--grid", nargs="+", default=["2x128", "2x256"], help="grid models beside fixed")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         corpora = make_corpora(work, args.corpora)
-        print("| corpus | budget | auto | fixed (old defaults) | 2x128 | 2x256 | grid best | auto - best | auto chose |")
-        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+        print("| corpus | budget | auto | fixed (old defaults) | " + " | ".join(args.grid)
+              + " | grid best | auto - best | auto chose |")
+        print("| --- | --- | ---: | ---: | " + "---: | " * len(args.grid) + "---: | ---: | --- |")
         for name, corpus in corpora.items():
             from charlm.corpus import load_corpus
 
             vocab = load_corpus(corpus).vocab.size
             emb = ["--embedding", "64" if vocab > 256 else "0"]
-            grid = {"2x128": ["--hidden", "128", "--layers", "2", *emb, "--dropout", "0.1", "--batch-size", "32",
-                              "--seq-len", "64"],
-                    "2x256": ["--hidden", "256", "--layers", "2", *emb, "--dropout", "0.1", "--batch-size", "32",
-                              "--seq-len", "64"]}
+            grid = {f"2x{h}": ["--hidden", str(h), "--layers", "2", *emb, "--dropout", "0.1", "--batch-size", "32",
+                               "--seq-len", "64"] for h in (128, 256, 384)}
             for budget in args.budgets:
                 res = run_pair(work, corpus, {"auto": [], "fixed": FIXED}, budget, args.threads)
-                res.update(run_pair(work, corpus, grid, budget, args.threads))
-                best = min(("fixed", "2x128", "2x256"), key=lambda k: res[k][0])
+                res.update(run_pair(work, corpus, {k: grid[k] for k in args.grid}, budget, args.threads))
+                best = min(("fixed", *args.grid), key=lambda k: res[k][0])
                 gap = res["auto"][0] - res[best][0]
                 print(f"| {name} (V={vocab}) | {budget} | {res['auto'][0]:.4f} | {res['fixed'][0]:.4f} | "
-                      f"{res['2x128'][0]:.4f} | {res['2x256'][0]:.4f} | {res[best][0]:.4f} ({best}) | {gap:+.4f} | "
+                      + "".join(f"{res[k][0]:.4f} | " for k in args.grid) + f"{res[best][0]:.4f} ({best}) | {gap:+.4f} | "
                       f"`{res['auto'][1]}`, {res['auto'][2]} steps |", flush=True)
 
 
