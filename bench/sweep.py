@@ -67,7 +67,7 @@ def make_corpora(work: Path, names) -> dict:
     return out
 
 
-def run_pair(work: Path, corpus: Path, runs: dict, budget: str, threads: int) -> dict:
+def run_pair(work: Path, corpus: Path, runs: dict, budget: str, threads: int, logs: Path = None) -> dict:
     """Train the runs at the same time, or one after another when their threads would not fit the cores
     side by side (two 2-thread runs on 2 cores fight over them and both crawl)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -83,7 +83,8 @@ def run_pair(work: Path, corpus: Path, runs: dict, budget: str, threads: int) ->
     results = {}
     for name, p in procs.items():
         err = errs[name] if name in errs else p.communicate()[1]
-        (work / f"{name}.log").write_text(err)
+        if logs:
+            (logs / f"{corpus.stem}-{budget}-{name}.log").write_text(err)
         if p.returncode:
             raise SystemExit(f"{name} failed:\n{err[-2000:]}")
         best = re.search(r"best: val loss ([\d.]+) nats/char", err)
@@ -100,8 +101,11 @@ def main():
     parser.add_argument("--budgets", nargs="+", default=["1m", "3m"])
     parser.add_argument("--threads", type=int, default=1, help="threads per run (two runs at a time when they fit "
                         "the cores, else one after another)")
+    parser.add_argument("--logs", type=Path, help="keep each run's progress log (stderr) in this folder")
     parser.add_argument("--grid", nargs="+", default=["2x128", "2x256"], help="grid models beside fixed")
     args = parser.parse_args()
+    if args.logs:
+        args.logs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         corpora = make_corpora(work, args.corpora)
@@ -116,8 +120,8 @@ def main():
             grid = {f"2x{h}": ["--hidden", str(h), "--layers", "2", *emb, "--dropout", "0.1", "--batch-size", "32",
                                "--seq-len", "64"] for h in (128, 256, 384)}
             for budget in args.budgets:
-                res = run_pair(work, corpus, {"auto": [], "fixed": FIXED}, budget, args.threads)
-                res.update(run_pair(work, corpus, {k: grid[k] for k in args.grid}, budget, args.threads))
+                res = run_pair(work, corpus, {"auto": [], "fixed": FIXED}, budget, args.threads, args.logs)
+                res.update(run_pair(work, corpus, {k: grid[k] for k in args.grid}, budget, args.threads, args.logs))
                 best = min(("fixed", *args.grid), key=lambda k: res[k][0])
                 gap = res["auto"][0] - res[best][0]
                 print(f"| {name} (V={vocab}) | {budget} | {res['auto'][0]:.4f} | {res['fixed'][0]:.4f} | "
