@@ -80,6 +80,7 @@ class TrainResult:
     metrics: list = field(default_factory=list)
     elapsed_s: float = 0.0
     full_val: Optional[dict] = None  # the best model on the whole validation text: {"loss", "chars"}
+    eval_s: float = 0.0  # seconds of this session spent in periodic evaluations and their checkpoints
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig):
@@ -181,6 +182,7 @@ class Trainer:
         self.best_val, self.best_step, self.bad_evals = math.inf, 0, 0
         self.chars_seen = 0  # training characters predicted so far, all processes together
         self.metrics: list = []
+        self.eval_s = 0.0  # seconds spent in periodic evaluations (and their checkpoints) in this session
         self.state = self.model.init_state(per_rank, device)
         self.best_weights: Optional[dict] = None  # a CPU copy of the best model, for the final full pass
         self.error: Optional[str] = None  # a failure on this process that every process must stop for
@@ -252,7 +254,7 @@ class Trainer:
         elif stopped_by == "interrupt":
             self._save(ckpt.LAST)
         return TrainResult(self.step, self.epoch, stopped_by, self.best_val, self.best_step, self.metrics,
-                           self.elapsed, full_val)
+                           self.elapsed, full_val, self.eval_s)
 
     def _lay_out_epoch(self) -> None:
         """For a list of items: this epoch's order of the items, in the same stream layout."""
@@ -410,6 +412,7 @@ class Trainer:
         self.callback("eval", {**record, "model": self.model})
         self.model.train()  # a callback may have sampled from the model in eval mode
         self._eval_cost = time.perf_counter() - began
+        self.eval_s += self._eval_cost
 
     def _final_full_pass(self) -> Optional[dict]:
         """The best model's loss on the whole validation text, when the periodic passes read only a sample.
