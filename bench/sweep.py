@@ -102,7 +102,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="threads per run (two runs at a time when they fit "
                         "the cores, else one after another)")
     parser.add_argument("--logs", type=Path, help="keep each run's progress log (stderr) in this folder")
-    parser.add_argument("--grid", nargs="+", default=["2x128", "2x256"], help="grid models beside fixed")
+    parser.add_argument("--grid", nargs="*", default=["2x128", "2x256"], help="grid models beside fixed")
     args = parser.parse_args()
     if args.logs:
         args.logs.mkdir(parents=True, exist_ok=True)
