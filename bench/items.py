@@ -10,7 +10,8 @@ same held-out names with `charlm score --rank` (nats/char, each name from the st
                random validation names)
     defaults   `charlm train names.txt` with no flags against each model of a small grid (2 x 128, 2 x 256,
                2 x 512 GRU, embedding 32, 32 x 64), two at a time
-    new        of 1,000 names sampled from the defaults' model, how many are not in the list
+    new        of 1,000 distinct names the defaults' model draws (--allow-copies), how many are not in the list;
+               and what `charlm sample --num-samples 1000` prints (copies left out, as by default)
 
     .venv/bin/python bench/items.py --budgets 1m 3m
 """
@@ -106,6 +107,12 @@ def main():
                 items = json.loads(sample)["items"]
                 print(f"{budget:>4} new       {sum(i['new'] for i in items)} of {len(items)} distinct samples are new "
                       f"names (temperature {temperature})", flush=True)
+            answer = json.loads(subprocess.run([sys.executable, "-m", "charlm", "sample", "-c", str(work / f"auto-{tag}"),
+                                                "--num-samples", "1000", "--json", "--seed", "1"], cwd=work,
+                                               capture_output=True, text=True, check=True).stdout)
+            print(f"{budget:>4} default   `charlm sample --num-samples 1000`: {sum(i['new'] for i in answer['items'])} "
+                  f"of {len(answer['items'])} printed names are new, {answer['copies_skipped']} copies skipped",
+                  flush=True)
 
 if __name__ == "__main__":
     main()
