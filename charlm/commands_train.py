@@ -246,13 +246,14 @@ def _items_mode(r: TrainRequest, payload, corpus) -> tuple:
     """(None, "lines" or "files"; why). A resumed run keeps its mode; --items/--no-items force it (--items on
     several files makes each file an item, unless their lines pass the rule of a list); otherwise the rule in
     items.py decides from the text (corpora beyond 50M characters are never taken for lists)."""
-    from charlm.items import ITEM_END, looks_like_items
+    from charlm.items import looks_like_items
 
     if r.resume and payload is not None:
         saved = payload.get("corpus", {})
         if not saved.get("items"):
             return None, ""
-        return ("files" if saved.get("item_end") == ITEM_END else "lines"), saved.get("items_reason", "")
+        return ("files" if saved.get("item_end") == ITEM_END else "lines"), saved.get("items_reason",
+                                                                                     "one item per line")
     if r.items is False:
         return None, "--no-items"
     text = (lambda: corpus.vocab.decode(corpus.ids[:2_000_000])) if corpus.chars <= 50_000_000 else None
