@@ -211,3 +211,10 @@ def test_a_folder_with_items_trains_each_file_as_one_item(tmp_path):
                        cwd=tmp_path)
     assert as_lines.returncode == 0, as_lines.stderr
     assert "one item per line" in as_lines.stderr and "per file" not in as_lines.stderr
+
+
+def test_a_last_item_without_its_line_break_never_runs_into_the_next():
+    vocab = Vocabulary("\nabcd")
+    items = Items.from_ids(vocab.encode("ab\ncd\nda"), vocab.chars.index("\n"))  # no final line break
+    assert items.strings(vocab.decode) == ["ab", "cd", "da"]
+    assert vocab.decode(items.text_ids(np.array([2, 0, 1]))) == "da\nab\ncd\n"
