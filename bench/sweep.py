@@ -109,8 +109,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         corpora = make_corpora(work, args.corpora)
-        print("| corpus | budget | auto | fixed (old defaults) | " + " | ".join(args.grid)
-              + " | grid best | auto - best | auto chose |")
+        print("| corpus | budget | auto | fixed (old defaults) | " + "".join(f"{g} | " for g in args.grid)
+              + "grid best | auto - best | auto chose |")
         print("| --- | --- | ---: | ---: | " + "---: | " * len(args.grid) + "---: | ---: | --- |")
         for name, corpus in corpora.items():
             from charlm.corpus import load_corpus
