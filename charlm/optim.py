@@ -53,18 +53,19 @@ class AdamW:
             avgs = [s["exp_avg"] for s in states]
             sqs = [s["exp_avg_sq"] for s in states]
             (beta1, beta2), lr, eps, decay = group["betas"], group["lr"], group["eps"], group["weight_decay"]
+            steps = []
             for s in states:
                 s["step"] += 1  # a CPU scalar, as torch keeps it when not capturable
-            step = float(states[0]["step"])
+                steps.append(float(s["step"]))  # each parameter's own count (one may have missed a step)
             if decay:
                 torch._foreach_mul_(params, 1 - lr * decay)
             torch._foreach_lerp_(avgs, grads, 1 - beta1)
             torch._foreach_mul_(sqs, beta2)
             torch._foreach_addcmul_(sqs, grads, grads, 1 - beta2)
             denom = torch._foreach_sqrt(sqs)
-            torch._foreach_div_(denom, math.sqrt(1 - beta2 ** step))
+            torch._foreach_div_(denom, [math.sqrt(1 - beta2 ** n) for n in steps])
             torch._foreach_add_(denom, eps)
-            torch._foreach_addcdiv_(params, avgs, denom, -lr / (1 - beta1 ** step))
+            torch._foreach_addcdiv_(params, avgs, denom, [-lr / (1 - beta1 ** n) for n in steps])
 
     def state_dict(self) -> dict:
         index, groups = {}, []
@@ -74,7 +75,7 @@ class AdamW:
                 index[p] = len(index)
                 ids.append(index[p])
             groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ids})
-        state = {index[p]: {k: v.clone() for k, v in s.items()} for p, s in self.state.items() if p in index}
+        state = {index[p]: dict(s) for p, s in self.state.items() if p in index}  # the tensors, as torch's does
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, saved: dict) -> None:

@@ -80,3 +80,22 @@ def test_training_never_imports_the_compiler(tmp_path):
                          text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "clean"
+
+
+def test_a_parameter_that_misses_steps_keeps_its_own_count_as_torch_does():
+    """Bias correction uses each parameter's own step count: one without a gradient on some steps lags."""
+    results = []
+    for make in (AdamW, torch.optim.AdamW):
+        torch.manual_seed(0)
+        a, b = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(5))
+        opt = make([a, b], lr=1e-2, betas=(0.9, 0.99), weight_decay=0.0)
+        for i in range(12):
+            opt.zero_grad(set_to_none=True)
+            loss = (a ** 2).sum() + ((b - 1) ** 2).sum() * (i % 3 == 0)  # b has a gradient on every third step
+            loss.backward()
+            if i % 3:
+                b.grad = None
+            opt.step()
+        results.append((a.detach().clone(), b.detach().clone()))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
