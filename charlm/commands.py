@@ -196,9 +196,9 @@ def _sample_items(r: SampleRequest, payload, model, vocab, prime, top_k, count, 
     _check(end != "\n" or "\n" not in prime, "an item prime is the start of one item: it cannot hold a line break")
     try:
         corpus = _training_corpus(payload)
-        known = Items.from_ids(corpus.ids, vocab.chars.index(end))
-        longest = int(np.percentile(known.length - 1, 99)) if len(known) else 0
-        known = set(known.strings(vocab.decode))
+        items = Items.from_ids(corpus.ids, vocab.chars.index(end))
+        longest = int(np.percentile(items.lengths_chars(), 99)) if len(items) else 0
+        known = set(items.strings(vocab.decode))
     except CharlmError as exc:
         if not r.allow_copies:
             raise CharlmError(f"{exc}: it is needed to leave out items already in the list; add "

@@ -108,6 +108,7 @@ class Items:
         return [decode(np.asarray(self.ids)[s : s + n - 1]) for s, n in zip(self.start, self.length)]
 
     def lengths_chars(self) -> np.ndarray:
+        """Each item's length in characters, without its end."""
         return self.length - 1
 
 
@@ -148,8 +149,8 @@ def sample_items(model, vocab, count: int, known: set, prime: str = "", temperat
 
     device = torch.device(device)
     model = model.to(device).eval()
-    newline = vocab.chars.index(end) if end in vocab else None
-    start = vocab.encode(end if newline is not None else default_context(vocab))
+    end_id = vocab.chars.index(end) if end in vocab else None
+    start = vocab.encode(end if end_id is not None else default_context(vocab))
     cfg = SampleConfig(length=max_length, temperature=temperature, top_k=top_k, top_p=top_p)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
@@ -174,7 +175,7 @@ def sample_items(model, vocab, count: int, known: set, prime: str = "", temperat
             lp = torch.log_softmax(logits.float(), -1).gather(1, ids[:, None]).squeeze(1)
             logprob = torch.where(ended, logprob, logprob + lp)
             out[:, t] = torch.where(ended, torch.full_like(ids, -1), ids)
-            ended |= ids == newline if newline is not None else torch.zeros_like(ended)
+            ended |= ids == end_id if end_id is not None else torch.zeros_like(ended)
             if bool(ended.all()):
                 break
             logits, state = model.step(ids, state)
@@ -182,7 +183,7 @@ def sample_items(model, vocab, count: int, known: set, prime: str = "", temperat
         for row, lp, done in zip(rows, lps, ended.tolist()):
             drawn += 1
             body = [i for i in row if i >= 0]
-            if not done or body[-1:] != [newline]:
+            if not done or body[-1:] != [end_id]:
                 rejected += 1  # ran past max_length without ending
                 continue
             text = prime + vocab.decode(body[:-1])
@@ -208,12 +209,12 @@ def score_items(model, vocab, texts: List[str], device="cpu", batch: int = 512, 
     state after an item's end (a line break, or ITEM_END), through its own. Batched, padded to equal length."""
     device = torch.device(device)
     model = model.to(device).eval()
-    newline = vocab.chars.index(end)
+    end_id = vocab.chars.index(end)
     out = np.zeros(len(texts), dtype=np.float64)
     for a in range(0, len(texts), batch):
-        group = [np.concatenate([[newline], vocab.encode(t), [newline]]) for t in texts[a : a + batch]]
+        group = [np.concatenate([[end_id], vocab.encode(t), [end_id]]) for t in texts[a : a + batch]]
         width = max(len(g) for g in group)
-        ids = torch.full((len(group), width), newline, dtype=torch.long)
+        ids = torch.full((len(group), width), end_id, dtype=torch.long)
         for row, g in enumerate(group):
             ids[row, : len(g)] = torch.as_tensor(g)
         ids = ids.to(device)
