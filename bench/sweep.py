@@ -13,7 +13,7 @@ In every cell (corpus x budget) four runs train for the same wall-clock budget, 
 (OMP_NUM_THREADS=1), in this order: `auto` (no model or layout flags) beside `fixed` (the fixed defaults charlm
 had before: 2 x 512 GRU, one-hot, 64 x 128, dropout 0.2), then two grid models beside each other (2 x 128 and
 2 x 256, embedding 64 when the vocabulary has more than 256 characters, 32 x 64; `--grid` picks others, 2 x 384
-too). Each run is scored on the whole validation tail (the last 10%) with its best checkpoint. Pairs share the
+too, and `2x384@64x128` a layout other than 32 x 64; grid runs go two at a time). Each run is scored on the whole validation tail (the last 10%) with its best checkpoint. Pairs share the
 machine with each other, so the comparison within a pair is fair; between pairs, a busy machine can move both.
 With --threads 2 the runs cannot share 2 cores, so they go one after another in the same order.
 
@@ -95,6 +95,16 @@ def run_pair(work: Path, corpus: Path, runs: dict, budget: str, threads: int, lo
     return results
 
 
+def grid_flags(entry: str, emb: list) -> list:
+    """`2x256` is a 2 x 256 GRU at 32 x 64, dropout 0.1; `2x256@64x128` the same model at 64 x 128."""
+    m = re.fullmatch(r"(\d+)x(\d+)(?:@(\d+)x(\d+))?", entry)
+    if not m:
+        raise SystemExit(f"grid entry {entry!r}: use LAYERSxHIDDEN or LAYERSxHIDDEN@STREAMSxCHUNK")
+    layers, hidden, batch, seq = m.group(1), m.group(2), m.group(3) or "32", m.group(4) or "64"
+    return ["--hidden", hidden, "--layers", layers, *emb, "--dropout", "0.1", "--batch-size", batch,
+            "--seq-len", seq]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpora", nargs="+", default=["25k", "250k", "1m", "4m", "zh"])
@@ -117,11 +127,12 @@ def main():
 
             vocab = load_corpus(corpus).vocab.size
             emb = ["--embedding", "64" if vocab > 256 else "0"]
-            grid = {f"2x{h}": ["--hidden", str(h), "--layers", "2", *emb, "--dropout", "0.1", "--batch-size", "32",
-                               "--seq-len", "64"] for h in (128, 256, 384)}
+            grid = {g: grid_flags(g, emb) for g in args.grid}
             for budget in args.budgets:
                 res = run_pair(work, corpus, {"auto": [], "fixed": FIXED}, budget, args.threads, args.logs)
-                res.update(run_pair(work, corpus, {k: grid[k] for k in args.grid}, budget, args.threads, args.logs))
+                for i in range(0, len(args.grid), 2):  # two at a time, side by side
+                    pair = args.grid[i:i + 2]
+                    res.update(run_pair(work, corpus, {k: grid[k] for k in pair}, budget, args.threads, args.logs))
                 best = min(("fixed", *args.grid), key=lambda k: res[k][0])
                 gap = res["auto"][0] - res[best][0]
                 print(f"| {name} (V={vocab}) | {budget} | {res['auto'][0]:.4f} | {res['fixed'][0]:.4f} | "

@@ -7,8 +7,9 @@ The rule, in four lines (the measurements behind each constant are in BENCHMARKS
     P  parameters: the largest model with P <= ANCHOR_P x (D / ANCHOR_D)^EXPONENT (what the budget can
        train; bigger models learn more per character, so P grows as about the square root of D) and
        P <= DATA_PARAMS_PER_CHAR x N (a small text cannot feed a big model)
-    B x T  the characters of one step: D / TARGET_STEPS (about 1,400 updates: enough steps for the
-       schedule to work, each as wide as the budget affords), T = 64 or 128, B >= 8
+    B x T  the characters of one step: D / TARGET_STEPS (at least ~1,400 updates, enough for the schedule to
+       work) up to MAX_STEP_CHARS (2,048 until D passes 8M, then growing as sqrt(D): a longer budget buys
+       mostly more steps, not wider ones), never so small that a step's fixed cost dominates; T = 64 or 128
     dropout  by how often the run will see each character: D / N epochs
 
 The input is one-hot while the vocabulary is small (a gather, no weights) and a learned embedding beyond
@@ -35,6 +36,13 @@ ANCHOR_P, ANCHOR_D, EXPONENT = 2.5e6, 12e6, 0.45
 DATA_PARAMS_PER_CHAR = 30.0
 TARGET_STEPS = 1400  # updates per run the layout aims at: the best 10-minute layout made ~1,400, the best
 # 3-minute one 1,444 (32 x 64 against 56 x 64 at 915 steps: 0.08 nats/char better, same model)
+# Wider steps buy little in a run of minutes: in every cell of the sweep the best layout read ~2,048 characters
+# a step, at 3 minutes (1,260-1,444 steps, 2.7M characters read) and at 10 minutes alike (32 x 64 beat 38 x 128
+# by 0.044 nats/char with the same 2 x 384 model, ~6M read): the gradient noise of a small step costs less than
+# the updates a wide step gives up. A longer run can use wider steps (the useful batch grows as the loss
+# falls), so the cap grows as the square root of the characters read beyond MAX_STEP_AT; that part is an
+# extrapolation (no GPU has measured it).
+MAX_STEP_CHARS, MAX_STEP_AT = 2048, 8e6
 MIN_STEPS = 400  # fewer updates than this and the schedule has no room: steps get smaller instead
 MIN_STEP_CHARS = 1024  # 16 x 64: the best layout for 45 s of a 25k text; smaller steps are mostly noise
 ONE_HOT_MAX = 256  # one-hot input up to this vocabulary; an embedding beyond (its matrix would dominate)
@@ -109,11 +117,14 @@ def layers_for(hidden: int) -> int:
 
 
 def _layout(planned: float, n_train: int, world: int, gpu: bool, vocab: int = 0, efficient: float = 0.0) -> tuple:
-    """(B, T): about TARGET_STEPS steps over the planned characters, but no step smaller than `efficient`
-    characters (below it the fixed cost of a step dominates and the device idles) unless that would leave
+    """(B, T): about TARGET_STEPS steps over the planned characters (more when a step would exceed the
+    widest step for this plan), but no step smaller than `efficient` characters (below it the fixed cost
+    of a step dominates and the device idles) unless that would leave
     fewer than MIN_STEPS steps; within what the text can fill, and with a step's logits (B x T x V floats,
     kept about four times over by the loss and its gradient) under ~70 MB."""
-    per_step = min(max(planned / TARGET_STEPS, efficient, MIN_STEP_CHARS * world), planned / MIN_STEPS,
+    widest = MAX_STEP_CHARS * max(1.0, planned / MAX_STEP_AT) ** 0.5
+    per_step = min(max(min(planned / TARGET_STEPS, widest), efficient, MIN_STEP_CHARS * world),
+                   planned / MIN_STEPS,
                    LOGITS_PER_STEP / max(vocab, 1))
     seq_len = 128 if per_step >= 4096 else 64
     cap = 1024 if gpu else 64 * world  # a CPU is busy at 64 rows per process; a GPU wants far more

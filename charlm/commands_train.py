@@ -450,10 +450,13 @@ def _eval_plan(tconf, trainer) -> str:
 
     when = f"every {tconf.eval_every} steps" if tconf.eval_every else "every 10% of the budget (first after 15 s)"
     scored, full = trainer.val_sample_chars, trainer.val_full_chars
+    bf16 = " in bf16" if tconf.precision == "bf16" else ""
+    final = " in float32" if bf16 and trainer.needs_full_pass else ""
     if scored >= full:
-        return f"{when}, all {human_count(full)} validation characters"
-    end = f"the whole {human_count(full)} at the end" if trainer.needs_full_pass else "the same at the end"
-    return f"{when}, a fixed sample of {human_count(scored)} validation characters ({end})"
+        return f"{when}, all {human_count(full)} validation characters{bf16}" + (
+            f" (again{final} at the end)" if final else "")
+    end = f"the whole {human_count(full)}{final} at the end" if trainer.needs_full_pass else "the same at the end"
+    return f"{when}, a fixed sample of {human_count(scored)} validation characters{bf16} ({end})"
 
 
 def _end_summary(console: Console, result, out: Path, r: TrainRequest, received: list) -> None:

@@ -161,7 +161,9 @@ class Trainer:
         share = slice(self.dist.rank, None, self.dist.world)
         sample = eval_streams(val_ids, c.eval_streams, c.burn_in, c.eval_chars or None)
         full = eval_streams(val_ids, full_pass_streams(len(val_ids) - 1, c.eval_streams), c.burn_in)
-        self.needs_full_pass = c.full_final_eval and full.scored() > sample.scored()  # the same on every process
+        # The final report is a float32 pass over the whole tail whenever the periodic ones were less: a sample,
+        # or in bf16 (periodic passes run in the training precision: 1.6x faster on a bf16 CPU).
+        self.needs_full_pass = c.full_final_eval and (full.scored() > sample.scored() or c.precision != "fp32")
         self.val_sample_chars, self.val_full_chars = sample.scored(), full.scored()
         self.val_streams, self.val_full = sample.select(share), full.select(share)
         self.n_chunks = self.train_streams.num_chunks(c.seq_len)
@@ -334,11 +336,11 @@ class Trainer:
         if c.eval_every:
             return self.step % c.eval_every == 0
         # By time: the first once 15 s and 10% of the budget have passed, then every 10% of the budget,
-        # never more often than 20x an evaluation's own cost (evaluations stay under ~5% of the run).
+        # never more often than 30x an evaluation's own cost (evaluations stay under ~3% of the run).
         if self._progress() < self._next_eval or self.elapsed < 15.0:
             return False
         cost = 0.0 if self.dist.enabled else getattr(self, "_eval_cost", 0.0)  # a local clock: not under DDP,
-        if self.metrics and self.elapsed - self.metrics[-1]["elapsed_s"] < 20 * cost:  # where all must agree
+        if self.metrics and self.elapsed - self.metrics[-1]["elapsed_s"] < 30 * cost:  # where all must agree
             return False
         self._next_eval = self._progress() + 0.1
         return True
@@ -371,10 +373,11 @@ class Trainer:
         return None
 
     # ------------------------------------------------------------------ evaluation and checkpoints
-    def _validate(self, streams=None) -> tuple:
-        """(mean loss, characters scored) over every process's share of the validation streams."""
+    def _validate(self, streams=None, precision: Optional[str] = None) -> tuple:
+        """(mean loss, characters scored) over every process's share of the validation streams, in the
+        training precision unless told otherwise."""
         streams = streams if streams is not None else self.val_streams
-        total, count = evaluate(self.model, streams, EVAL_SEQ_LEN, self.device)
+        total, count = evaluate(self.model, streams, EVAL_SEQ_LEN, self.device, precision or self.config.precision)
         if self.dist.enabled:
             both = torch.tensor([total, float(count)], dtype=torch.float64 if self.device.type != "mps"
                                 else torch.float32, device=self.device)
@@ -434,7 +437,7 @@ class Trainer:
             model.load_state_dict(weights)
         keep, self.model = self.model, model
         try:
-            loss, chars = self._validate(self.val_full)
+            loss, chars = self._validate(self.val_full, "fp32")
         finally:
             self.model = keep
         self.callback("final", {"loss": loss, "chars": chars, "step": self.best_step})
