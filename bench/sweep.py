@@ -12,9 +12,10 @@ Corpora (made at run time from what the machine has; nothing is stored here):
 In every cell (corpus x budget) four runs train for the same wall-clock budget, two at a time, one thread each
 (OMP_NUM_THREADS=1), in this order: `auto` (no model or layout flags) beside `fixed` (the fixed defaults charlm
 had before: 2 x 512 GRU, one-hot, 64 x 128, dropout 0.2), then two grid models beside each other (2 x 128 and
-2 x 256, embedding 64 when the vocabulary has more than 256 characters, 32 x 64; `--grid` picks others, 2 x 384
-too, and `2x384@64x128` a layout other than 32 x 64; grid runs go two at a time). Each run is scored on the whole validation tail (the last 10%) with its best checkpoint. Pairs share the
-machine with each other, so the comparison within a pair is fair; between pairs, a busy machine can move both.
+2 x 256, embedding 64 when the vocabulary has more than 256 characters, 32 x 64; `--grid` picks others: 2 x 384
+too, and `2x384@64x128` a layout other than 32 x 64; grid runs go two at a time). Each run is scored on the
+whole validation tail (the last 10%) with its best checkpoint. Pairs share the machine with each other, so the
+comparison within a pair is fair; between pairs, a busy machine can move both.
 With --threads 2 the runs cannot share 2 cores, so they go one after another in the same order.
 
     apt-get install fortunes fortunes-zh     # once

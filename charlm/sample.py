@@ -138,14 +138,3 @@ def sample_text(model: CharRNN, vocab: Vocabulary, prime: str, cfg: SampleConfig
             texts[b].append(ch)
     return ["".join(t) for t in texts]
 
-
-def longest_verbatim(sample: str, corpus: str) -> str:
-    """The longest substring of sample that occurs verbatim in corpus (how much the model copies).
-
-    Grows a window over the sample: each window start only ever tries to beat the best length so far,
-    so the scan does at most 2*len(sample) substring searches."""
-    best_at, best_len = 0, 0
-    for i in range(len(sample)):
-        while i + best_len < len(sample) and sample[i : i + best_len + 1] in corpus:
-            best_at, best_len = i, best_len + 1
-    return sample[best_at : best_at + best_len]

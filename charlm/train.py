@@ -336,13 +336,17 @@ class Trainer:
         if c.eval_every:
             return self.step % c.eval_every == 0
         # By time: the first once 15 s and 10% of the budget have passed, then every 10% of the budget,
-        # never more often than 30x an evaluation's own cost (evaluations stay under ~3% of the run).
-        if self._progress() < self._next_eval or self.elapsed < 15.0:
+        # never more often than 30x an evaluation's own cost (evaluations stay under ~3% of the run), and
+        # none that close to the end, where the final evaluation comes anyway.
+        progress = self._progress()
+        if progress < self._next_eval or self.elapsed < 15.0:
             return False
         cost = 0.0 if self.dist.enabled else getattr(self, "_eval_cost", 0.0)  # a local clock: not under DDP,
         if self.metrics and self.elapsed - self.metrics[-1]["elapsed_s"] < 30 * cost:  # where all must agree
             return False
-        self._next_eval = self._progress() + 0.1
+        if cost and self.elapsed * (1 - progress) / max(progress, 1e-9) < 30 * cost:  # seconds left, estimated
+            return False
+        self._next_eval = progress + 0.1
         return True
 
     # ------------------------------------------------------------------ stop limits and schedule

@@ -131,13 +131,15 @@ def test_explicit_flags_skip_the_probe_and_win(tmp_path):
     assert "sizing" not in result.stderr and "1 x 40 gru" in result.stderr and "8 streams x 16" in result.stderr
 
 
-def _cadence(max_time: float, seconds: np.ndarray) -> list:
-    """When a run with this budget evaluates, given the clock at each step (no training done)."""
+def _cadence(max_time: float, seconds: np.ndarray, cost: float = 0.0) -> list:
+    """When a run with this budget evaluates, given the clock at each step (no training done) and the
+    seconds each evaluation took."""
     ids = np.arange(5000) % 20
     model = CharRNN(ModelConfig(vocab_size=20, hidden=8, layers=1, dropout=0.0))
     trainer = Trainer(model, ids[:4000], ids[4000:], TrainConfig(batch_size=4, seq_len=16, max_time=max_time),
                       "unused", torch.device("cpu"), {}, dist_info=autosize_dist())
     trainer._next_eval = trainer._first_eval_mark()
+    trainer._eval_cost = cost
     due = []
     for step, now in enumerate(seconds, 1):
         trainer.step, trainer.elapsed = step, float(now)
@@ -161,3 +163,25 @@ def test_evaluations_come_by_time(budget):
     assert (gaps >= 0.1 * budget - 0.51).all() and (gaps <= 0.1 * budget + 0.51).all()  # then every 10%
     if budget >= 120:
         assert len(due) >= 5
+
+
+def test_a_longer_budget_buys_more_steps_not_wider_ones():
+    three = choose(1_000_000, 65, seconds=180, speed=SLOW)
+    ten = choose(1_000_000, 65, seconds=600, speed=SLOW)
+    width = [c.batch_size * c.seq_len for c in (three, ten)]
+    steps = [c.planned_chars / w for c, w in zip((three, ten), width)]
+    assert width[0] <= width[1] <= autosize.MAX_STEP_CHARS  # the sweep's best width, at 3 minutes and at 10
+    assert steps[1] > 1.3 * autosize.TARGET_STEPS  # what ten minutes read beyond that width, in more steps
+    # a run that reads hundreds of millions of characters (a GPU's ten minutes) takes wider steps
+    gpu = choose(100_000_000, 65, seconds=600, speed=FAST, gpu=True)
+    assert gpu.batch_size * gpu.seq_len > 4 * autosize.MAX_STEP_CHARS
+
+
+def test_costly_evaluations_are_spaced_by_their_cost_and_none_falls_just_before_the_end():
+    # 1.5 s an evaluation in a 3-minute run: 10% of the budget (18 s) would spend 8% of it evaluating
+    due = _cadence(180.0, np.arange(0.5, 180.0, 0.5), cost=1.5)
+    assert (np.diff(due) >= 30 * 1.5 - 0.01).all()  # at most ~3% of the run
+    assert due[-1] <= 180.0 - 30 * 1.5  # the final evaluation at the end is the next one
+    assert len(due) >= 3
+    # the quick start's 2 minutes at ~0.6 s an evaluation still show five lines before the final one
+    assert len(_cadence(120.0, np.arange(0.5, 120.0, 0.5), cost=0.6)) >= 5

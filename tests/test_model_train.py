@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from charlm import checkpoint as ckpt
 from charlm.corpus import decode_corpus, make_streams, split_train_val
 from charlm.model import CharRNN, ModelConfig, layer_parameter_counts
+from charlm.evaluation import evaluate_text
 from charlm.train import TrainConfig, Trainer, evaluate, learning_rate
 
 from conftest import word_text
@@ -69,8 +71,8 @@ def train_small(tmp_path, text, cell="rnn", steps=150, seq_len=32, hidden=64, **
     train_ids, val_ids = split_train_val(corpus.ids, 0.1)
     torch.manual_seed(0)
     model = CharRNN(ModelConfig(vocab_size=corpus.vocab.size, cell=cell, hidden=hidden, layers=1))
-    config = TrainConfig(batch_size=16, seq_len=seq_len, max_steps=steps, eval_every=steps, lr=5e-3,
-                         precision="fp32", **overrides)
+    config = TrainConfig(**{"batch_size": 16, "seq_len": seq_len, "max_steps": steps, "eval_every": steps,
+                            "lr": 5e-3, "precision": "fp32", **overrides})
     meta = {"model_config": model.config.to_dict(), "vocab": corpus.vocab.chars, "corpus": corpus.info()}
     trainer = Trainer(model, train_ids, val_ids, config, tmp_path / cell, torch.device("cpu"), meta)
     return trainer.run(), corpus, val_ids, model
@@ -136,3 +138,17 @@ def test_nonfinite_loss_stops_without_overwriting_best(tmp_path):
     assert result.stopped_by == "nonfinite" and 10 < result.step < 40
     assert (tmp_path / "best.pt").read_bytes() == best_before
     assert result.best_step == 10
+
+
+def test_bf16_runs_evaluate_periodically_in_bf16_and_report_the_best_model_in_float32(tmp_path):
+    """Periodic passes run in the training precision (cheaper); the final figure is float32 on the whole tail,
+    even when the periodic sample already covered all of it."""
+    result, corpus, val_ids, model = train_small(tmp_path, word_text(), cell="gru", steps=40, precision="bf16",
+                                                 eval_every=20, eval_chars=0)
+    assert result.full_val is not None  # a float32 report, though the sample was the whole tail
+    best = CharRNN(model.config)
+    best.load_state_dict(ckpt.load(tmp_path / "gru" / ckpt.BEST)["model"])
+    full32 = evaluate_text(best, val_ids, "cpu", streams=32, precision="fp32")
+    half = evaluate_text(best, val_ids, "cpu", streams=32, precision="bf16")
+    assert result.full_val["loss"] == pytest.approx(full32["loss"], abs=1e-5)
+    assert result.best_val_loss == pytest.approx(half["loss"], abs=1e-5)

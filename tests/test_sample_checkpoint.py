@@ -9,7 +9,7 @@ import torch
 from charlm import checkpoint as ckpt
 from charlm.errors import CharlmError
 from charlm.model import CharRNN, ModelConfig
-from charlm.sample import SampleConfig, longest_verbatim, pick, sample_text
+from charlm.sample import SampleConfig, pick, sample_text
 from charlm.vocab import Vocabulary
 
 
@@ -55,11 +55,6 @@ def test_stop_string_ends_sample_early():
         model.decoder.weight.zero_()
     text = sample_text(model, vocab, "b", SampleConfig(length=100, stop="aa", seed=0))[0]
     assert text == "baa"
-
-
-def test_longest_verbatim():
-    assert longest_verbatim("xxhello worldyy", "say hello world now") == "hello world"
-    assert longest_verbatim("zzz", "abc") == ""
 
 
 def payload_for(model, vocab):
