@@ -9,6 +9,7 @@ anything that would run code when unpickled.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import tempfile
@@ -24,6 +25,14 @@ FORMAT = 1
 BEST, LAST = "best.pt", "last.pt"
 
 
+@functools.lru_cache(maxsize=None)
+def _umask() -> int:
+    """The process's umask, read once (reading it means setting it, so not at every save)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save(payload: dict, path) -> None:
     """Write to a temporary file beside `path`, fsync, then os.replace: a crash, a full disk or a second
     Ctrl-C leaves either the old file or the new one, never a torn one."""
@@ -35,9 +44,7 @@ def save(payload: dict, path) -> None:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint gets a plain file's permissions
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint gets a plain file's permissions
         os.replace(tmp, path)
     except BaseException as exc:
         try:

@@ -472,7 +472,7 @@ def _end_summary(console: Console, result, out: Path, r: TrainRequest, received:
                "patience": f"validation loss stopped improving (--patience {r.patience})", "interrupt": "interrupted"}
     console.print(f"[bold]stopped[/bold]: {reasons.get(result.stopped_by, result.stopped_by)} at step {result.step} "
                   f"(epoch {result.epoch}) after {human_time(result.elapsed_s)}"
-                  + (f", {result.eval_s / result.elapsed_s:.0%} of it evaluating and saving" if result.elapsed_s > 0
+                  + (f", {result.eval_s / result.elapsed_s:.1%} of it evaluating and saving" if result.elapsed_s > 0
                      and result.eval_s else ""))
     if math.isfinite(result.best_val_loss):
         bv = result.best_val_loss

@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import stat
 
 import pytest
 import torch
@@ -156,3 +157,13 @@ def test_a_vanishing_top_p_keeps_the_most_likely():
     logits = torch.tensor([[1.0, 3.0, 2.0, -1.0]]).repeat(4, 1)
     picked = pick(logits, SampleConfig(top_p=1.1e-308), torch.Generator().manual_seed(0))
     assert picked.tolist() == [1] * 4
+
+
+def test_a_checkpoint_gets_a_plain_files_permissions_and_no_temporary_file_is_left(tmp_path):
+    mask = os.umask(0)
+    os.umask(mask)
+    ckpt.save({"format": ckpt.FORMAT, "step": 1}, tmp_path / "a.pt")
+    ckpt.save({"format": ckpt.FORMAT, "step": 2}, tmp_path / "a.pt")  # replaced in place
+    assert stat.S_IMODE(os.stat(tmp_path / "a.pt").st_mode) == 0o666 & ~mask  # not mkstemp's 0600
+    assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]
+    assert torch.load(tmp_path / "a.pt", weights_only=True)["step"] == 2
