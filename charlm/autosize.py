@@ -212,6 +212,14 @@ def choose(n_train: int, vocab: int, cell: str = "gru", seconds: Optional[float]
                   _reason(hidden, layers, embedding, cell, n_train, vocab, seconds, steps, epochs, planned))
 
 
+def eval_chars(planned: float) -> int:
+    """Validation characters a periodic evaluation scores: 1/125 of what the run reads, 16,384 to 65,536.
+    A forward pass scores ~4x as fast as training reads, so ten of them cost ~2% of the run: a 2-minute run
+    gets its five lines and more, and a 10-minute one still reads the 65,536 that track the full pass to
+    0.01 nats/char (BENCHMARKS.md 9). The sample is fixed for the run, so evaluations compare like with like."""
+    return int(min(65_536, max(16_384, round(planned / 125 / 1024) * 1024)))
+
+
 def _reason(hidden, layers, embedding, cell, n_train, vocab, seconds, steps, epochs, planned) -> str:
     from charlm.display import human_count, human_time
 

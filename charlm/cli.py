@@ -126,9 +126,11 @@ def train(
     eval_every: Annotated[Optional[int], typer.Option(
         help="Steps between validation passes and checkpoints \\[default: by time: the first after 15 s or 10% "
              "of the budget, whichever is later, then every 10%].", rich_help_panel=TRAIN, show_default=False)] = None,
-    eval_chars: Annotated[int, typer.Option(
+    eval_chars: Annotated[Optional[int], typer.Option(
         help="Validation characters each periodic evaluation scores: a fixed sample spread over the held-out "
-             "text (0 = all of it). The final report always scores all of it.", rich_help_panel=TRAIN)] = 65_536,
+             "text (0 = all of it). The final report always scores all of it \\[default: sized to the budget, "
+             "16,384 to 65,536; 65,536 when the model and layout are all given].", rich_help_panel=TRAIN,
+        show_default=False)] = None,
     full_final_eval: Annotated[bool, typer.Option(
         help="Score the best model on the whole validation text at the end.", rich_help_panel=TRAIN)] = True,
     patience: Annotated[int, typer.Option(help="Stop after this many evaluations without a new best "

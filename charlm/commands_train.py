@@ -48,7 +48,7 @@ class TrainRequest:
     max_steps: Optional[int]
     max_time: Optional[str]
     eval_every: Optional[int]
-    eval_chars: int
+    eval_chars: Optional[int]
     full_final_eval: bool
     patience: int
     seed: int
@@ -192,12 +192,13 @@ def run_train(r: TrainRequest, console: Console) -> None:
         agreed(dinfo, lambda: _prepare_out(out, fresh=not r.resume), here=dinfo.is_main)
         mconf, batch, seq_len, sizing = _sizes(r, payload, corpus, train_ids, device, precision, dinfo, max_time)
         batch, seq_len = fit_layout(len(train_ids) - 1, batch, seq_len)
+        eval_chars = _eval_chars(r, payload, sizing)
         if dinfo.enabled:
             batch = max(dinfo.world, batch - batch % dinfo.world)
         tconf = TrainConfig(batch_size=batch, seq_len=seq_len, lr=r.lr, warmup_steps=r.warmup,
                             weight_decay=r.weight_decay, optimizer=r.optimizer, clip=r.clip, epochs=r.epochs,
                             max_steps=r.max_steps, max_time=max_time, eval_every=r.eval_every, patience=r.patience,
-                            val_frac=r.val_frac, seed=r.seed, precision=precision, eval_chars=r.eval_chars,
+                            val_frac=r.val_frac, seed=r.seed, precision=precision, eval_chars=eval_chars,
                             full_final_eval=r.full_final_eval)
         seed_everything(r.seed)
         model = CharRNN(mconf)
@@ -329,6 +330,20 @@ def _sizes(r: TrainRequest, payload, corpus, train_ids, device, precision, dinfo
     sizing = {"auto": auto, "choice": choice.to_dict(), "flags": autosize.flags(choice),
               "probe_s": speed.probe_s if speed else 0.0}
     return mconf, choice.batch_size, choice.seq_len, sizing
+
+
+def _eval_chars(r: TrainRequest, payload, sizing: dict) -> int:
+    """--eval-chars if given; a resumed run's own (its evaluations keep scoring the same sample); sized to
+    what the run plans to read when anything was chosen for it; else 65,536."""
+    from charlm import autosize
+
+    if r.eval_chars is not None:
+        return r.eval_chars
+    if r.resume and payload is not None:
+        return int(payload.get("train_config", {}).get("eval_chars", 65_536))
+    if sizing.get("auto") and sizing.get("choice"):
+        return autosize.eval_chars(sizing["choice"]["planned_chars"])
+    return 65_536
 
 
 def _agreed_speed(speed, dinfo):

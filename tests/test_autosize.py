@@ -187,3 +187,27 @@ def test_costly_evaluations_are_spaced_by_their_cost_and_none_falls_just_before_
     assert len(due) >= 3
     # the quick start's 2 minutes at ~0.6 s an evaluation still show five lines before the final one
     assert len(_cadence(120.0, np.arange(0.5, 120.0, 0.5), cost=0.6)) >= 5
+
+
+def test_the_evaluation_sample_is_sized_to_the_budget_kept_on_resume_and_given_values_win(tmp_path):
+    assert autosize.eval_chars(100_000) == 16_384 and autosize.eval_chars(1e9) == 65_536
+    assert autosize.eval_chars(2e6) < autosize.eval_chars(5e6)  # a longer run affords a larger sample
+    corpus = tmp_path / "notes.txt"
+    corpus.write_text(word_text(10_000), encoding="utf-8")  # 39k validation characters
+
+    def scored(out):
+        return {json.loads(line)["val_chars"] for line in (out / "metrics.jsonl").read_text().splitlines()}
+
+    out = tmp_path / "run"
+    first = run_cli("train", corpus, "--out", out, "--max-time", "5s", "--no-preview", "--no-items", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "a fixed sample of 16.4k" in first.stderr and "/16.4k (" in first.stderr and scored(out) == {16_384}
+    resumed = run_cli("train", corpus, "--out", out, "--max-time", "8s", "--no-preview", "--no-items", "--resume",
+                      cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert scored(out) == {16_384}  # the same sample, so the resumed evaluations compare with the first ones
+    given = run_cli("train", corpus, "--out", tmp_path / "given", "--max-steps", "4", "--eval-chars", "20000",
+                    "--hidden", "32", "--layers", "1", "--embedding", "0", "--dropout", "0", "--batch-size", "8",
+                    "--seq-len", "16", "--no-preview", "--no-items", cwd=tmp_path)
+    assert given.returncode == 0, given.stderr
+    assert scored(tmp_path / "given") == {20_000}
