@@ -1,7 +1,7 @@
 """Defaults that size themselves: the model and the batch layout chosen from the text, the budget and the
 measured speed of the device, so that `charlm train FILE` gives about the best model the time allows.
 
-The rule, in four lines (the measurements behind each constant are in BENCHMARKS.md, "Auto defaults"):
+The rule, in four lines and a note (the measurements behind each constant are in BENCHMARKS.md, "Auto defaults"):
 
     D  characters the run will read: budget seconds x measured chars/s (or steps x B x T, or epochs x N)
     P  parameters: the largest model with P <= ANCHOR_P x (D / ANCHOR_D)^EXPONENT (what the budget can
@@ -11,6 +11,7 @@ The rule, in four lines (the measurements behind each constant are in BENCHMARKS
        work) up to MAX_STEP_CHARS (2,048 until D passes 8M, then growing as sqrt(D): a longer budget buys
        mostly more steps, not wider ones), never so small that a step's fixed cost dominates; T = 64 or 128
     dropout  by how often the run will see each character: D / N epochs
+    (and the sample each periodic evaluation scores: D / 125 characters, 16,384 to 65,536)
 
 The input is one-hot while the vocabulary is small (a gather, no weights) and a learned embedding beyond
 ONE_HOT_MAX characters, its width growing with the vocabulary. Speed comes from a probe of a second or two
@@ -119,9 +120,9 @@ def layers_for(hidden: int) -> int:
 def _layout(planned: float, n_train: int, world: int, gpu: bool, vocab: int = 0, efficient: float = 0.0) -> tuple:
     """(B, T): about TARGET_STEPS steps over the planned characters (more when a step would exceed the
     widest step for this plan), but no step smaller than `efficient` characters (below it the fixed cost
-    of a step dominates and the device idles) unless that would leave
-    fewer than MIN_STEPS steps; within what the text can fill, and with a step's logits (B x T x V floats,
-    kept about four times over by the loss and its gradient) under ~70 MB."""
+    of a step dominates and the device idles) unless that would leave fewer than MIN_STEPS steps; within
+    what the text can fill, and with a step's logits (B x T x V floats, kept about four times over by the
+    loss and its gradient) under ~70 MB."""
     widest = MAX_STEP_CHARS * max(1.0, planned / MAX_STEP_AT) ** 0.5
     per_step = min(max(min(planned / TARGET_STEPS, widest), efficient, MIN_STEP_CHARS * world),
                    planned / MIN_STEPS,
@@ -212,12 +213,17 @@ def choose(n_train: int, vocab: int, cell: str = "gru", seconds: Optional[float]
                   _reason(hidden, layers, embedding, cell, n_train, vocab, seconds, steps, epochs, planned))
 
 
+# Validation characters a periodic evaluation scores at most (they track the full pass to 0.01 nats/char,
+# BENCHMARKS.md 9) and at least (fewer and a minute's run compares its checkpoints on noise).
+EVAL_CHARS, EVAL_CHARS_MIN = 65_536, 16_384
+
+
 def eval_chars(planned: float) -> int:
-    """Validation characters a periodic evaluation scores: 1/125 of what the run reads, 16,384 to 65,536.
-    A forward pass scores ~4x as fast as training reads, so ten of them cost ~2% of the run: a 2-minute run
-    gets its five lines and more, and a 10-minute one still reads the 65,536 that track the full pass to
-    0.01 nats/char (BENCHMARKS.md 9). The sample is fixed for the run, so evaluations compare like with like."""
-    return int(min(65_536, max(16_384, round(planned / 125 / 1024) * 1024)))
+    """Validation characters a periodic evaluation scores: 1/125 of what the run reads, within the bounds
+    above. A forward pass scores ~4x as fast as training reads, so ten of them cost ~2% of the run: a
+    2-minute run gets its five lines and more, and a 10-minute one reads all EVAL_CHARS. The sample is fixed
+    for the run, so its evaluations compare like with like."""
+    return int(min(EVAL_CHARS, max(EVAL_CHARS_MIN, round(planned / 125 / 1024) * 1024)))
 
 
 def _reason(hidden, layers, embedding, cell, n_train, vocab, seconds, steps, epochs, planned) -> str:

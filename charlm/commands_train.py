@@ -334,16 +334,16 @@ def _sizes(r: TrainRequest, payload, corpus, train_ids, device, precision, dinfo
 
 def _eval_chars(r: TrainRequest, payload, sizing: dict) -> int:
     """--eval-chars if given; a resumed run's own (its evaluations keep scoring the same sample); sized to
-    what the run plans to read when anything was chosen for it; else 65,536."""
+    what the run plans to read when anything was chosen for it; else autosize.EVAL_CHARS."""
     from charlm import autosize
 
     if r.eval_chars is not None:
         return r.eval_chars
     if r.resume and payload is not None:
-        return int(payload.get("train_config", {}).get("eval_chars", 65_536))
+        return int(payload.get("train_config", {}).get("eval_chars", autosize.EVAL_CHARS))
     if sizing.get("auto") and sizing.get("choice"):
         return autosize.eval_chars(sizing["choice"]["planned_chars"])
-    return 65_536
+    return autosize.EVAL_CHARS
 
 
 def _agreed_speed(speed, dinfo):

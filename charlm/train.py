@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from charlm import checkpoint as ckpt
 from charlm import state as st
+from charlm.autosize import EVAL_CHARS
 from charlm.errors import CharlmError
 from charlm.evaluation import (EVAL_SEQ_LEN, autocast, evaluate, evaluate_text, full_pass_streams,  # noqa: F401
                                loss_report)
@@ -32,6 +33,8 @@ from charlm.runtime import Dist
 from charlm.streams import eval_streams, make_streams
 
 OPTIMIZERS = ("adamw", "adam", "rmsprop", "sgd")
+# Periodic evaluations by time come at most once per this many times their own cost: ~3% of the run at most.
+EVAL_SPACING = 30
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ class TrainConfig:
     # Periodic evaluations score an evenly spread sample of at most this many validation characters: within
     # 0.01 nats/char of the full pass on Tiny Shakespeare and python-stdlib (BENCHMARKS.md), and a pass
     # costs the same on a 1 MB corpus and a 10 GB one. 0 = the whole validation text every time.
-    eval_chars: int = 65_536
+    eval_chars: int = EVAL_CHARS
     full_final_eval: bool = True  # the final report scores the best model on the whole validation text
     patience: int = 10  # stop after this many evaluations without a new best; 0 = never stop early
     val_frac: float = 0.1  # the tail of the corpus held out for validation
@@ -336,15 +339,16 @@ class Trainer:
         if c.eval_every:
             return self.step % c.eval_every == 0
         # By time: the first once 15 s and 10% of the budget have passed, then every 10% of the budget,
-        # never more often than 30x an evaluation's own cost (evaluations stay under ~3% of the run), and
+        # never more often than EVAL_SPACING x an evaluation's own cost (they stay under ~3% of the run), and
         # none that close to the end, where the final evaluation comes anyway.
         progress = self._progress()
         if progress < self._next_eval or self.elapsed < 15.0:
             return False
-        cost = 0.0 if self.dist.enabled else getattr(self, "_eval_cost", 0.0)  # a local clock: not under DDP,
-        if self.metrics and self.elapsed - self.metrics[-1]["elapsed_s"] < 30 * cost:  # where all must agree
+        # A local clock: not under DDP, where all processes must agree.
+        spacing = EVAL_SPACING * (0.0 if self.dist.enabled else getattr(self, "_eval_cost", 0.0))
+        if self.metrics and self.elapsed - self.metrics[-1]["elapsed_s"] < spacing:
             return False
-        if cost and self.elapsed * (1 - progress) / max(progress, 1e-9) < 30 * cost:  # seconds left, estimated
+        if spacing and self.elapsed * (1 - progress) / max(progress, 1e-9) < spacing:  # seconds left, estimated
             return False
         self._next_eval = progress + 0.1
         return True

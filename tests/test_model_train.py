@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from charlm import checkpoint as ckpt
 from charlm.corpus import decode_corpus, make_streams, split_train_val
-from charlm.model import CharRNN, ModelConfig, layer_parameter_counts
 from charlm.evaluation import evaluate_text
+from charlm.model import CharRNN, ModelConfig, layer_parameter_counts
 from charlm.train import TrainConfig, Trainer, evaluate, learning_rate
 
 from conftest import word_text
