@@ -71,7 +71,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        # Not torch.cuda.is_bf16_supported(): it also says yes where bf16 is emulated (compute capability 7.x:
+        # T4, GTX 16xx, RTX 20xx), which is slower than fp32. Tensor cores do bf16 from 8.0 (Ampere) on.
+        return "bf16" if tuple(torch.cuda.get_device_capability(device)) >= (8, 0) else "fp32"
     if device.type == "cpu":
         return "bf16" if cpu_has_native_bf16() else "fp32"
     return "fp32"
@@ -110,6 +112,8 @@ def setup_distributed(device_name: str) -> tuple:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_name)
     if device.type == "cuda":
+        # torchrun sets LOCAL_WORLD_SIZE; without it, this process knows only that it is number local_rank.
+        _check_gpu_count(int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1)), torch.cuda.device_count())
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -119,6 +123,17 @@ def setup_distributed(device_name: str) -> tuple:
         # torchrun starts K processes on one machine: share the cores instead of each taking them all.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     return Dist(rank, world, local_rank), device
+
+
+def _check_gpu_count(local_processes: int, gpus: int) -> None:
+    """One GPU per process: more processes than GPUs would send the extra ones to a device ordinal that does
+    not exist. Checked before joining the process group, from counts every process on this machine sees alike
+    (torchrun's LOCAL_WORLD_SIZE and the visible devices), so all of them stop with this same line before any
+    joins, and none is left waiting in the rendezvous for one that failed."""
+    if local_processes > gpus:
+        raise CharlmError(f"{local_processes} processes on this machine but only {gpus} CUDA device"
+                          f"{'s' if gpus != 1 else ''}; one process per GPU: use --nproc_per_node={gpus}, "
+                          "or --device cpu to train on the CPU")
 
 
 def teardown_distributed() -> None:

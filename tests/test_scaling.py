@@ -8,10 +8,43 @@ import sys
 import pytest
 import torch
 
+from charlm.errors import CharlmError
+from charlm.runtime import resolve_precision, setup_distributed
 from conftest import run_cli
 
 FLAGS = ["--hidden", "48", "--layers", "1", "--batch-size", "16", "--seq-len", "32", "--no-preview",
          "--precision", "fp32", "--eval-every", "20", "--seed", "5"]
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 5), "fp32"), ((6, 1), "fp32"), ((8, 0), "bf16"),
+                                                  ((9, 0), "bf16")])
+def test_auto_precision_is_bf16_only_where_the_gpu_does_it_natively(monkeypatch, capability, expected):
+    """torch.cuda.is_bf16_supported() also says yes where bf16 is emulated (a T4, GTX 16xx, RTX 20xx: compute
+    capability 7.5), which runs slower than fp32; --precision auto takes bf16 from 8.0 (Ampere) on."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert resolve_precision("auto", torch.device("cuda")) == expected
+    assert resolve_precision("auto", torch.device("cuda", 0)) == expected
+    assert resolve_precision("bf16", torch.device("cuda")) == "bf16"  # asked for by name: the user's choice
+
+
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+def test_more_processes_than_gpus_is_one_clear_error(monkeypatch, device):
+    """torchrun --nproc_per_node=2 on a machine with one GPU: every process says the same line (they all see the
+    same counts) before joining the process group, instead of rank 1 failing on cuda:1 with a traceback."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    messages = []
+    for rank in (0, 1):
+        for key, value in {"WORLD_SIZE": "2", "RANK": rank, "LOCAL_RANK": rank, "LOCAL_WORLD_SIZE": "2"}.items():
+            monkeypatch.setenv(key, str(value))
+        with pytest.raises(CharlmError) as caught:
+            setup_distributed(device)
+        messages.append(str(caught.value))
+    assert messages[0] == messages[1]
+    assert "2 processes" in messages[0] and "1 CUDA device" in messages[0]
+    assert "--nproc_per_node=1" in messages[0] and "--device cpu" in messages[0]
 
 
 def torchrun(*args, cwd, nproc=2):
