@@ -43,6 +43,13 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object to 
 EncodingOpt = Annotated[str, typer.Option(help="Text encoding of the file.", rich_help_panel=DATA)]
 UnknownOpt = Annotated[str, typer.Option(help="Characters outside the vocabulary: error or skip.",
                                          rich_help_panel=DATA)]
+# Commands that read a text for a model read it as the model's training text was read, unless told otherwise.
+ReadEncodingOpt = Annotated[Optional[str], typer.Option(
+    "--encoding", help="Text encoding of the input \\[default: the model's training text's].", rich_help_panel=DATA,
+    show_default=False)]
+ReadCrlfOpt = Annotated[Optional[bool], typer.Option(
+    "--keep-crlf/--no-keep-crlf", help="Keep CRLF line ends or turn them into LF \\[default: as the model's "
+    "training text was read].", rich_help_panel=DATA, show_default=False)]
 
 
 def version_callback(value: bool):
@@ -85,17 +92,22 @@ def train(
              "read in sorted order and joined with a blank line.", show_default=False)] = None,
     named: Annotated[Optional[str], typer.Option("--corpus", help="A named corpus instead of a file: python-stdlib "
                                                  "(offline) or tinyshakespeare (downloaded).", rich_help_panel=DATA)] = None,
-    encoding: EncodingOpt = "utf-8",
-    keep_crlf: Annotated[bool, typer.Option(help="Keep CRLF line ends (by default they become LF).",
-                                            rich_help_panel=DATA)] = False,
-    val_frac: Annotated[float, typer.Option(help="Fraction of the text, from its end, held out for validation.",
-                                            rich_help_panel=DATA)] = 0.1,
+    encoding: Annotated[Optional[str], typer.Option(help="Text encoding of the files \\[default: utf-8].",
+                                                    rich_help_panel=DATA, show_default=False)] = None,
+    keep_crlf: Annotated[Optional[bool], typer.Option(
+        "--keep-crlf/--no-keep-crlf", help="Keep CRLF line ends \\[default: they become LF].", rich_help_panel=DATA,
+        show_default=False)] = None,
+    val_frac: Annotated[Optional[float], typer.Option(
+        help="Fraction of the text, from its end, held out for validation \\[default: 0.1].", rich_help_panel=DATA,
+        show_default=False)] = None,
     items: Annotated[Optional[bool], typer.Option(
         "--items/--no-items", help="Train on one item per line (names, words, titles): items reshuffled every "
         "epoch, a random sample of them validates \\[default: recognised from the text].", rich_help_panel=DATA,
         show_default=False)] = None,
-    cell: Annotated[str, typer.Option(help="Recurrent cell: rnn, gru or lstm.", rich_help_panel=MODEL)] = "gru",
-    nonlinearity: Annotated[str, typer.Option(help="rnn cell only: tanh or relu.", rich_help_panel=MODEL)] = "tanh",
+    cell: Annotated[Optional[str], typer.Option(help="Recurrent cell: rnn, gru or lstm \\[default: gru].",
+                                                rich_help_panel=MODEL, show_default=False)] = None,
+    nonlinearity: Annotated[Optional[str], typer.Option(help="rnn cell only: tanh or relu \\[default: tanh].",
+                                                        rich_help_panel=MODEL, show_default=False)] = None,
     hidden: Annotated[Optional[int], typer.Option(help="Units per layer \\[default: auto].", rich_help_panel=MODEL,
                                                   show_default=False)] = None,
     layers: Annotated[Optional[int], typer.Option(help="Recurrent layers \\[default: auto].", rich_help_panel=MODEL,
@@ -111,11 +123,16 @@ def train(
                                                       show_default=False)] = None,
     seq_len: Annotated[Optional[int], typer.Option(help="Characters per truncated-BPTT chunk (T) \\[default: auto].",
                                                    rich_help_panel=TRAIN, show_default=False)] = None,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.", rich_help_panel=TRAIN)] = 3e-3,
-    optimizer: Annotated[str, typer.Option(help="adamw, adam, rmsprop or sgd.", rich_help_panel=TRAIN)] = "adamw",
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.", rich_help_panel=TRAIN)] = 0.01,
-    warmup: Annotated[int, typer.Option(help="Warmup steps.", rich_help_panel=TRAIN)] = 50,
-    clip: Annotated[float, typer.Option(help="Gradient clipping by global norm.", rich_help_panel=TRAIN)] = 1.0,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate \\[default: 0.003].", rich_help_panel=TRAIN,
+                                                show_default=False)] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="adamw, adam, rmsprop or sgd \\[default: adamw].",
+                                                     rich_help_panel=TRAIN, show_default=False)] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay \\[default: 0.01].",
+                                                          rich_help_panel=TRAIN, show_default=False)] = None,
+    warmup: Annotated[Optional[int], typer.Option(help="Warmup steps \\[default: 50].", rich_help_panel=TRAIN,
+                                                  show_default=False)] = None,
+    clip: Annotated[Optional[float], typer.Option(help="Gradient clipping by global norm \\[default: 1.0].",
+                                                  rich_help_panel=TRAIN, show_default=False)] = None,
     epochs: Annotated[Optional[float], typer.Option(help="Stop after this many passes over the text.",
                                                     rich_help_panel=TRAIN)] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.",
@@ -135,8 +152,8 @@ def train(
         help="Score the best model on the whole validation text at the end.", rich_help_panel=TRAIN)] = True,
     patience: Annotated[int, typer.Option(help="Stop after this many evaluations without a new best "
                                           "(0 = never).", rich_help_panel=TRAIN)] = 10,
-    seed: Annotated[int, typer.Option(help="Random seed: the same seed and flags give the same run.",
-                                      rich_help_panel=RUN)] = 1337,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed: the same seed and flags give the same run "
+                                                "\\[default: 1337].", rich_help_panel=RUN, show_default=False)] = None,
     device: DeviceOpt = "auto",
     precision: Annotated[str, typer.Option(help="auto, fp32 or bf16 (autocast). auto = bf16 where the hardware "
                                            "does bf16 natively.", rich_help_panel=RUN)] = "auto",
@@ -148,7 +165,8 @@ def train(
     out: Annotated[Optional[Path], typer.Option(help="Run directory \\[default: checkpoints/<corpus name>].",
                                                 rich_help_panel=OUTPUT, show_default=False)] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out (or the newest run of this corpus) "
-                                         "exactly where it stopped.", rich_help_panel=OUTPUT)] = False,
+                                         "exactly where it stopped, with its own options; a larger limit trains "
+                                         "it longer.", rich_help_panel=OUTPUT)] = False,
     init_from: Annotated[Optional[Path], typer.Option(help="Fine-tune an existing checkpoint on this corpus "
                                                       "(keeps its vocabulary and architecture).",
                                                       rich_help_panel=OUTPUT)] = None,
@@ -241,7 +259,8 @@ def sample(
 def evaluate(
     corpus: Annotated[Path, typer.Argument(help="A text file to score.", show_default=False)],
     checkpoint: CheckpointOpt = None,
-    encoding: EncodingOpt = "utf-8",
+    encoding: ReadEncodingOpt = None,
+    keep_crlf: ReadCrlfOpt = None,
     unknown: UnknownOpt = "error",
     streams: Annotated[int, typer.Option(help="Parallel streams (each warmed on the text before it).",
                                          rich_help_panel=RUN)] = 8,
@@ -254,7 +273,7 @@ def evaluate(
     """
     from charlm.commands import run_eval
 
-    run_eval(corpus, checkpoint, encoding, unknown, streams, as_json, device, err)
+    run_eval(corpus, checkpoint, encoding, unknown, streams, as_json, device, err, keep_crlf)
 
 
 @app.command()
@@ -311,7 +330,8 @@ def score(
     path: Annotated[str, typer.Argument(metavar="FILE|-", help="A text file to score, or - for stdin.",
                                         show_default=False)],
     checkpoint: CheckpointOpt = None,
-    encoding: EncodingOpt = "utf-8",
+    encoding: ReadEncodingOpt = None,
+    keep_crlf: ReadCrlfOpt = None,
     unknown: UnknownOpt = "error",
     summary: Annotated[bool, typer.Option(help="Print totals (nats, bits/char, perplexity) and the most "
                                           "surprising spans instead of one line per character.",
@@ -339,10 +359,10 @@ def score(
     if rank:
         from charlm.commands_explain import run_rank
 
-        return run_rank(path, checkpoint, encoding, unknown, as_json, device, err)
+        return run_rank(path, checkpoint, encoding, keep_crlf, unknown, as_json, device, err)
     from charlm.commands_explain import run_score
 
-    run_score(path, checkpoint, encoding, unknown, streams, top, summary, as_json, device, err)
+    run_score(path, checkpoint, encoding, keep_crlf, unknown, streams, top, summary, as_json, device, err)
 
 
 @app.command()
@@ -353,7 +373,8 @@ def explain(
     file: Annotated[Optional[Path], typer.Option("--file", "-f", help="Read the text from a file.",
                                                  rich_help_panel=DATA)] = None,
     checkpoint: CheckpointOpt = None,
-    encoding: EncodingOpt = "utf-8",
+    encoding: ReadEncodingOpt = None,
+    keep_crlf: ReadCrlfOpt = None,
     unknown: UnknownOpt = "error",
     html: Annotated[Optional[Path], typer.Option(help="Write one self-contained HTML page (hover a character for "
                                                  "its predictions) instead of printing.",
@@ -376,7 +397,7 @@ def explain(
     """
     from charlm.commands_explain import run_explain
 
-    run_explain(text, file, checkpoint, encoding, unknown, html, neurons, list(unit or []), device, err)
+    run_explain(text, file, checkpoint, encoding, keep_crlf, unknown, html, neurons, list(unit or []), device, err)
 
 
 

@@ -7,7 +7,7 @@ import math
 import shlex
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import List, Optional
 
@@ -27,23 +27,25 @@ from charlm.vocab import Vocabulary
 class TrainRequest:
     corpus: Optional[List[Path]]
     named: Optional[str]
-    encoding: str
-    keep_crlf: bool
-    val_frac: float
+    # None for an option not given: a resumed run takes its own value from the checkpoint, a new run the
+    # default (settle_options below); the auto-sized ones are chosen by autosize.py.
+    encoding: Optional[str]
+    keep_crlf: Optional[bool]
+    val_frac: Optional[float]
     items: Optional[bool]  # None: recognised by items.looks_like_items
-    cell: str
-    nonlinearity: str
+    cell: Optional[str]
+    nonlinearity: Optional[str]
     hidden: Optional[int]  # None: chosen by autosize.py
     layers: Optional[int]
     dropout: Optional[float]
     embedding: Optional[int]
     batch_size: Optional[int]
     seq_len: Optional[int]
-    lr: float
-    optimizer: str
-    weight_decay: float
-    warmup: int
-    clip: float
+    lr: Optional[float]
+    optimizer: Optional[str]
+    weight_decay: Optional[float]
+    warmup: Optional[int]
+    clip: Optional[float]
     epochs: Optional[float]
     max_steps: Optional[int]
     max_time: Optional[str]
@@ -51,7 +53,7 @@ class TrainRequest:
     eval_chars: Optional[int]
     full_final_eval: bool
     patience: int
-    seed: int
+    seed: Optional[int]
     device: str
     precision: str
     compile_model: bool
@@ -60,6 +62,69 @@ class TrainRequest:
     init_from: Optional[Path]
     force: bool
     preview: bool
+
+
+# The options that shape a run, with where a checkpoint keeps each and its default for a new run (None: chosen
+# by autosize.py). A resumed run takes every one it is not given from its checkpoint, and refuses a different
+# value: otherwise another --seed or --val-frac would re-split the corpus (text it trained on would become
+# validation text) and another --optimizer would not load the saved optimizer state. Limits, patience,
+# evaluation cadence, device and precision may change: they do not alter what the run has learnt so far.
+SHAPING = {  # field: (flag, checkpoint section, key there, default)
+    "encoding": ("--encoding", "corpus", "encoding", "utf-8"),
+    "keep_crlf": ("--keep-crlf", "corpus", "keep_crlf", False),
+    "val_frac": ("--val-frac", "train_config", "val_frac", 0.1),
+    "items": ("--items", "corpus", "items", None),
+    "seed": ("--seed", "train_config", "seed", 1337),
+    "cell": ("--cell", "model_config", "cell", "gru"),
+    "nonlinearity": ("--nonlinearity", "model_config", "nonlinearity", "tanh"),
+    "hidden": ("--hidden", "model_config", "hidden", None),
+    "layers": ("--layers", "model_config", "layers", None),
+    "embedding": ("--embedding", "model_config", "embedding", None),
+    "dropout": ("--dropout", "model_config", "dropout", None),
+    "lr": ("--lr", "train_config", "lr", 3e-3),
+    "optimizer": ("--optimizer", "train_config", "optimizer", "adamw"),
+    "weight_decay": ("--weight-decay", "train_config", "weight_decay", 0.01),
+    "warmup": ("--warmup", "train_config", "warmup_steps", 50),
+    "clip": ("--clip", "train_config", "clip", 1.0),
+    "eval_chars": ("--eval-chars", "train_config", "eval_chars", None),
+}
+# --init-from keeps the model it starts from: its architecture, not its training options. Dropout may change
+# (it is not a weight).
+ARCHITECTURE = ("cell", "nonlinearity", "hidden", "layers", "embedding")
+
+
+def _shown(field: str, value) -> str:
+    flag = SHAPING[field][0]
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    return f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}"
+
+
+def settle_options(r: TrainRequest, payload: Optional[dict], source: Optional[Path]) -> tuple:
+    """(the request with every shaping option decided, [options a resumed run kept from its checkpoint that
+    differ from the defaults]). Refuses, in one line naming the option, a value that contradicts the run
+    being resumed or the model being fine-tuned."""
+    values, kept = {}, []
+    for field, (flag, section, key, default) in SHAPING.items():
+        given = getattr(r, field)
+        saved = (payload or {}).get(section, {}).get(key) if payload is not None else None
+        if r.resume and saved is not None:
+            if given is not None and given != saved:
+                raise CharlmError(f"{_shown(field, given)} differs from {_shown(field, saved)} of the run in "
+                                  f"{source}: a resumed run keeps the options it started with; leave out {flag} "
+                                  "to continue it, or drop --resume to start a new run")
+            values[field] = saved
+            if saved != default and default is not None:
+                kept.append(_shown(field, saved))
+        elif r.init_from is not None and field in ARCHITECTURE and saved is not None:
+            if given is not None and given != saved:
+                raise CharlmError(f"{_shown(field, given)} differs from the model in {source} "
+                                  f"({_shown(field, saved)}): --init-from fine-tunes that model as it is; leave "
+                                  f"out {flag}, or train a new model without --init-from")
+            values[field] = saved
+        else:
+            values[field] = given if given is not None else default
+    return replace(r, **values), kept
 
 
 def _validate_train(r: TrainRequest) -> None:
@@ -73,13 +138,13 @@ def _validate_train(r: TrainRequest) -> None:
                                ("--embedding", r.embedding, 0), ("--warmup", r.warmup, 0),
                                ("--patience", r.patience, 0), ("--weight-decay", r.weight_decay, 0)):
         _check(value is None or value >= least, f"{flag} must be at least {least}, got {value}")
-    _check(0 < r.val_frac < 1, f"--val-frac must be between 0 and 1 (exclusive), got {r.val_frac}")
-    _check(r.cell in CELLS, f"--cell must be one of {', '.join(CELLS)}, got {r.cell!r}")
-    _check(r.nonlinearity in ("tanh", "relu"), f"--nonlinearity must be tanh or relu, got {r.nonlinearity!r}")
-    _check(r.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {r.optimizer!r}")
+    _check(r.val_frac is None or 0 < r.val_frac < 1, f"--val-frac must be between 0 and 1 (exclusive), got {r.val_frac}")
+    _check(r.cell is None or r.cell in CELLS, f"--cell must be one of {', '.join(CELLS)}, got {r.cell!r}")
+    _check(r.nonlinearity is None or r.nonlinearity in ("tanh", "relu"), f"--nonlinearity must be tanh or relu, got {r.nonlinearity!r}")
+    _check(r.optimizer is None or r.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {r.optimizer!r}")
     _check(r.dropout is None or 0 <= r.dropout < 1, f"--dropout must be in [0, 1), got {r.dropout}")
-    _check(r.lr > 0 and math.isfinite(r.lr), f"--lr must be a positive number, got {r.lr}")
-    _check(r.clip > 0, f"--clip must be positive, got {r.clip}")
+    _check(r.lr is None or (r.lr > 0 and math.isfinite(r.lr)), f"--lr must be a positive number, got {r.lr}")
+    _check(r.clip is None or (r.clip > 0 and math.isfinite(r.clip)), f"--clip must be positive, got {r.clip}")
     _check(r.epochs is None or r.epochs > 0, f"--epochs must be positive, got {r.epochs}")
     _check(r.max_steps is None or r.max_steps > 0, f"--max-steps must be positive, got {r.max_steps}")
     _check(not (r.resume and r.init_from), "--resume and --init-from do not mix: resume continues a run, "
@@ -146,8 +211,8 @@ def _preview_fn(vocab: Vocabulary, device):
 def run_train(r: TrainRequest, console: Console) -> None:
     from charlm.corpus import split_train_val
     from charlm.display import TrainDisplay, run_summary
-    from charlm.runtime import (agreed, parse_duration, resolve_precision, seed_everything, setup_distributed,
-                                teardown_distributed)
+    from charlm.runtime import (agreed, finish_distributed, from_main, parse_duration, resolve_precision,
+                                seed_everything, setup_distributed, teardown_distributed)
     from charlm.streams import fit_layout
     from charlm.train import TrainConfig, Trainer
 
@@ -162,12 +227,16 @@ def run_train(r: TrainRequest, console: Console) -> None:
         precision = resolve_precision(r.precision, device)
         inputs = [_named_corpus(r.named, console, dinfo)] if r.named else list(r.corpus)
         stem = r.named or _stem(inputs)
-        out = _out_dir(r, stem)
+        # Rank 0 decides the run directory and reads the checkpoint; under torchrun every process receives
+        # them, so machines that do not share a disk agree on both (or stop on the same error).
+        out = from_main(dinfo, lambda: _out_dir(r, stem))
+        source = (out / ckpt.LAST) if r.resume else r.init_from
         payload = None
         if r.resume:
-            payload = ckpt.load(out, prefer=ckpt.LAST)
+            payload = from_main(dinfo, lambda: ckpt.load(out, prefer=ckpt.LAST))
         elif r.init_from is not None:
-            payload = ckpt.load(r.init_from)
+            payload = from_main(dinfo, lambda: ckpt.load(r.init_from))
+        r, kept = settle_options(r, payload, source)
         vocab = Vocabulary(payload["vocab"]) if payload else None
         corpus = _training_corpus(inputs, vocab, r, out.parent / ".charlm-cache", dinfo)
         if r.resume:
@@ -214,7 +283,7 @@ def run_train(r: TrainRequest, console: Console) -> None:
                           spent=sizing.get("probe_s", 0.0) if not r.resume else 0.0, reshuffle=reshuffle)
 
         info = _start_summary(corpus.path, corpus, train_ids, val_ids, model, tconf, device, dinfo, out, r,
-                              trainer, sizing, items_meta)
+                              trainer, sizing, items_meta, kept)
         run_summary(console, info)
         received = []
 
@@ -239,6 +308,7 @@ def run_train(r: TrainRequest, console: Console) -> None:
         for s, handler in previous.items():  # after an interrupt, more Ctrl-Cs are ignored until the exit
             signal.signal(s, signal.SIG_IGN if received else handler)
         _end_summary(console, result, out, r, received)
+        finish_distributed(device)  # every process ends here together: settle gloo's threads before the exit
     finally:
         teardown_distributed()
 
@@ -322,8 +392,8 @@ def _sizes(r: TrainRequest, payload, corpus, train_ids, device, precision, dinfo
     choice = autosize.choose(len(train_ids), vocab_size, r.cell, seconds=max_time, steps=r.max_steps,
                              epochs=r.epochs, speed=speed, world=dinfo.world, gpu=device.type == "cuda",
                              fixed=given)
-    if model_fixed:
-        mconf = ModelConfig(**payload["model_config"])
+    if model_fixed:  # the checkpoint's architecture, with the dropout the summary names (given or its own)
+        mconf = ModelConfig(**{**payload["model_config"], "dropout": choice.dropout})
     else:
         mconf = ModelConfig(vocab_size=vocab_size, cell=r.cell, hidden=choice.hidden, layers=choice.layers,
                             dropout=choice.dropout, nonlinearity=r.nonlinearity, embedding=choice.embedding)
@@ -410,7 +480,7 @@ def _named_corpus(name: str, console: Console, dinfo) -> Path:
 
 
 def _start_summary(path, corpus, train_ids, val_ids, model, tconf, device, dinfo, out, r, trainer, sizing,
-                   items_meta) -> dict:
+                   items_meta, kept=()) -> dict:
     from charlm.display import human_count, human_time, vocab_preview
 
     mc = model.config
@@ -423,7 +493,7 @@ def _start_summary(path, corpus, train_ids, val_ids, model, tconf, device, dinfo
                      "validation (a random sample), reshuffled every epoch")] if items_meta.get("items") else []),
         ("model", f"{mc.layers} x {mc.hidden} {mc.cell}{'-' + mc.nonlinearity if mc.cell == 'rnn' else ''}, "
                   f"{'one-hot' if not mc.embedding else f'{mc.embedding}-d embedding'} input, "
-                  f"{params:,} parameters"),
+                  f"dropout {mc.dropout:g}, {params:,} parameters"),
         ("layout", f"{tconf.batch_size} streams x {tconf.seq_len}-character chunks "
                    f"({trainer.n_chunks:,} steps per epoch)"),
         ("evaluation", _eval_plan(tconf, trainer)),
@@ -433,6 +503,12 @@ def _start_summary(path, corpus, train_ids, val_ids, model, tconf, device, dinfo
                              (("max_time", tconf.max_time), ("max_steps", tconf.max_steps), ("epochs", tconf.epochs))
                              if v) + f", patience {tconf.patience}"),
         ("run", f"{out}" + (" (resumed)" if r.resume else "") + (f" (from {r.init_from})" if r.init_from else "")),
+        *([("kept", "the run's own options (from last.pt): "
+                    + (" ".join(kept) + "; the rest at their defaults" if kept else "all at their defaults"))]
+          if r.resume else []),
+        *([("schedule", f"training longer: the rate warms up over {tconf.warmup_steps} steps from "
+                        f"{trainer.restart.lr:.1e}, where the run had decayed to, to the curve of the new limits")]
+          if trainer.restart is not None and trainer.restart.step == trainer.step else []),
     ]
     warnings = []
     if r.batch_size and r.seq_len and (tconf.batch_size, tconf.seq_len) != (r.batch_size, r.seq_len):

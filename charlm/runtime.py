@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,8 +139,33 @@ def _check_gpu_count(local_processes: int, gpus: int) -> None:
 
 
 def teardown_distributed() -> None:
+    """Leave the process group (on every path out of a run; a no-op once left or never joined)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def finish_distributed(device: torch.device) -> None:
+    """The end of a run that every process reached alike: settle the group's worker threads, then leave it.
+
+    Why (bench/soak.py; BENCHMARKS.md, "The torchrun exit"): a gloo collective runs on one of the group's
+    worker threads, and that thread lets go of the finished work a moment after the caller has its result. When
+    it holds the last reference to a tensor Python made, letting go needs the GIL. If Python is already
+    shutting down by then, the thread is ended inside a C++ destructor and the process aborts ("terminate
+    called without an active exception", SIGABRT) after a run that succeeded. destroy_process_group() does not
+    join those threads here: DistributedDataParallel keeps references to the group beyond its own lifetime.
+    So the last collective is this one: an all-reduce of a probe that Python keeps until the call returns
+    (waiting in it lets a thread still finishing an earlier work take the GIL), and then a wait until the
+    probe itself is gone, that is, its worker has let go too. A collective, so only where every process
+    calls it: the error paths leave through teardown_distributed() alone."""
+    if dist.is_available() and dist.is_initialized():
+        probe = torch.zeros(1, device=device)
+        gone = weakref.ref(probe)
+        dist.all_reduce(probe)
+        del probe
+        deadline = time.monotonic() + 10.0  # a bound, not a timing: normally it is gone at once
+        while gone() is not None and time.monotonic() < deadline:
+            time.sleep(0.001)  # releases the GIL, which the worker may need to let go of the probe
+    teardown_distributed()
 
 
 def parse_duration(text: str) -> float:
@@ -177,3 +204,15 @@ def agreed(dinfo: Dist, fn, here: bool = True):
         if first:
             raise CharlmError(first)
     return result
+
+
+def from_main(dinfo: Dist, fn):
+    """fn's result computed by rank 0 alone and sent to every process (a checkpoint, a run directory): the
+    other machines of a job need not have the file on their own disks. A CharlmError on rank 0 is raised on
+    every process, as agreed() does."""
+    result = agreed(dinfo, fn, here=dinfo.is_main)
+    if not dinfo.enabled:
+        return result
+    box = [result]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

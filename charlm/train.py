@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from charlm import checkpoint as ckpt
+from charlm import schedule
 from charlm import state as st
 from charlm.autosize import EVAL_CHARS
 from charlm.errors import CharlmError
@@ -29,7 +30,7 @@ from charlm.evaluation import (EVAL_SEQ_LEN, autocast, evaluate, evaluate_text, 
                                loss_report)
 from charlm.model import CharRNN
 from charlm.optim import AdamW
-from charlm.runtime import Dist
+from charlm.runtime import Dist, from_main
 from charlm.streams import eval_streams, make_streams
 
 OPTIMIZERS = ("adamw", "adam", "rmsprop", "sgd")
@@ -77,7 +78,7 @@ class TrainConfig:
 class TrainResult:
     step: int
     epoch: int
-    stopped_by: str  # "max_steps", "epochs", "max_time", "patience", "interrupt", "nonfinite", "no_limit"
+    stopped_by: str  # "max_steps", "epochs", "max_time", "patience", "interrupt", "nonfinite", "error"
     best_val_loss: float
     best_step: int
     metrics: list = field(default_factory=list)
@@ -104,15 +105,6 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig):
 def _step_seed(seed: int, rank: int, step: int) -> int:
     """A well-mixed 63-bit seed from (seed, process, step)."""
     return int(np.random.SeedSequence([seed % 2**63, rank, step]).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
-def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
-    """Linear warmup, then cosine decay from lr to min_lr_frac*lr as progress (0..1) toward the first stop
-    limit advances. With no limit at all the rate stays at lr after warmup."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    floor = config.lr * config.min_lr_frac
-    return floor + (config.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress))))
 
 
 class Trainer:
@@ -191,6 +183,8 @@ class Trainer:
         self.state = self.model.init_state(per_rank, device)
         self.best_weights: Optional[dict] = None  # a CPU copy of the best model, for the final full pass
         self.error: Optional[str] = None  # a failure on this process that every process must stop for
+        # Where a longer budget took over the schedule of a resumed run (schedule.py), else None.
+        self.restart: Optional[schedule.Restart] = None
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         if resume is not None:
@@ -216,7 +210,7 @@ class Trainer:
             if stopped_by or (local and not self.dist.enabled):
                 stopped_by = stopped_by or local
                 break
-            lr = learning_rate(c, self.step, self._progress())
+            lr = schedule.learning_rate(c, self.step, self._progress(), self.restart)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             loss, agreed = self._train_step(local, time.perf_counter() - started)
@@ -252,7 +246,7 @@ class Trainer:
         if stopped_by == "error":
             raise CharlmError(self._agreed_error())
         full_val = None
-        if stopped_by in ("max_steps", "epochs", "max_time", "no_limit", "patience"):
+        if stopped_by in ("max_steps", "epochs", "max_time", "patience"):
             if not self.metrics or self.metrics[-1]["step"] != self.step:
                 self._evaluate_and_save(self._last_loss, self._last_lr, self._last_rate, self.elapsed)
             full_val = self._final_full_pass()
@@ -354,31 +348,17 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------ stop limits and schedule
+    def position(self) -> schedule.Position:
+        return schedule.Position(self.step, self.epoch + self.cursor / self.n_chunks, self.elapsed)
+
     def _limits(self) -> dict:
-        c = self.config
-        return {k: v for k, v in (("max_steps", c.max_steps), ("epochs", c.epochs), ("max_time", c.max_time)) if v}
+        return schedule.limits(self.config)
 
     def _progress(self) -> float:
-        """How far the run is toward its nearest stop limit, 0..1 (the schedule and the progress bar)."""
-        c = self.config
-        fractions = []
-        if c.max_steps:
-            fractions.append(self.step / c.max_steps)
-        if c.epochs:
-            fractions.append((self.epoch + self.cursor / self.n_chunks) / c.epochs)
-        if c.max_time:
-            fractions.append(self.elapsed / c.max_time)
-        return max(fractions) if fractions else 0.0
+        return schedule.progress(self.config, self.position())
 
     def _limit_reached(self) -> Optional[str]:
-        c = self.config
-        if c.max_steps and self.step >= c.max_steps:
-            return "max_steps"
-        if c.epochs and self.epoch + self.cursor / self.n_chunks >= c.epochs - 1e-12:
-            return "epochs"
-        if c.max_time and self.elapsed >= c.max_time:
-            return "max_time"
-        return None
+        return schedule.limit_reached(self.config, self.position())
 
     # ------------------------------------------------------------------ evaluation and checkpoints
     def _validate(self, streams=None, precision: Optional[str] = None) -> tuple:
@@ -436,10 +416,10 @@ class Trainer:
             import copy
 
             weights = self.best_weights
-            if weights is None:  # a resumed run: the best model is the one in best.pt
-                try:
-                    weights = ckpt.load(self.out_dir / ckpt.BEST)["model"]
-                except CharlmError:
+            if weights is None:  # a resumed run: the best model is the one in best.pt, which only rank 0 wrote
+                try:  # (other machines may not share its disk): rank 0 reads it and sends it to every process
+                    weights = from_main(self.dist, lambda: ckpt.load(self.out_dir / ckpt.BEST)["model"])
+                except CharlmError:  # the same on every process: all skip the report
                     return None
             model = copy.deepcopy(self.model)
             model.load_state_dict(weights)
@@ -472,7 +452,8 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "step": self.step, "epoch": self.epoch,
                 "cursor": self.cursor, "carried_state": carried if carried is not None else st.to_list(self.state),
                 "rng": rng, "elapsed_s": self.elapsed, "best_val_loss": self.best_val, "best_step": self.best_step,
-                "bad_evals": self.bad_evals, "chars_seen": self.chars_seen, "metrics": list(self.metrics)}
+                "bad_evals": self.bad_evals, "chars_seen": self.chars_seen, "metrics": list(self.metrics),
+                "schedule_restart": self.restart.to_dict() if self.restart else None}
 
     def _save(self, name: str, carried: Optional[list] = None) -> None:
         if carried is None:
@@ -508,6 +489,13 @@ class Trainer:
         self.bad_evals = int(payload.get("bad_evals", 0))
         self.chars_seen = int(payload.get("chars_seen", 0))
         self.metrics = list(payload.get("metrics", []))
+        # Limits moved further (training longer): warm up from the rate the run had reached instead of
+        # jumping to the higher rate of the stretched curve (schedule.py).
+        saved_restart = payload.get("schedule_restart")
+        saved_restart = schedule.Restart(**saved_restart) if saved_restart else None
+        old = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}) \
+            if saved else self.config
+        self.restart = schedule.restart_for(old, self.config, self.position(), saved_restart)
         carried = st.from_list(payload["carried_state"], self.device)
         self.state = st.select_rows(carried, self.my_rows)
         rng = payload.get("rng", {})

@@ -12,7 +12,8 @@ from charlm import checkpoint as ckpt
 from charlm.corpus import decode_corpus, make_streams, split_train_val
 from charlm.evaluation import evaluate_text
 from charlm.model import CharRNN, ModelConfig, layer_parameter_counts
-from charlm.train import TrainConfig, Trainer, evaluate, learning_rate
+from charlm.schedule import cosine_rate as learning_rate
+from charlm.train import TrainConfig, Trainer, evaluate
 
 from conftest import word_text
 

@@ -1,0 +1,102 @@
+"""Where a run stands against its limits, and the learning rate that follows from it: plain functions of a
+config and a position, so that the Trainer, a resumed run and the tests all compute them the same way.
+
+    rate
+    lr  |     ______                                       warmup: linear, from lr/warmup_steps to lr
+        |    /      ''--..__                               then cosine decay toward the nearest limit,
+        |   /               ''--..__                       ending at min_lr_frac * lr
+    5%  |  /                        ''--..___________
+        +--------------------------------------------> progress (0 .. 1 of the nearest stop limit)
+
+Training longer (`--resume` with a larger limit) moves the end away: the same progress now stands earlier
+on the curve, where the rate is higher. A run that had decayed to 5% of its peak would jump back to half of
+it in one step. Instead the resumed run records a `Restart` (the step and the rate it had reached) and warms
+up from that rate, over `warmup_steps`, to the rate an unbroken run of the longer budget has at that point;
+from there on the two runs follow the same curve (README, "Training longer"; BENCHMARKS.md 12).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class Position:
+    """How far a run has come: optimizer steps, passes over the text (fractional), seconds of training."""
+
+    step: int
+    epochs: float
+    elapsed: float
+
+
+@dataclass(frozen=True)
+class Restart:
+    """The point where a longer budget took over a run's schedule: the step and the rate the run had then."""
+
+    step: int
+    lr: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def limits(config) -> dict:
+    """The stop limits that are set, by name."""
+    return {k: v for k, v in (("max_steps", config.max_steps), ("epochs", config.epochs),
+                              ("max_time", config.max_time)) if v}
+
+
+def progress(config, pos: Position) -> float:
+    """How far the run is toward its nearest stop limit, 0..1 (the schedule and the progress bar); 0 with
+    no limit at all."""
+    fractions = []
+    if config.max_steps:
+        fractions.append(pos.step / config.max_steps)
+    if config.epochs:
+        fractions.append(pos.epochs / config.epochs)
+    if config.max_time:
+        fractions.append(pos.elapsed / config.max_time)
+    return max(fractions) if fractions else 0.0
+
+
+def limit_reached(config, pos: Position) -> Optional[str]:
+    """The first stop limit the position has reached, or None."""
+    if config.max_steps and pos.step >= config.max_steps:
+        return "max_steps"
+    if config.epochs and pos.epochs >= config.epochs - 1e-12:
+        return "epochs"
+    if config.max_time and pos.elapsed >= config.max_time:
+        return "max_time"
+    return None
+
+
+def cosine_rate(config, step: int, at: float) -> float:
+    """Linear warmup, then cosine decay from lr to min_lr_frac * lr as progress `at` (0..1) advances."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    floor = config.lr * config.min_lr_frac
+    return floor + (config.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, at))))
+
+
+def learning_rate(config, step: int, at: float, restart: Optional[Restart] = None) -> float:
+    """The rate at `step` and progress `at`. After a Restart: a linear warm-up over warmup_steps from the rate
+    the run had reached to the cosine curve of its current limits, then that curve."""
+    target = cosine_rate(config, step, at)
+    if restart is None or step >= restart.step + config.warmup_steps:
+        return target
+    done = (step - restart.step + 1) / max(config.warmup_steps, 1)
+    return restart.lr + (target - restart.lr) * min(1.0, max(0.0, done))
+
+
+def restart_for(old, new, pos: Position, old_restart: Optional[Restart] = None) -> Optional[Restart]:
+    """A Restart when resuming at `pos` under config `new` (limits moved further) would raise the rate above
+    what config `old` had reached there; None when the schedule continues as it was (the same limits, or
+    limits that only bring the end closer: the rate then falls faster from where it is, without a jump)."""
+    if pos.step < new.warmup_steps:
+        return old_restart
+    reached = learning_rate(old, pos.step, progress(old, pos), old_restart)
+    if cosine_rate(new, pos.step, progress(new, pos)) <= reached * (1 + 1e-9):
+        return old_restart
+    return Restart(pos.step, reached)
