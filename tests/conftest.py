@@ -41,19 +41,52 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
+# The suite runs on the CPU wherever it runs. Its expected values are CPU semantics (bit-exact resumes, fp32
+# losses, gloo under torchrun, the speed probe's timing), and --device auto would pick a GPU (in bf16) or MPS
+# on a machine that has one. So invoke() and run_cli() add `--device cpu` to every command that takes
+# --device unless the test names a device itself (a test of the auto choice passes `--device auto`), and TINY
+# carries it for the tests that start `python -m charlm train` or torchrun themselves. CUDA and MPS tests are
+# marked `cuda` / `mps` and skipped where the device is missing (pytest_runtest_setup below).
+DEVICE_COMMANDS = {"train", "sample", "eval", "score", "explain", "serve"}
+
+
+def on_cpu(args) -> list:
+    """args as strings, with `--device cpu` added to a command that takes --device and was given none."""
+    args = [str(a) for a in args]
+    if args and args[0] in DEVICE_COMMANDS and not any(a == "--device" or a.startswith("--device=") for a in args):
+        args += ["--device", "cpu"]
+    return args
+
+
 def invoke(runner: CliRunner, *args, **kwargs):
-    """Run the CLI in-process; stdout and stderr kept apart."""
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False, **kwargs)
+    """Run the CLI in-process; stdout and stderr kept apart. On the CPU unless args name a --device."""
+    return runner.invoke(app, on_cpu(args), catch_exceptions=False, **kwargs)
 
 
 def run_cli(*args, cwd=None, timeout=300, **kwargs) -> subprocess.CompletedProcess:
-    """Run `python -m charlm ARGS` as a real subprocess (the entry point users get)."""
+    """Run `python -m charlm ARGS` as a real subprocess (the entry point users get). On the CPU unless args
+    name a --device."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "charlm", *map(str, args)], cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "charlm", *on_cpu(args)], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=env, **kwargs)
 
 
-TINY = ["--hidden", "48", "--layers", "1", "--batch-size", "16", "--seq-len", "32", "--no-preview"]
+TINY = ["--hidden", "48", "--layers", "1", "--batch-size", "16", "--seq-len", "32", "--no-preview",
+        "--device", "cpu"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "mps: needs Apple's MPS device; skipped without one")
+
+
+def pytest_runtest_setup(item):
+    import torch
+
+    if item.get_closest_marker("cuda") and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    mps = getattr(torch.backends, "mps", None)
+    if item.get_closest_marker("mps") and not (mps is not None and mps.is_available()):
+        pytest.skip("needs an MPS device")
 
 
 @pytest.fixture(scope="session")

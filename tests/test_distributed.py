@@ -28,7 +28,7 @@ def test_dropout_seeds_differ_by_process_and_step_and_repeat():
 @pytest.mark.slow
 def test_ddp_run_with_dropout_resumes_exactly(tmp_path, words_file):
     flags = ["--dropout", "0.3", "--layers", "2", "--precision", "fp32", "--eval-every", "10", "--seed", "3"]
-    args = ["--hidden", "48", "--batch-size", "16", "--seq-len", "32", "--no-preview"]
+    args = ["--hidden", "48", "--batch-size", "16", "--seq-len", "32", "--no-preview", "--device", "cpu"]  # gloo
     whole = torchrun("train", words_file, "--max-steps", "30", "--out", tmp_path / "whole", *args, *flags,
                      cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr[-2000:]

@@ -87,7 +87,8 @@ def test_single_sample_on_cuda_runs_on_the_cpu_unless_asked(monkeypatch):
 
 def test_sample_command_says_when_it_moves_one_sample_to_the_cpu(runner, trained_run, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    result = invoke(runner, "sample", "-c", trained_run, "--prime", "the", "-n", "10", "--seed", "1")
+    result = invoke(runner, "sample", "-c", trained_run, "--prime", "the", "-n", "10", "--seed", "1",
+                    "--device", "auto")  # the auto choice is what this checks (the suite pins the CPU otherwise)
     assert result.exit_code == 0 and result.stdout.startswith("the") and len(result.stdout) == 14
     assert len(result.stderr.strip().splitlines()) == 1 and "runs on the CPU" in result.stderr
 

@@ -12,8 +12,9 @@ from charlm.errors import CharlmError
 from charlm.runtime import resolve_precision, setup_distributed
 from conftest import run_cli
 
+# --device cpu: these compare gloo runs on the CPU with a single CPU process (see conftest.on_cpu)
 FLAGS = ["--hidden", "48", "--layers", "1", "--batch-size", "16", "--seq-len", "32", "--no-preview",
-         "--precision", "fp32", "--eval-every", "20", "--seed", "5"]
+         "--precision", "fp32", "--eval-every", "20", "--seed", "5", "--device", "cpu"]
 
 
 @pytest.mark.parametrize("capability, expected", [((7, 5), "fp32"), ((6, 1), "fp32"), ((8, 0), "bf16"),
@@ -63,7 +64,7 @@ def val_losses(run_dir):
 # a clip would hide it.
 EXACT = ["--hidden", "48", "--layers", "1", "--batch-size", "16", "--seq-len", "32", "--no-preview",
          "--precision", "fp32", "--eval-every", "10", "--seed", "5", "--optimizer", "sgd", "--lr", "0.5",
-         "--clip", "1e9", "--dropout", "0", "--warmup", "0"]
+         "--clip", "1e9", "--dropout", "0", "--warmup", "0", "--device", "cpu"]
 
 
 @pytest.mark.slow

@@ -85,7 +85,8 @@ def test_json_lines_describe_every_character(runner, trained_run, tmp_path):
 
 def test_stdin_streams_results_before_the_input_ends(trained_run, tmp_path):
     """`-` reads stdin piece by piece: a line comes out while the writer is still holding the pipe open."""
-    proc = subprocess.Popen([sys.executable, "-m", "charlm", "score", "-", "-c", str(trained_run)],
+    proc = subprocess.Popen([sys.executable, "-m", "charlm", "score", "-", "-c", str(trained_run), "--device",
+                             "cpu"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:

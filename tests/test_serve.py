@@ -41,7 +41,8 @@ class Served:
         self.stderr = open(tmp_path / "serve.err", "w+")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen([sys.executable, "-m", "charlm", "serve", "-c", str(run), "--port",
-                                      str(self.port)], stdout=subprocess.DEVNULL, stderr=self.stderr, env=env)
+                                      str(self.port), "--device", "cpu"], stdout=subprocess.DEVNULL,
+                                     stderr=self.stderr, env=env)
         deadline = time.monotonic() + 60
         while True:
             try:
