@@ -68,6 +68,27 @@ class SampleRequest:
     max_length: Optional[int] = None  # item models: the longest item to keep (longer ones are dropped, not cut)
 
 
+def text_reading(payload: dict, encoding: Optional[str], keep_crlf: Optional[bool]) -> tuple:
+    """(encoding, keep_crlf) to read a text for this model with: what the options say, else how its training
+    text was read (the checkpoint's corpus info), so that a CRLF file scores as the model saw its text."""
+    info = payload.get("corpus", {})
+    return (encoding if encoding is not None else info.get("encoding") or "utf-8",
+            keep_crlf if keep_crlf is not None else bool(info.get("keep_crlf", False)))
+
+
+def read_input(path, name: str, encoding: str, keep_crlf: bool) -> str:
+    """A whole (small) file's text, decoded as corpora are: a prime, a text to explain or rank."""
+    from charlm.corpus import _Source, read_text
+
+    path = Path(path)
+    if not path.exists():
+        raise CharlmError(f"{path}: no such file; check the path")
+    if path.is_dir():
+        raise CharlmError(f"{path} is a directory; pass a text file")
+    with _Source(name, path=path).open() as f:
+        return "".join(read_text(f, name, encoding, keep_crlf))
+
+
 def _load_model(checkpoint: Optional[Path], device_name: str):
     from charlm.runtime import pick_device
 
@@ -91,19 +112,13 @@ def run_sample(r: SampleRequest, console: Console) -> None:
     _check(r.unknown in ("error", "skip"), f"--unknown must be error or skip, got {r.unknown!r}")
     _check(not (r.prime is not None and r.prime_file is not None), "give --prime or --prime-file, not both")
     _check(not (r.interactive and (r.num_samples or 1) > 1), "--interactive works with one sample at a time")
-    prime = r.prime
-    if r.prime_file is not None:
-        from charlm.corpus import read_bytes
-
-        try:
-            prime = read_bytes(r.prime_file).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise CharlmError(f"{r.prime_file}: not valid UTF-8 at byte offset {exc.start}")
-    _check(prime is None or prime != "", "the prime is empty; leave out --prime to start from a line break")
-
     from charlm.runtime import sampling_device
 
     payload, model, vocab, _ = _load_model(r.checkpoint, "cpu")
+    prime = r.prime
+    if r.prime_file is not None:  # read as the model's training text was (encoding, line ends)
+        prime = read_input(r.prime_file, str(r.prime_file), *text_reading(payload, None, None))
+    _check(prime is None or prime != "", "the prime is empty; leave out --prime to start from a line break")
     items = bool(payload.get("corpus", {}).get("items")) and not r.interactive
     num_samples = r.num_samples or (10 if items else 1)  # a list model answers with a list
     device, note = sampling_device(r.device, num_samples if not items else 64, model.num_parameters())
@@ -278,16 +293,19 @@ def _interactive(model, vocab, prime, cfg, device, console: Console) -> None:
 
 
 # ============================================================================================== eval / info / plot
-def run_eval(corpus: Path, checkpoint, encoding, unknown, streams, as_json, device_name, console: Console) -> None:
+def run_eval(corpus: Path, checkpoint, encoding, unknown, streams, as_json, device_name, console: Console,
+             keep_crlf: Optional[bool] = None) -> None:
     from charlm.corpus import load_corpus
-    from charlm.train import evaluate_text
+    from charlm.evaluation import evaluate_text
 
     _check(unknown in ("error", "skip"), f"--unknown must be error or skip, got {unknown!r}")
     _check(streams >= 1, f"--streams must be at least 1, got {streams}")
     payload, model, vocab, device = _load_model(checkpoint, device_name)
     info = payload.get("corpus", {})
     end = info.get("item_end", "\n")  # an item model: each line an item, or each file of a list of files
-    text = load_corpus(corpus, vocab, encoding, unknown=unknown, separator=info.get("separator", DOC_SEPARATOR))
+    encoding, keep_crlf = text_reading(payload, encoding, keep_crlf)
+    text = load_corpus(corpus, vocab, encoding, keep_crlf, unknown=unknown,
+                       separator=info.get("separator", DOC_SEPARATOR))
     if text.chars < 2:
         raise CharlmError(f"{corpus} has fewer than 2 known characters; nothing to score")
     report = evaluate_text(model, text.ids, device, streams=streams)

@@ -7,7 +7,6 @@ and charlm.explain_html compute and return values, they print nothing.
 
 from __future__ import annotations
 
-import codecs
 import json
 import math
 import os
@@ -21,14 +20,11 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from charlm.commands import _check, _load_model
+from charlm.commands import _check, _load_model, text_reading
+from charlm.corpus import read_text
 from charlm.errors import CharlmError
 from charlm.explain_html import SURPRISAL_BINS as BINS, SURPRISAL_COLOURS as COLOURS
 from charlm.vocab import describe_chars
-
-# Read this many bytes at a time: large enough that per-piece work vanishes, small enough that a file of
-# any size is scored in constant memory.
-_PIECE_BYTES = 1 << 20
 
 # How much of a text the terminal shows per unit: a screenful, not the whole file (the HTML page has it all).
 UNIT_EXCERPT = 400
@@ -36,33 +32,6 @@ ONE_UNIT_EXCERPT = 2000
 
 
 # ============================================================================================== reading
-def _decoded_pieces(source, encoding: str, name: str) -> Iterator[str]:
-    """Text pieces of a file or stdin, decoded incrementally with CRLF turned into LF (as eval reads files)."""
-    try:
-        decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
-    except LookupError:
-        raise CharlmError(f"unknown --encoding {encoding!r}; use a Python codec name such as utf-8 or latin-1")
-    held, offset = "", 0
-    read = getattr(source, "read1", source.read)  # read1: what stdin has now, without waiting for a full piece
-    while True:
-        raw = read(_PIECE_BYTES)
-        final = not raw
-        try:
-            text = held + decoder.decode(raw, final)
-        except UnicodeDecodeError as exc:
-            raise CharlmError(f"{name}: not valid {encoding} at byte offset {offset + exc.start}; pass --encoding "
-                              "(for example latin-1) if the text uses another one")
-        offset += len(raw)
-        held = ""
-        if text.endswith("\r") and not final:
-            text, held = text[:-1], "\r"
-        text = text.replace("\r\n", "\n")
-        if text:
-            yield text
-        if final:
-            return
-
-
 def _encoded(pieces: Iterator[str], vocab, unknown: str, name: str) -> Iterator[np.ndarray]:
     """Id arrays of text pieces; unknown characters are dropped (skip) or named in a one-line error."""
     seen = 0
@@ -98,8 +67,8 @@ def _open_source(path: str):
 
 
 # ============================================================================================== score
-def run_score(path: str, checkpoint, encoding: str, unknown: str, streams: int, top: int, summary: bool,
-              as_json: bool, device_name: str, console: Console) -> None:
+def run_score(path: str, checkpoint, encoding: Optional[str], keep_crlf: Optional[bool], unknown: str, streams: int,
+              top: int, summary: bool, as_json: bool, device_name: str, console: Console) -> None:
     from charlm.score import Summary, default_context_id, score_ids
 
     _check(unknown in ("error", "skip"), f"--unknown must be error or skip, got {unknown!r}")
@@ -108,10 +77,11 @@ def run_score(path: str, checkpoint, encoding: str, unknown: str, streams: int, 
     _check(not (as_json and not summary), "--json goes with --summary (the per-character output is JSON lines "
            "already)")
     payload, model, vocab, device = _load_model(checkpoint, device_name)
+    encoding, keep_crlf = text_reading(payload, encoding, keep_crlf)
     source, name = _open_source(path)
     # stdin is scored in one stream, as it arrives (a pipe's reader sees results before the input ends);
     # a file in parallel warmed streams like eval's.
-    ids = _encoded(_decoded_pieces(source, encoding, name), vocab, unknown, name)
+    ids = _encoded(read_text(source, name, encoding, keep_crlf), vocab, unknown, name)
     chunks = score_ids(model, ids, device, min(top, vocab.size), default_context_id(vocab), vocab,
                        streams=1 if path == "-" else streams)
     tally = Summary(vocab)
@@ -134,8 +104,8 @@ def run_score(path: str, checkpoint, encoding: str, unknown: str, streams: int, 
         raise SystemExit(0)
 
 
-def run_rank(path: str, checkpoint, encoding: str, unknown: str, as_json: bool, device_name: str,
-             console: Console) -> None:
+def run_rank(path: str, checkpoint, encoding: Optional[str], keep_crlf: Optional[bool], unknown: str, as_json: bool,
+             device_name: str, console: Console) -> None:
     """Candidate items, one per line, from the most to the least likely under the model: each scored as
     sampling writes an item, from the start of an item through its closing line break (charlm.items), and
     ordered by nats per character so that long and short candidates compare fairly."""
@@ -146,8 +116,9 @@ def run_rank(path: str, checkpoint, encoding: str, unknown: str, as_json: bool, 
     _check("\n" in vocab, "this model has never seen a line break, so it has no items to rank")
     _check("item_end" not in payload.get("corpus", {}), "this model's items are whole files; --rank ranks "
            "candidates one per line, so it needs a model of a list of lines")
+    encoding, keep_crlf = text_reading(payload, encoding, keep_crlf)
     source, name = _open_source(path)
-    text = "".join(_decoded_pieces(source, encoding, name))
+    text = "".join(read_text(source, name, encoding, keep_crlf))
     if source is not sys.stdin.buffer:
         source.close()
     lines = [x for x in text.split("\n") if x]
@@ -210,20 +181,24 @@ def _visible(text: str) -> str:
 
 
 # ============================================================================================== explain
-def run_explain(text: Optional[str], file: Optional[Path], checkpoint, encoding: str, unknown: str,
-                html: Optional[Path], neurons: bool, units: list, device_name: str, console: Console) -> None:
+def run_explain(text: Optional[str], file: Optional[Path], checkpoint, encoding: Optional[str],
+                keep_crlf: Optional[bool], unknown: str, html: Optional[Path], neurons: bool, units: list,
+                device_name: str, console: Console) -> None:
     from charlm import neurons as nr
     from charlm.score import ScoreChunk, Summary, default_context_id, score_ids
 
     _check((text is None) != (file is None), "give the text to explain as an argument or --file F (one of them)")
     _check(unknown in ("error", "skip"), f"--unknown must be error or skip, got {unknown!r}")
+    payload, model, vocab, device = _load_model(checkpoint, device_name)
+    encoding, keep_crlf = text_reading(payload, encoding, keep_crlf)
     if file is not None:
         source, name = _open_source(str(file))
-        text = "".join(_decoded_pieces(source, encoding, name))
-        source.close()
-    else:
+        text = "".join(read_text(source, name, encoding, keep_crlf))
+        if source is not sys.stdin.buffer:
+            source.close()
+    else:  # an argument is text already; its line ends follow the same rule as a file's
         name = "the text"
-    payload, model, vocab, device = _load_model(checkpoint, device_name)
+        text = text if keep_crlf else text.replace("\r\n", "\n")
     missing = vocab.unknown(text)
     if missing and unknown == "error":
         raise CharlmError(f"{name} has {len(missing)} character(s) the model's vocabulary lacks: "

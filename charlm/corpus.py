@@ -11,6 +11,8 @@
 Neither pass holds more than a piece: no full-size bytes, string or temporary. Files are joined with
 DOC_SEPARATOR. The encoded ids are cached beside the run directories, keyed by the SHA-256 of the files
 and the decoding options, so the next run on the same text maps the cached file and starts at once.
+The decoder (_pieces, read_text) is the one every command reads text with: score, explain and --prime-file
+too, stdin included, as it arrives.
 """
 
 from __future__ import annotations
@@ -144,57 +146,74 @@ def _codes(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
 
 
+def _pieces(f: BinaryIO, name: str, encoding: str, keep_crlf: bool, crlf: List[int],
+            piece_bytes: Optional[int] = None) -> Iterator[Union[bytes, str]]:
+    """The one decoder every command reads text with: f's text a piece at a time, as it arrives.
+
+    Yields bytes for a piece that is all ASCII (its bytes are its characters: the corpus's fast path) and str
+    otherwise. CRLF becomes LF unless keep_crlf (counted into crlf[0]); a NUL byte or an undecodable byte is
+    a CharlmError naming `name` and the byte offset in the whole input. Nothing is read ahead, so a pipe's
+    reader sees each piece as soon as it is written (a stream that cannot seek is read with read1: what is
+    there now, without waiting for a full piece)."""
+    utf8 = _is_utf8(encoding)
+    size = piece_bytes or _PIECE_BYTES  # read at call time: tests shrink the module's piece size
+    decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
+    seekable = getattr(f, "seekable", lambda: False)()
+    read = f.read if seekable or not hasattr(f, "read1") else f.read1
+    held = False  # a trailing CR waits for the next piece, in case that piece starts with LF
+    offset = 0  # bytes of f before this piece
+    while True:
+        block = read(size)
+        final = not block
+        if utf8 and b"\x00" in block:
+            at = offset + block.index(b"\x00")
+            raise CharlmError(f"{name}: looks binary (NUL byte at offset {at}); charlm reads text files only")
+        pending = decoder.getstate()[0]  # the undecoded start of a character cut by the previous piece
+        if utf8 and not pending and block.isascii():
+            piece: Union[bytes, str] = (b"\r" if held else b"") + block
+            cr, lf, crlf_pair = b"\r", b"\n", b"\r\n"
+        else:
+            try:
+                text = decoder.decode(block, final)
+            except UnicodeDecodeError as exc:
+                # exc.start counts from the held bytes of the previous piece, which come first
+                at = offset - len(pending) + exc.start
+                seen = pending + block
+                bad = seen[exc.start] if exc.start < len(seen) else 0
+                raise CharlmError(
+                    f"{name}: not valid {encoding} at byte offset {at} (byte 0x{bad:02x}); pass --encoding "
+                    "(for example latin-1 or cp1252) if the text uses another encoding")
+            piece = ("\r" if held else "") + text
+            cr, lf, crlf_pair = "\r", "\n", "\r\n"
+        held = False
+        if not keep_crlf:
+            if piece.endswith(cr) and not final:
+                piece, held = piece[:-1], True
+            n = piece.count(crlf_pair)
+            if n:
+                crlf[0] += n
+                piece = piece.replace(crlf_pair, lf)
+        if piece:
+            yield piece
+        if final:
+            return
+        offset += len(block)
+
+
+def read_text(f: BinaryIO, name: str, encoding: str = "utf-8", keep_crlf: bool = False,
+              piece_bytes: Optional[int] = None) -> Iterator[str]:
+    """Text pieces of an open binary file or stream (a file, stdin), decoded as corpora are (_pieces): what
+    score, explain, eval and --prime-file read their input with."""
+    for piece in _pieces(f, name, encoding, keep_crlf, [0], piece_bytes):
+        yield piece.decode("ascii") if isinstance(piece, bytes) else piece
+
+
 def _file_codes(src: _Source, encoding: str, keep_crlf: bool, crlf: List[int]) -> Iterator[np.ndarray]:
     """One file's characters as arrays of code points, a piece at a time: uint8 for an ASCII piece (its bytes
-    are its code points), uint32 otherwise. CRLF becomes LF unless keep_crlf (counted into crlf[0]); a NUL
-    byte or an undecodable byte is an error naming the file and the byte offset."""
-    utf8 = _is_utf8(encoding)
-    decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
-    held = False  # a trailing CR waits for the next piece, in case that piece starts with LF
-    offset = 0
+    are its code points), uint32 otherwise."""
     with src.open() as f:
-        block = f.read(_PIECE_BYTES)
-        while block:
-            following = f.read(_PIECE_BYTES)
-            final = not following
-            if utf8 and b"\x00" in block:
-                at = offset + block.index(b"\x00")
-                raise CharlmError(f"{src.name}: looks binary (NUL byte at offset {at}); charlm trains on text files")
-            pending = len(decoder.getstate()[0])
-            if utf8 and not pending and block.isascii():
-                data = (b"\r" if held else b"") + block
-                held = False
-                if not keep_crlf:
-                    if data.endswith(b"\r") and not final:
-                        data, held = data[:-1], True
-                    n = data.count(b"\r\n")
-                    if n:
-                        crlf[0] += n
-                        data = data.replace(b"\r\n", b"\n")
-                if data:
-                    yield np.frombuffer(data, dtype=np.uint8)
-            else:
-                try:
-                    text = decoder.decode(block, final)
-                except UnicodeDecodeError as exc:
-                    at = offset - pending + exc.start
-                    bad = (block[at - offset] if 0 <= at - offset < len(block) else 0)
-                    raise CharlmError(
-                        f"{src.name}: not valid {encoding} at byte offset {at} (byte 0x{bad:02x}); pass "
-                        "--encoding (for example latin-1 or cp1252) if the file uses another encoding")
-                text = ("\r" if held else "") + text
-                held = False
-                if not keep_crlf:
-                    if text.endswith("\r") and not final:
-                        text, held = text[:-1], True
-                    n = text.count("\r\n")
-                    if n:
-                        crlf[0] += n
-                        text = text.replace("\r\n", "\n")
-                if text:
-                    yield _codes(text)
-            offset += len(block)
-            block = following
+        for piece in _pieces(f, src.name, encoding, keep_crlf, crlf):
+            yield np.frombuffer(piece, dtype=np.uint8) if isinstance(piece, bytes) else _codes(piece)
 
 
 def _all_codes(sources, encoding, keep_crlf, separator, crlf) -> Iterator[np.ndarray]:
@@ -384,17 +403,6 @@ def decode_corpus(raw: bytes, path, vocab: Optional[Vocabulary] = None, encoding
     n, crlf = _encode_into(sink, [src], vocab, encoding, keep_crlf, "", unknown)
     ids = np.frombuffer(sink.getbuffer(), dtype=vocab.id_dtype())[:n].copy()
     return CorpusText(ids, vocab, str(path), digest, crlf, [{"path": str(path), "sha256": digest, "bytes": len(raw)}])
-
-
-def read_bytes(path) -> bytes:
-    """A small file's bytes (a prime, a text to explain), or a CharlmError naming what is wrong."""
-    path = Path(path)
-    if not path.exists():
-        raise CharlmError(f"{path}: no such file; check the path")
-    if path.is_dir():
-        raise CharlmError(f"{path} is a directory; pass a text file")
-    with _Source(str(path), path=path).open() as f:
-        return f.read()
 
 
 def split_train_val(ids: np.ndarray, val_frac: float, path="corpus") -> tuple:

@@ -253,3 +253,82 @@ def test_activations_are_the_states_sampling_walks_through(cell):
     assert unit_name(model, 17) == "layer 2 unit 1"
     if cell == "lstm":
         assert unit_name(model, 33) == "layer 1 cell 1"
+
+
+# ============================================================================================== reading the text
+# score, explain and eval read their input with the corpus decoder, as the model's training text was read.
+CRLF_TEXT = "ab ba\r\nba ab\r\n" * 20
+
+
+def _untrained_run(folder, keep_crlf: bool):
+    """A checkpoint over a vocabulary with CR, read with or without --keep-crlf: this is about reading the
+    text, not about what the model learned."""
+    from charlm.model import CharRNN, ModelConfig
+
+    torch.manual_seed(0)
+    chars = "\n\r ab"
+    config = ModelConfig(len(chars), hidden=8, layers=1)
+    folder.mkdir()
+    ckpt.save({"model_config": config.to_dict(), "vocab": chars, "model": CharRNN(config).state_dict(),
+               "corpus": {"path": "train.txt", "encoding": "utf-8", "keep_crlf": keep_crlf}}, folder / "best.pt")
+    return folder
+
+
+def test_score_and_explain_read_line_ends_as_the_model_was_trained(runner, tmp_path):
+    kept, folded = _untrained_run(tmp_path / "kept", True), _untrained_run(tmp_path / "folded", False)
+    path = tmp_path / "crlf.txt"
+    path.write_bytes(CRLF_TEXT.encode())
+    lf_text = CRLF_TEXT.replace("\r\n", "\n")
+    for run, want in ((kept, CRLF_TEXT), (folded, lf_text)):
+        scored = invoke(runner, "score", path, "-c", run)
+        assert scored.exit_code == 0, scored.stderr
+        assert "".join(r["char"] for r in _lines(scored.stdout)) == want
+        piped = invoke(runner, "score", "-", "-c", run, input=CRLF_TEXT.encode())
+        assert "".join(r["char"] for r in _lines(piped.stdout)) == want
+        explained = invoke(runner, "explain", "--file", path, "-c", run)  # not a terminal: the text, then figures
+        assert explained.exit_code == 0, explained.stderr
+        shown = explained.stdout_bytes.decode()  # (Result.stdout would turn CRLF into LF itself)
+        assert shown.startswith(want) and f"{len(want):,} characters" in shown
+    # the option overrides what the checkpoint says, both ways
+    folded_again = invoke(runner, "score", path, "-c", kept, "--no-keep-crlf")
+    assert "".join(r["char"] for r in _lines(folded_again.stdout)) == lf_text
+    forced = invoke(runner, "score", path, "-c", folded, "--keep-crlf")
+    assert "".join(r["char"] for r in _lines(forced.stdout)) == CRLF_TEXT
+
+
+def test_eval_reads_line_ends_as_the_model_was_trained(runner, tmp_path):
+    kept, folded = _untrained_run(tmp_path / "kept", True), _untrained_run(tmp_path / "folded", False)
+    path = tmp_path / "crlf.txt"
+    path.write_bytes(CRLF_TEXT.encode())
+    reports = {}
+    for name, run in (("kept", kept), ("folded", folded)):
+        result = invoke(runner, "eval", path, "-c", run, "--json", "--streams", "1")
+        assert result.exit_code == 0, result.stderr
+        reports[name] = json.loads(result.stdout)
+    assert reports["kept"]["chars"] == len(CRLF_TEXT) - 1  # every character after the first, CRs included
+    assert reports["folded"]["chars"] == len(CRLF_TEXT.replace("\r\n", "\n")) - 1
+    assert reports["kept"]["loss"] != pytest.approx(reports["folded"]["loss"])
+
+
+def test_a_bad_byte_cut_by_a_read_piece_is_named_at_its_offset(runner, trained_run, tmp_path):
+    """The three-byte '€' cut after its first byte exactly where the first 1 MiB read ends, and followed
+    by a letter: the offset named is the cut byte's, in the whole file."""
+    at = (1 << 20) - 1
+    raw = (b"the fox runs\n" * (at // 13 + 1))[:at] + b"\xe2" + b"x dog\n"
+    path = tmp_path / "cut.txt"
+    path.write_bytes(raw)
+    result = invoke(runner, "explain", "--file", path, "-c", trained_run)
+    assert result.exit_code == 1 and result.stdout == ""
+    assert f"cut.txt: not valid utf-8 at byte offset {at} (byte 0xe2)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("cut", range(5))
+def test_score_stdin_names_a_bad_byte_wherever_the_pieces_fall(runner, trained_run, monkeypatch, cut):
+    import charlm.corpus as corpus_mod
+
+    monkeypatch.setattr(corpus_mod, "_PIECE_BYTES", 5)  # pieces of 5 bytes: the bad sequence lands on each cut
+    raw = b"the fox " + b"r" * cut + "€".encode()[:2] + b"uns\n"
+    result = invoke(runner, "score", "-", "-c", trained_run, input=raw)
+    assert result.exit_code == 1
+    assert f"stdin: not valid utf-8 at byte offset {8 + cut} (byte 0xe2)" in result.stderr
