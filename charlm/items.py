@@ -26,6 +26,7 @@ draws batches until it has enough new ones or has tried MAX_ROUNDS times.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -153,7 +154,7 @@ def sample_items(model, vocab, count: int, known: set, prime: str = "", temperat
     start = vocab.encode(end if end_id is not None else default_context(vocab))
     cfg = SampleConfig(length=max_length, temperature=temperature, top_k=top_k, top_p=top_p)
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
+    generator.manual_seed(seed if seed is not None else secrets.randbits(63))
     batch = batch or int(min(4096, max(64, 2 * count)))
     prime_ids = torch.as_tensor(vocab.encode(prime), dtype=torch.long, device=device) if prime else None
     kept, seen = [], set()

@@ -9,6 +9,7 @@ The prefix is never run again: a step costs one pass over the weights whatever t
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from typing import Iterator, List, Optional
 
@@ -88,7 +89,7 @@ class Sampler:
         self.logits: Optional[torch.Tensor] = None  # (batch, V): the distribution of the next character
         # A generator of its own: sampling never disturbs the global RNG (training previews rely on this).
         self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
+        self.generator.manual_seed(seed if seed is not None else secrets.randbits(63))
 
     @torch.no_grad()
     def feed(self, ids) -> None:

@@ -33,6 +33,21 @@ def test_same_seed_same_text_other_seed_other_text():
     assert a == b and a != c
 
 
+def test_sampling_without_a_seed_leaves_the_global_rng_alone():
+    """No --seed: each call draws its own seed, without touching torch's global RNG (a training run's
+    previews sample between steps, and the run's randomness must not depend on them)."""
+    from charlm.items import sample_items
+
+    model, vocab = tiny_model()
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = sample_text(model, vocab, "a", SampleConfig(length=200, temperature=1.5))
+    sample_items(model, vocab, 3, set(), temperature=1.5, max_length=20, allow_copies=True, batch=8)
+    assert torch.equal(torch.get_rng_state(), before)
+    b = sample_text(model, vocab, "a", SampleConfig(length=200, temperature=1.5))
+    assert a != b  # and still a fresh seed each time
+
+
 def test_batched_samples_are_independent():
     model, vocab = tiny_model()
     texts = sample_text(model, vocab, "a", SampleConfig(length=100, num_samples=4, seed=3, temperature=2.0))
