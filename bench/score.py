@@ -31,7 +31,7 @@ from charlm.commands_explain import _json_lines
 from charlm.corpus import load_corpus
 from charlm.model import CharRNN, ModelConfig
 from charlm.score import Summary, default_context_id, score_ids
-from charlm.train import evaluate_text
+from charlm.evaluation import evaluate_text
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 

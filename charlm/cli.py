@@ -148,8 +148,12 @@ def train(
              "text (0 = all of it). The final report always scores all of it \\[default: sized to the budget, "
              "16,384 to 65,536; 65,536 when the model and layout are all given].", rich_help_panel=TRAIN,
         show_default=False)] = None,
-    full_final_eval: Annotated[bool, typer.Option(
-        help="Score the best model on the whole validation text at the end.", rich_help_panel=TRAIN)] = True,
+    full_final_eval: Annotated[Optional[bool], typer.Option(
+        "--full-final-eval/--no-full-final-eval",
+        help="At the end, score the best model in float32 on the whole validation text whatever it costs "
+             "(--no-...: skip it) \\[default: the whole text when that fits in 5% of the budget (at least 5 s), "
+             "else an even sample that does, with its standard error].", rich_help_panel=TRAIN,
+        show_default=False)] = None,
     patience: Annotated[int, typer.Option(help="Stop after this many evaluations without a new best "
                                           "(0 = never).", rich_help_panel=TRAIN)] = 10,
     seed: Annotated[Optional[int], typer.Option(help="Random seed: the same seed and flags give the same run "

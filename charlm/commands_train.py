@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import List, Optional
 
 from rich.console import Console
-from rich.markup import escape
 
 from charlm import checkpoint as ckpt
 from charlm.commands import _check
@@ -51,7 +50,7 @@ class TrainRequest:
     max_time: Optional[str]
     eval_every: Optional[int]
     eval_chars: Optional[int]
-    full_final_eval: bool
+    full_final_eval: Optional[bool]  # None: all of the validation text if it fits 5% of the budget
     patience: int
     seed: Optional[int]
     device: str
@@ -195,6 +194,7 @@ def _prepare_out(out: Path, fresh: bool) -> None:
 
 
 def _preview_fn(vocab: Vocabulary, device):
+    from charlm.display import visible
     from charlm.sample import SampleConfig, sample_text
 
     def preview(model) -> list:
@@ -202,7 +202,7 @@ def _preview_fn(vocab: Vocabulary, device):
         for temperature in (0.5, 1.0):
             cfg = SampleConfig(length=90, temperature=temperature, seed=1234)
             text = sample_text(model, vocab, "", cfg, device)[0]
-            lines.append(f"T={temperature}: " + text.replace("\n", "↵").replace("\r", "␍"))
+            lines.append(f"T={temperature}: " + visible(text))  # tabs, line breaks: one visible cell each
         return lines
 
     return preview
@@ -546,14 +546,18 @@ def _eval_plan(tconf, trainer) -> str:
     if scored >= full:
         return f"{when}, all {human_count(full)} validation characters{bf16}" + (
             f" (again{final} at the end)" if final else "")
-    end = f"the whole {human_count(full)}{final} at the end" if trainer.needs_full_pass else "the same at the end"
+    end = "the same at the end"
+    if trainer.needs_full_pass:
+        end = f"the whole {human_count(full)}{final} at the end" + (
+            "" if tconf.full_final_eval else " if that fits in 5% of the budget, else an even sample that does")
     return f"{when}, a fixed sample of {human_count(scored)} validation characters{bf16} ({end})"
 
 
 def _end_summary(console: Console, result, out: Path, r: TrainRequest, received: list) -> None:
-    from charlm.display import human_time, sparkline
+    from charlm.display import human_time, say, say_commands, sparkline
 
-    resume_cmd = "charlm " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--resume") + " --resume"
+    # Every line fits the terminal: prose wraps at words, commands go on lines of their own (display.py)
+    resume = ["charlm"] + [shlex.quote(a) for a in sys.argv[1:] if a != "--resume"] + ["--resume"]
     if result.stopped_by == "nonfinite":
         kept = f"; best.pt is from step {result.best_step}" if result.best_step else "; no checkpoint was written"
         raise CharlmError(f"the loss became NaN or infinite at step {result.step + 1}: training stopped and "
@@ -561,24 +565,34 @@ def _end_summary(console: Console, result, out: Path, r: TrainRequest, received:
     vals = [m["val_loss"] for m in result.metrics]
     reasons = {"max_steps": "reached --max-steps", "epochs": "reached --epochs", "max_time": "reached --max-time",
                "patience": f"validation loss stopped improving (--patience {r.patience})", "interrupt": "interrupted"}
-    console.print(f"[bold]stopped[/bold]: {reasons.get(result.stopped_by, result.stopped_by)} at step {result.step} "
-                  f"(epoch {result.epoch}) after {human_time(result.elapsed_s)}"
-                  + (f", {result.eval_s / result.elapsed_s:.1%} of it evaluating and saving" if result.elapsed_s > 0
-                     and result.eval_s else ""))
+    say(console, "stopped", f"{reasons.get(result.stopped_by, result.stopped_by)} at step {result.step} "
+        f"(epoch {result.epoch}) after {human_time(result.elapsed_s)}"
+        + (f", {result.eval_s / result.elapsed_s:.1%} of it evaluating and saving" if result.elapsed_s > 0
+           and result.eval_s else ""))
     if math.isfinite(result.best_val_loss):
         bv = result.best_val_loss
         where = ""
         if result.full_val:  # the periodic passes read a sample; the report reads the whole validation text
             bv = result.full_val["loss"]
-            where = f" on all {result.full_val['chars']:,} validation characters"
-        console.print(f"[bold]best[/bold]: val loss {bv:.4f} nats/char, {bv / math.log(2):.3f} bpc, perplexity "
-                      f"{math.exp(bv):.2f} (step {result.best_step}){where}   {sparkline(vals)}")
-    console.print(f"[bold]run[/bold]: {out}/ (best.pt, last.pt, metrics.jsonl)")
-    console.print(f"[bold]next[/bold]: charlm sample -c {shlex.quote(str(out))} --prime \"...\"   |   "
-                  f"charlm plot {shlex.quote(str(out))}")
+            fv = result.full_val
+            where = (f" on all {fv['chars']:,} validation characters" if fv["chars"] >= fv.get("of", fv["chars"])
+                     else f" ±{fv['se']:.3f} on {fv['chars']:,} of {fv['of']:,} validation characters (an even "
+                          "sample: --full-final-eval scores all)")
+        best = (f"val loss {bv:.4f} nats/char, {bv / math.log(2):.3f} bpc, perplexity {math.exp(bv):.2f} "
+                f"(step {result.best_step}){where}")
+        spark = sparkline(vals)
+        if len(f"best: {best}   {spark}") <= console.width:
+            say(console, "best", f"{best}   {spark}")
+        else:  # the curve on a line of its own, its latest evaluations when there are more than columns
+            say(console, "best", best)
+            console.print("  " + spark[-max(1, console.width - 3):], highlight=False, soft_wrap=True)
+    say(console, "run", f"{out}/ (best.pt, last.pt, metrics.jsonl)")
+    say_commands(console, "next", [["charlm", "sample", "-c", shlex.quote(str(out)), "--prime", '"..."'],
+                                   ["charlm", "plot", shlex.quote(str(out))]])
     if result.stopped_by == "interrupt":
-        console.print(f"[bold]resume[/bold]: {escape(resume_cmd)}")
+        say_commands(console, "resume", [resume])
         raise SystemExit(128 + (received[0] if received else signal.SIGINT))
-    console.print(f"[bold]train longer[/bold]: {escape(resume_cmd)} with a larger --max-time, --max-steps or --epochs")
+    say_commands(console, "train longer", [resume], " with a larger --max-time, --max-steps or --epochs",
+                 "run this with a larger --max-time, --max-steps or --epochs:")
 
 

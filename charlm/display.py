@@ -9,6 +9,7 @@ import math
 import time
 from typing import Callable, List, Optional, Sequence
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -18,6 +19,59 @@ from rich.text import Text
 from charlm.vocab import describe_chars
 
 SPARKS = "▁▂▃▄▅▆▇█"
+# How generated text shows on a terminal: every character one visible cell, as the layout counts it. A raw
+# tab would take up to 8 columns and a control character would move the cursor (stdout keeps them raw).
+SYMBOLS = {"\n": "↵", "\t": "→", "\r": "␍", "\x7f": "␡"}
+
+
+def visible(text: str) -> str:
+    """text with line breaks, tabs and control characters as visible symbols (U+2400 control pictures),
+    other invisible characters as a dot."""
+    if text.isprintable():
+        return text
+    return "".join(_symbol(c) for c in text)
+
+
+def _symbol(c: str) -> str:
+    if c in SYMBOLS:
+        return SYMBOLS[c]
+    if ord(c) < 0x20:
+        return chr(0x2400 + ord(c))
+    return c if c.isprintable() or c == " " else "·"
+
+
+def say(console: Console, label: str, text: str) -> None:
+    """`label: text`, word-wrapped to the console's width (the CLI's console does not wrap by itself)."""
+    line = Text.assemble((label, "bold"), ":", " " + text if text else "")
+    console.print(line, highlight=False, soft_wrap=False, overflow="fold")
+
+
+def command_lines(words: Sequence[str], width: int, indent: str = "  ") -> List[str]:
+    """A shell command (words already quoted) on lines of at most `width` cells, continued with a backslash
+    so that it can be copied and pasted whole. Words are never cut: one longer than a line gets its own."""
+    lines, line = [], indent + words[0]
+    for word in words[1:]:
+        if cell_len(line) + 1 + cell_len(word) + 2 <= width:
+            line += " " + word
+        else:
+            lines.append(line + " \\")
+            line = indent * 2 + word
+    return lines + [line]
+
+
+def say_commands(console: Console, label: str, commands: Sequence[Sequence[str]], after: str = "",
+                 intro: str = "") -> None:
+    """`label: COMMAND | COMMAND after` on one line when it fits the console; otherwise `label: intro` and
+    then each command on lines of its own, whole (command_lines): nothing is cut from a command a reader
+    will copy."""
+    joined = "   |   ".join(" ".join(words) for words in commands)
+    if cell_len(f"{label}: {joined}{after}") <= console.width:
+        console.print(Text.assemble((label, "bold"), ": ", joined, after), highlight=False, soft_wrap=True)
+        return
+    say(console, label, intro)
+    for words in commands:
+        for line in command_lines(words, console.width):
+            console.print(Text(line), highlight=False, soft_wrap=True)
 
 
 def sparkline(values: Sequence[float]) -> str:
@@ -65,17 +119,18 @@ class TrainDisplay:
         self.progress = None
         self.task = None
         self._last_draw = 0.0
+        self._final_began = 0.0
 
     def __enter__(self):
         if self.live:
             self.progress = Progress(
-                TextColumn("[bold]training"), BarColumn(bar_width=24), TextColumn("{task.fields[where]}"),
+                TextColumn("[bold]{task.description}"), BarColumn(bar_width=24), TextColumn("{task.fields[where]}"),
                 TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} ch/s"),
                 TextColumn("ETA {task.fields[eta]}"), TimeElapsedColumn(),
                 console=self.console, transient=True,
             )
             self.progress.start()
-            self.task = self.progress.add_task("train", total=1000, where="", loss="-", rate="-", eta="-")
+            self.task = self.progress.add_task("training", total=1000, where="", loss="-", rate="-", eta="-")
         return self
 
     def __exit__(self, *exc):
@@ -94,12 +149,32 @@ class TrainDisplay:
             eta = human_time(elapsed / p - elapsed) if p > 0.002 else "-"
             self.progress.update(self.task, completed=int(p * 1000), where=where, loss=f"{data['loss']:.3f}",
                                  rate=human_count(data["chars_per_s"]), eta=eta)
+        elif event == "final_start":  # the final report: a permanent line (piped too), then a bar
+            self._final_began = time.perf_counter()
+            self.console.print(final_line(data), highlight=False)
+            if self.progress is not None:
+                self.progress.update(self.task, description="final report", completed=0, where="", loss="-",
+                                     rate="-", eta="-")
+        elif event == "final_progress" and self.progress is not None:
+            done, total = data["done"], max(data["total"], 1)
+            spent = time.perf_counter() - self._final_began
+            self.progress.update(self.task, completed=int(1000 * done / total), where=f"chunk {done}/{total}",
+                                 eta=human_time(spent * (total - done) / done) if done else "-")
         elif event == "eval":
-            self.console.print(eval_line(data), highlight=False)
+            self.console.print(eval_line(data), highlight=False, soft_wrap=False)  # wraps on a narrow terminal
             if self.preview is not None:
                 for line in self.preview(data["model"]):
-                    line = ("  " + line)[: max(20, self.console.width - 1)]
-                    self.console.print(Text(line, style="dim"), highlight=False, soft_wrap=True)
+                    shown = Text("  " + visible(line), style="dim")
+                    shown.truncate(max(20, self.console.width - 1), overflow="ellipsis")  # in cells, not characters
+                    self.console.print(shown, highlight=False, soft_wrap=True)
+
+
+def final_line(data: dict) -> str:
+    """'final report: an even sample of 2.0M of 10.2M validation characters in float32 (step 1,200), ~0:04'."""
+    what = f"all {human_count(data['of'])}" if data["chars"] >= data["of"] else \
+        f"an even sample of {human_count(data['chars'])} of {human_count(data['of'])}"
+    estimate = f", ~{human_time(data['estimate_s'])}" if (data.get("estimate_s") or 0) >= 1 else ""
+    return f"final report: {what} validation characters in float32 (step {data['step']:,}){estimate}"
 
 
 def run_summary(console: Console, info: dict) -> None:
@@ -111,7 +186,7 @@ def run_summary(console: Console, info: dict) -> None:
         table.add_row(key, escape(value))
     console.print(table)
     for warning in info.get("warnings", []):
-        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False, soft_wrap=False)
 
 
 def vocab_preview(chars: str, limit: int = 80) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -23,12 +23,13 @@ def autocast(device: torch.device, precision: str):
 
 
 @torch.no_grad()
-def evaluate(model: CharRNN, streams: Streams, seq_len: int, device, precision: str = "fp32") -> tuple:
-    """A stateful pass: (sum of cross-entropy in nats, number of scored characters).
+def evaluate_rows(model: CharRNN, streams: Streams, seq_len: int, device, precision: str = "fp32",
+                  progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
+    """A stateful pass: the sum of cross-entropy in nats of each row of `streams`, (rows,) float64.
 
-    Each chunk's sum stays on the device in float32 (every backend has it; MPS has no float64) and the
-    chunk sums are added in float64 on the host once, at the end: no host sync per chunk, no precision lost
-    over millions of characters."""
+    Each chunk's row sums stay on the device in float32 (every backend has it; MPS has no float64) and are
+    added in float64 on the host once, at the end: no host sync per chunk, no precision lost over millions
+    of characters. progress(done, total) is called after each chunk is queued (a display's bar)."""
     device = torch.device(device)
     # Bound one chunk's logits (rows x T x V floats) to ~16 MB, so a vocabulary of thousands of characters
     # does not make evaluation the largest allocation of a run.
@@ -37,7 +38,7 @@ def evaluate(model: CharRNN, streams: Streams, seq_len: int, device, precision: 
     model.eval()
     state = model.init_state(streams.rows, device)
     n = streams.num_chunks(seq_len)
-    sums = torch.zeros(max(n, 1), dtype=torch.float32, device=device)
+    sums = torch.zeros(max(n, 1), streams.rows, dtype=torch.float32, device=device)  # (chunks, rows)
     pin = device.type == "cuda"
     for k in range(n):
         x, y = streams.chunk(k, seq_len)
@@ -45,11 +46,33 @@ def evaluate(model: CharRNN, streams: Streams, seq_len: int, device, precision: 
             x, y = x.pin_memory(), y.pin_memory()
         x, y = x.to(device, non_blocking=pin), y.to(device, non_blocking=pin)
         with autocast(device, precision):
-            logits, state = model(x, state)
+            logits, state = model(x, state)  # (rows, t, V)
         sums[k] = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-1,
-                                  reduction="sum")
+                                  reduction="none").view(y.shape).sum(1)
+        if progress is not None:
+            progress(k + 1, n)
     model.train(was_training)
-    return float(sums.cpu().double().sum()), streams.scored()
+    return sums.cpu().double().sum(0).numpy()
+
+
+def evaluate(model: CharRNN, streams: Streams, seq_len: int, device, precision: str = "fp32") -> tuple:
+    """A stateful pass: (sum of cross-entropy in nats, number of scored characters)."""
+    return float(evaluate_rows(model, streams, seq_len, device, precision).sum()), streams.scored()
+
+
+def standard_error(row_sums: np.ndarray, row_counts: np.ndarray) -> float:
+    """The standard error of the mean loss of a sample made of rows: the spread of the rows' own mean losses
+    (each row a contiguous segment, so the dependence between neighbouring characters stays inside it),
+    weighted by their lengths. 0 for a single row."""
+    counts = np.asarray(row_counts, dtype=np.float64)
+    keep = counts > 0
+    sums, counts = np.asarray(row_sums, dtype=np.float64)[keep], counts[keep]
+    if len(counts) < 2:
+        return 0.0
+    weights = counts / counts.sum()
+    mean = float((sums).sum() / counts.sum())
+    spread = float((weights * (sums / counts - mean) ** 2).sum()) * len(counts) / (len(counts) - 1)
+    return math.sqrt(spread * float((weights ** 2).sum()))
 
 
 def evaluate_text(model: CharRNN, ids: np.ndarray, device, seq_len: int = EVAL_SEQ_LEN, streams: int = 8,

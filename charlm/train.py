@@ -26,14 +26,19 @@ from charlm import schedule
 from charlm import state as st
 from charlm.autosize import EVAL_CHARS
 from charlm.errors import CharlmError
-from charlm.evaluation import (EVAL_SEQ_LEN, autocast, evaluate, evaluate_text, full_pass_streams,  # noqa: F401
-                               loss_report)
+from charlm.evaluation import EVAL_SEQ_LEN, autocast, evaluate, evaluate_rows, full_pass_streams, standard_error
 from charlm.model import CharRNN
 from charlm.optim import AdamW
 from charlm.runtime import Dist, from_main
 from charlm.streams import eval_streams, make_streams
 
 OPTIMIZERS = ("adamw", "adam", "rmsprop", "sgd")
+# The final report may always take this long, however short the run: a few seconds buy a whole small tail.
+FINAL_MIN_S = 5.0
+# A float32 pass over the same text costs this many times a bf16 one (1.0 s against 1.7 s for 65.5k
+# characters of a 2 x 256 GRU on one thread of the bf16 CPU; BENCHMARKS.md 9): the final pass is timed from
+# the periodic ones, which run in the training precision.
+FP32_OVER_BF16 = 1.8
 # Periodic evaluations by time come at most once per this many times their own cost: ~3% of the run at most.
 EVAL_SPACING = 30
 
@@ -58,7 +63,12 @@ class TrainConfig:
     # 0.01 nats/char of the full pass on Tiny Shakespeare and python-stdlib (BENCHMARKS.md), and a pass
     # costs the same on a 1 MB corpus and a 10 GB one. 0 = the whole validation text every time.
     eval_chars: int = EVAL_CHARS
-    full_final_eval: bool = True  # the final report scores the best model on the whole validation text
+    # The final report scores the best model in float32 on the validation text. None: all of it when that
+    # fits in final_share of the budget (at least FINAL_MIN_S), else an evenly spread sample that does, with
+    # its standard error (the end of a run stays inside its budget on a 10 GB corpus); True: all of it
+    # whatever it costs; False: no final pass (the best periodic figure stands).
+    full_final_eval: Optional[bool] = None
+    final_share: float = 0.05
     patience: int = 10  # stop after this many evaluations without a new best; 0 = never stop early
     val_frac: float = 0.1  # the tail of the corpus held out for validation
     seed: int = 1337
@@ -83,7 +93,8 @@ class TrainResult:
     best_step: int
     metrics: list = field(default_factory=list)
     elapsed_s: float = 0.0
-    full_val: Optional[dict] = None  # the best model on the whole validation text: {"loss", "chars"}
+    # the final report: {"loss", "chars" scored, "of" (the validation text's), "se" (0 when all), "step"}
+    full_val: Optional[dict] = None
     eval_s: float = 0.0  # seconds of this session spent in periodic evaluations and their checkpoints
 
 
@@ -158,9 +169,12 @@ class Trainer:
         full = eval_streams(val_ids, full_pass_streams(len(val_ids) - 1, c.eval_streams), c.burn_in)
         # The final report is a float32 pass over the whole tail whenever the periodic ones were less: a sample,
         # or in bf16 (periodic passes run in the training precision: 1.6x faster on a bf16 CPU).
-        self.needs_full_pass = c.full_final_eval and (full.scored() > sample.scored() or c.precision != "fp32")
+        self.needs_full_pass = c.full_final_eval is not False and (full.scored() > sample.scored()
+                                                                   or c.precision != "fp32")
+        self.val_ids = val_ids
+        self._val_rate = 0.0  # validation characters per second of the latest periodic pass (this process)
         self.val_sample_chars, self.val_full_chars = sample.scored(), full.scored()
-        self.val_streams, self.val_full = sample.select(share), full.select(share)
+        self.val_streams, self.val_full = sample.select(share), full  # the final pass selects its own share
         self.n_chunks = self.train_streams.num_chunks(c.seq_len)
 
         self.optimizer = make_optimizer(self.model, c)
@@ -376,6 +390,7 @@ class Trainer:
     def _evaluate_and_save(self, train_loss: float, lr: float, rate: float, elapsed: float) -> None:
         began = time.perf_counter()
         val, scored = self._validate()
+        self._val_rate = scored / max(time.perf_counter() - began, 1e-9)
         record = {"step": self.step, "epoch": round(self.epoch + self.cursor / self.n_chunks, 4),
                   "chars": self.chars_seen,
                   "train_loss": train_loss, "val_loss": val, "bpc": val / math.log(2), "lr": lr,
@@ -406,8 +421,8 @@ class Trainer:
         self.eval_s += self._eval_cost
 
     def _final_full_pass(self) -> Optional[dict]:
-        """The best model's loss on the whole validation text, when the periodic passes read only a sample.
-        Every checkpoint is written before it starts, so an interrupt here (self.finishing) loses nothing."""
+        """The best model's float32 loss on the validation text (all of it, or the sample _final_chars
+        affords, with its standard error), when the periodic passes read less or in bf16. Every checkpoint is written before it starts, so an interrupt here (self.finishing) loses nothing."""
         if not self.needs_full_pass or not math.isfinite(self.best_val):
             return None
         self.finishing = True
@@ -423,13 +438,45 @@ class Trainer:
                     return None
             model = copy.deepcopy(self.model)
             model.load_state_dict(weights)
-        keep, self.model = self.model, model
-        try:
-            loss, chars = self._validate(self.val_full, "fp32")
-        finally:
-            self.model = keep
-        self.callback("final", {"loss": loss, "chars": chars, "step": self.best_step})
-        return {"loss": loss, "chars": chars, "step": self.best_step}
+        chars = from_main(self.dist, self._final_chars)  # every process must lay out the same pass
+        streams = self.val_full
+        if chars < self.val_full_chars:
+            rows = max(self.config.eval_streams, full_pass_streams(chars, self.config.eval_streams))
+            streams = eval_streams(self.val_ids, rows, self.config.burn_in, chars)
+        mine = streams.select(slice(self.dist.rank, None, self.dist.world))
+        self.callback("final_start", {"chars": streams.scored(), "of": self.val_full_chars, "step": self.best_step,
+                                      "estimate_s": streams.scored() / self._fp32_rate() if self._val_rate else None})
+
+        def progress(done, total):
+            self.callback("final_progress", {"done": done, "total": total})
+
+        sums = evaluate_rows(model, mine, EVAL_SEQ_LEN, self.device, "fp32", progress)
+        counts = mine.hi - mine.lo
+        if self.dist.enabled:  # every process's rows, for the total and the standard error
+            parts = [None] * self.dist.world
+            dist.all_gather_object(parts, (sums, counts))
+            sums = np.concatenate([p[0] for p in parts])
+            counts = np.concatenate([p[1] for p in parts])
+        scored = int(counts.sum())
+        loss = float(sums.sum()) / max(scored, 1)
+        se = standard_error(sums, counts) if scored < self.val_full_chars else 0.0
+        report = {"loss": loss, "chars": scored, "of": self.val_full_chars, "se": se, "step": self.best_step}
+        self.callback("final", report)
+        return report
+
+    def _fp32_rate(self) -> float:
+        return self._val_rate / (FP32_OVER_BF16 if self.config.precision == "bf16" else 1.0)
+
+    def _final_chars(self) -> int:
+        """How many validation characters the final report scores: all of them when asked (or when no
+        periodic pass timed the model), else as many as fit in final_share of the budget (the time limit, or
+        the time the run took), and never fewer than a periodic pass scored."""
+        c = self.config
+        if c.full_final_eval or not self._val_rate:
+            return self.val_full_chars
+        budget = c.max_time or self.elapsed
+        affordable = int(self._fp32_rate() * max(c.final_share * budget, FINAL_MIN_S))
+        return min(self.val_full_chars, max(affordable, self.val_sample_chars))
 
     def _gather_state(self) -> list:
         """Every stream's carried state, in stream order (all ranks take part under torchrun)."""

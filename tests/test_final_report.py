@@ -1,0 +1,92 @@
+"""The final report stays inside the run's budget: the whole validation text when that is cheap, else an even
+sample with its standard error; --full-final-eval scores everything; the terminal says what it is doing."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+
+from charlm import checkpoint as ckpt
+from charlm import train as train_module
+from charlm.corpus import decode_corpus, split_train_val
+from charlm.display import TrainDisplay
+from charlm.evaluation import evaluate_text, standard_error
+from charlm.model import CharRNN, ModelConfig
+from charlm.train import TrainConfig, Trainer
+
+from conftest import word_text
+
+
+def test_standard_error_of_a_sample_of_rows():
+    # two equal rows with mean losses 1 and 3: the sample standard deviation sqrt(2), over sqrt(2) rows
+    assert standard_error(np.array([10.0, 30.0]), np.array([10, 10])) == pytest.approx(1.0)
+    assert standard_error(np.array([5.0, 5.0, 5.0]), np.array([5, 5, 5])) == 0.0  # rows that agree
+    assert standard_error(np.array([7.0]), np.array([3])) == 0.0  # one row: no spread to measure
+    # twice the rows with the same spread: the error shrinks by sqrt(2)
+    two = standard_error(np.array([1.0, 3.0]), np.array([1, 1]))
+    four = standard_error(np.array([1.0, 3.0, 1.0, 3.0]), np.array([1, 1, 1, 1]))
+    assert two == pytest.approx(1.0) and four == pytest.approx(math.sqrt(1 / 3))  # s^2 = 4/3 over 4 rows
+
+
+def _run(tmp_path, name, events=None, **config):
+    corpus = decode_corpus(word_text(3000, seed=3).encode(), "t.txt")
+    train_ids, val_ids = split_train_val(corpus.ids, 0.3)
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(vocab_size=corpus.vocab.size, hidden=24, layers=1, dropout=0.0))
+    meta = {"model_config": model.config.to_dict(), "vocab": corpus.vocab.chars, "corpus": corpus.info()}
+    conf = TrainConfig(batch_size=8, seq_len=16, max_steps=40, eval_every=20, lr=1e-2, precision="fp32",
+                       eval_chars=2048, **config)
+    callback = (lambda event, data: events.append((event, data))) if events is not None else None
+    result = Trainer(model, train_ids, val_ids, conf, tmp_path / name, torch.device("cpu"), meta,
+                     callback=callback).run()
+    best = CharRNN(model.config)
+    best.load_state_dict(ckpt.load(tmp_path / name / ckpt.BEST)["model"])
+    return result, evaluate_text(best, val_ids, "cpu", streams=32, precision="fp32"), len(val_ids) - 1
+
+
+def test_a_cheap_validation_text_is_scored_whole(tmp_path, one_thread):
+    result, whole, pairs = _run(tmp_path, "cheap")  # ~15k characters: far inside 5 s
+    assert result.full_val["chars"] == result.full_val["of"] == pairs
+    assert result.full_val["se"] == 0.0
+    assert result.full_val["loss"] == pytest.approx(whole["loss"], abs=1e-5)
+
+
+def test_a_costly_one_is_sampled_evenly_with_its_standard_error(tmp_path, one_thread, monkeypatch):
+    # A budget whose 5% (and floor) buys less than the periodic sample: as a 60 s run on 100 MB would be.
+    monkeypatch.setattr(train_module, "FINAL_MIN_S", 0.0)
+    result, whole, pairs = _run(tmp_path, "costly", final_share=1e-9)
+    report = result.full_val
+    assert report["of"] == pairs and 2048 <= report["chars"] < pairs
+    assert report["se"] > 0
+    # the estimate and its error bar describe the whole text: the full pass lies within 4 standard errors
+    assert abs(report["loss"] - whole["loss"]) < 4 * report["se"]
+
+
+def test_full_final_eval_scores_all_whatever_it_costs(tmp_path, one_thread, monkeypatch):
+    monkeypatch.setattr(train_module, "FINAL_MIN_S", 0.0)
+    result, whole, pairs = _run(tmp_path, "full", final_share=1e-9, full_final_eval=True)
+    assert result.full_val["chars"] == pairs
+    assert result.full_val["loss"] == pytest.approx(whole["loss"], abs=1e-5)
+
+
+def test_the_final_pass_announces_itself_and_reports_progress(tmp_path, one_thread, monkeypatch):
+    monkeypatch.setattr(train_module, "FINAL_MIN_S", 0.0)
+    events = []
+    result, _, pairs = _run(tmp_path, "shown", events=events, final_share=1e-9)
+    names = [e for e, _ in events]
+    start = names.index("final_start")
+    assert names[-1] == "final" and start < names.index("final_progress") < len(names) - 1
+    progress = [d for e, d in events if e == "final_progress"]
+    assert progress[-1]["done"] == progress[-1]["total"] >= 1
+    # rendered for a pipe: one permanent line that says what is being scored
+    out = io.StringIO()
+    display = TrainDisplay(Console(file=out, width=100, force_terminal=False))
+    display("final_start", events[start][1])
+    line = out.getvalue().rstrip("\n")
+    assert "\n" not in line and len(line) <= 100
+    assert line.startswith("final report:") and "an even sample of" in line and "in float32" in line
