@@ -22,6 +22,7 @@ from rich.text import Text
 
 from charlm.commands import _check, _load_model, text_reading
 from charlm.corpus import read_text
+from charlm.display import visible
 from charlm.errors import CharlmError
 from charlm.explain_html import SURPRISAL_BINS as BINS, SURPRISAL_COLOURS as COLOURS
 from charlm.vocab import describe_chars
@@ -173,11 +174,7 @@ def _print_summary(result: dict, checkpoint: str, as_json: bool, out) -> None:
         console.print("most surprising spans (bits/char, start, text):")
         for s in result["surprising_spans"]:
             console.print(f"  {s['nats_per_char'] / math.log(2):5.2f}  {s['start']:>9,}  "
-                          f"{escape(_visible(s['text']))}", overflow="ellipsis", no_wrap=True)
-
-
-def _visible(text: str) -> str:
-    return text.replace("\n", "↵").replace("\t", "→").replace("\r", "␍")
+                          f"{escape(visible(s['text']))}", overflow="ellipsis", no_wrap=True)
 
 
 # ============================================================================================== explain
@@ -274,12 +271,9 @@ def _write_atomic(path: Path, content: str) -> None:
 
 
 def _glyph(ch: str) -> str:
-    """How a character shows in the terminal: line breaks and tabs visible, control characters as a dot."""
-    if ch == "\n":
-        return "↵\n"
-    if ch == "\t":
-        return "→"
-    return ch if ch.isprintable() or ch == " " else "·"
+    """How a character shows in the terminal: one visible cell (display.visible), a line break also breaking
+    the line."""
+    return "↵\n" if ch == "\n" else visible(ch)
 
 
 def _show_surprisal(out: Console, text: str, scores, result: dict) -> None:
@@ -301,7 +295,7 @@ def _show_surprisal(out: Console, text: str, scores, result: dict) -> None:
               f"{result['perplexity']:.2f}", highlight=False)
     if result["surprising_spans"]:
         s = result["surprising_spans"][0]
-        out.print(f"most surprising: {escape(repr(_visible(s['text'])))} at {s['start']:,} "
+        out.print(f"most surprising: {escape(repr(visible(s['text'])))} at {s['start']:,} "
                   f"({s['nats_per_char'] / math.log(2):.2f} bits/char)", overflow="ellipsis", no_wrap=True)
 
 

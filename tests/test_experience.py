@@ -160,3 +160,80 @@ def test_init_from_fine_tunes_with_the_old_vocabulary(runner, trained_run, tmp_p
     tuned = torch.load(tmp_path / "ft/best.pt", weights_only=True)
     original = torch.load(trained_run / "best.pt", weights_only=True)
     assert tuned["vocab"] == original["vocab"] and tuned["model_config"] == original["model_config"]
+
+
+# ============================================================================================== terminal widths
+def _terminal(width: int):
+    """A console like the CLI's stderr one (no wrapping of its own) on a terminal `width` columns wide."""
+    import io
+
+    from rich.console import Console
+
+    return Console(width=width, file=io.StringIO(), force_terminal=True, soft_wrap=True, highlight=False)
+
+
+def _screen_lines(console) -> list:
+    """What the terminal shows: escape codes gone, tabs at 8-column stops, one entry per line."""
+    import re
+
+    return [re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", line).expandtabs(8) for line in console.file.getvalue().split("\n")]
+
+
+@pytest.mark.parametrize("width", [60, 100])
+def test_previews_show_tabs_as_symbols_within_the_terminal(width):
+    from rich.cells import cell_len
+
+    from charlm.commands_train import _preview_fn
+    from charlm.display import TrainDisplay
+
+    vocab = Vocabulary("\t\n\x0b ab")  # an untrained model over tab-heavy text: its samples are full of tabs
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(vocab.size, hidden=8, layers=1))
+    console = _terminal(width)
+    display = TrainDisplay(console, _preview_fn(vocab, "cpu"))
+    display("eval", {"step": 1200, "train_loss": 1.234, "val_loss": 1.301, "val_chars": 16384, "bpc": 1.877,
+                     "lr": 3e-3, "chars_per_s": 123456, "elapsed_s": 754, "best": True, "model": model})
+    lines = _screen_lines(console)
+    previews = [line for line in lines if line.lstrip().startswith("T=")]
+    assert len(previews) == 2 and all("→" in line for line in previews)
+    assert "\t" not in console.file.getvalue() and "\x0b" not in console.file.getvalue()
+    assert all(cell_len(line) <= width for line in lines), [line for line in lines if cell_len(line) > width]
+
+
+@pytest.mark.parametrize("width", [60, 100])
+def test_end_summary_fits_the_terminal_and_keeps_the_command_whole(width, tmp_path, monkeypatch):
+    import shlex
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from rich.cells import cell_len
+
+    from charlm.commands_train import _end_summary
+
+    corpus = "/home/someone/Documents/manuals/the software manual, second edition (2024)/full text.txt"
+    monkeypatch.chdir(tmp_path)
+    argv = ["charlm", "train", corpus, "--max-time", "10m", "--hidden", "256", "--out", "checkpoints/manual"]
+    monkeypatch.setattr(sys, "argv", argv)
+    metrics = [{"val_loss": 3.0 - 0.01 * i} for i in range(150)]  # a long run: more evaluations than columns
+    result = SimpleNamespace(stopped_by="max_time", step=12000, epoch=3, elapsed_s=600.0, eval_s=31.0,
+                             best_val_loss=1.51, best_step=11800, metrics=metrics,
+                             full_val={"loss": 1.52, "chars": 25000, "of": 250000, "se": 0.004, "step": 11800})
+    console = _terminal(width)
+    _end_summary(console, result, Path("checkpoints/manual"), SimpleNamespace(patience=10), [])
+    lines = [line for line in _screen_lines(console) if line]
+    # nothing is wider than the terminal but a command's word that no line could hold: on a line of its own
+    wide = [line for line in lines if cell_len(line) > width]
+    assert all(len(shlex.split(line.rstrip("\\"))) == 1 for line in wide), wide
+    assert len(wide) == (1 if cell_len(shlex.quote(corpus)) > width - 6 else 0)
+    text = "\n".join(lines)
+    assert "best:" in text and "train longer:" in text and "▁" in text
+    # the command a reader copies: from after its label (or on its own lines) to the end, backslashes joining
+    label = next(i for i, line in enumerate(lines) if line.startswith("train longer:"))
+    first = next(i for i in range(label, len(lines)) if "charlm train" in lines[i])
+    last = first
+    while lines[last].endswith("\\"):
+        last += 1
+    pasted = "\n".join(lines[first : last + 1])
+    pasted = pasted[pasted.index("charlm train"):].split(" with a larger")[0]
+    assert shlex.split(pasted.replace("\\\n", " ")) == argv + ["--resume"]  # as a shell reads what was pasted
