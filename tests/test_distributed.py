@@ -43,3 +43,58 @@ def test_ddp_run_with_dropout_resumes_exactly(tmp_path, words_file):
         return [json.loads(line)["val_loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
 
     assert losses("whole") == losses("split") and len(losses("whole")) == 3
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def two_nodes(*args, roots, timeout=240):
+    """One torchrun per "machine" on loopback (--nnodes 2, c10d rendezvous), each in its own working directory
+    with its own copy of the corpus and its own checkpoints/: what two machines without a shared disk see."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={rank}",
+                               "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                               "--rdzv-id=charlm-test", "-m", "charlm", *map(str, args)], cwd=root, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank, root in enumerate(roots)]
+    results = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:  # a hang is a failure, never a stuck suite
+            for p in procs:
+                p.kill()
+            pytest.fail(f"a node did not finish within {timeout} s: {' '.join(map(str, args))}")
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return results
+
+
+@pytest.mark.slow
+def test_two_machines_on_loopback_train_resume_and_finish_without_a_shared_disk(tmp_path, words_file):
+    roots = [tmp_path / "node0", tmp_path / "node1"]
+    for root in roots:
+        root.mkdir()
+        (root / "words.txt").write_bytes(words_file.read_bytes())
+    args = ["words.txt", "--hidden", "32", "--layers", "1", "--batch-size", "8", "--seq-len", "32", "--no-preview",
+            "--device", "cpu", "--no-items", "--eval-every", "10", "--warmup", "5", "--eval-chars", "2000"]
+    first = two_nodes("train", *args, "--max-steps", "20", roots=roots)
+    assert [r.returncode for r in first] == [0, 0], first[0].stderr[-1500:] + first[1].stderr[-1500:]
+    run = roots[0] / "checkpoints" / "words"
+    assert (run / "last.pt").is_file() and (run / "best.pt").is_file()
+    assert not (roots[1] / "checkpoints" / "words").exists()  # only the global rank 0 writes the run
+    # Resume for longer: node 1 has no last.pt or best.pt on its disk; rank 0 reads them and sends them.
+    longer = two_nodes("train", *args, "--max-steps", "40", "--resume", roots=roots)
+    assert [r.returncode for r in longer] == [0, 0], longer[0].stderr[-1500:] + longer[1].stderr[-1500:]
+    assert "best:" in longer[0].stderr and "Traceback" not in longer[0].stderr + longer[1].stderr
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [10, 20, 30, 40]
+    assert not (roots[1] / "checkpoints" / "words").exists()
+    # A refusal on rank 0 (another seed) stops both machines with the same line, neither hangs.
+    refused = two_nodes("train", *args, "--max-steps", "50", "--resume", "--seed", "9", roots=roots)
+    assert all(r.returncode != 0 for r in refused)
+    assert "--seed 9 differs" in refused[0].stderr and "--seed 9 differs" in refused[1].stderr
