@@ -12,8 +12,11 @@ weights), so the engine packs every live sample of every request into one batch:
 A request's rows never mix with another's: each has its own slice of the state and its own
 torch.Generator seeded from its seed, and picks its characters with charlm.sample.pick exactly as
 `charlm sample` does, so the same seed gives the same text alone, among many clients, or on the command line
-(up to float rounding in the batched matrix product). Work that is not a step (warming on a prime, scoring a
-text) is cut into pieces run between steps, so a long prime or text delays the others by one piece only.
+(up to float rounding in the batched matrix product). A request never fails another: when one request's
+rows cannot go on (their scores are NaN, their pick or their share of the step raises), that request alone
+gets a "failed" event and leaves the batch; the others carry on. Work that is not a step (warming on a
+prime, scoring a text) is cut into pieces run between steps, so a long prime or text delays the others by
+one piece only.
 
 Library code: the engine renders nothing; it hands each request's events to `publish`, which the server
 points at its event loop.
@@ -33,7 +36,7 @@ import torch
 
 from charlm import state as st
 from charlm.model import CharRNN
-from charlm.sample import SampleConfig, default_context, pick
+from charlm.sample import SampleConfig, default_context, distribution, pick
 from charlm.vocab import Vocabulary
 
 # Text events are handed over at most this often (plus at once for a request's first characters and its
@@ -53,7 +56,9 @@ class Busy(Exception):
 class Job:
     """One request: `rows` samples that share a prime, a sampling configuration and one generator (as the
     rows of `charlm sample --num-samples N` do). Events go to `deliver(kind, data)`:
-    ("text", [delta per row]), ("done", {...}), ("error", message); for a task: ("result", value)."""
+    ("text", [delta per row]), ("done", {...}); for a task: ("result", value); or at the end
+    ("failed", message) when computing this job went wrong (a NaN, an exception: the server's 500), or
+    ("error", message) when the engine could not serve it (shutting down: the server's 503)."""
 
     deliver: Callable[[str, object], None]
     rows: int = 1
@@ -153,11 +158,11 @@ class Engine:
                 self._advance_tasks()
                 if self._active:
                     self._step()
-            except Exception as exc:  # a bug must not take the server down: fail the jobs in hand, go on
-                self._fail_all(f"internal error ({type(exc).__name__}: {exc})")
+            except Exception as exc:  # a bug in the bookkeeping must not take the server down: fail all in hand
+                self._fail_all("failed", _internal(exc))
             if self._urgent or time.perf_counter() - self._published >= PUBLISH_EVERY:
                 self._flush()
-        self._fail_all("the server is shutting down")
+        self._fail_all("error", "the server is shutting down")
         with self._lock:
             queued, self._inbox = list(self._inbox), collections.deque()
         for job in queued:
@@ -175,9 +180,9 @@ class Engine:
             events, self._outbox = self._outbox, []
             self.publish(events)
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, kind: str, message: str) -> None:
         for job in self._active + self._warming + self._tasks:
-            self._emit(job, "error", message)
+            self._emit(job, kind, message)
         self._active, self._warming, self._tasks = [], [], []
         self._state = self._logits = None
 
@@ -214,7 +219,12 @@ class Engine:
                 continue
             piece = job.prime_ids[job.warmed: job.warmed + WARM_CHUNK]
             x = torch.as_tensor(piece, dtype=torch.long, device=self.device).unsqueeze(0).expand(job.rows, -1)
-            logits, job.state = self.model(x, job.state)  # (rows, P, V)
+            try:
+                logits, job.state = self.model(x, job.state)  # (rows, P, V)
+            except Exception as exc:  # this job's prime alone: the others warm on
+                self._warming.remove(job)
+                self._emit(job, "failed", _internal(exc))
+                continue
             job.logits = logits[:, -1]
             job.warmed += len(piece)
             if job.warmed >= len(job.prime_ids):
@@ -236,6 +246,9 @@ class Engine:
             except StopIteration as stop:
                 self._tasks.remove(job)
                 self._emit(job, "result", stop.value)
+            except Exception as exc:
+                self._tasks.remove(job)
+                self._emit(job, "failed", _internal(exc))
 
     def _regroup(self, keep: List[Job], joining: List[Job]) -> None:
         """Rebuild the batch from the rows of `keep` (already in it) and the warmed rows of `joining`."""
@@ -267,8 +280,23 @@ class Engine:
             self._regroup(keep=live, joining=[])
             if not self._active:
                 return
-        ids = torch.cat(self._picks())  # (B,)
-        self._logits, self._state = self.model.step(ids, self._state)
+        picks = self._picks()  # per job: its ids (rows,), or the message it fails with
+        failed = [j for j, p in zip(self._active, picks) if isinstance(p, str)]
+        if failed:
+            for job, p in zip(self._active, picks):
+                if isinstance(p, str):
+                    self._emit(job, "failed", p)
+            picks = [p for p in picks if not isinstance(p, str)]
+            self._regroup(keep=[j for j in self._active if j not in failed], joining=[])
+            if not self._active:
+                return
+        ids = torch.cat(picks)  # (B,)
+        try:
+            self._logits, self._state = self.model.step(ids, self._state)
+        except Exception:
+            ids = self._step_apart(ids)
+            if ids is None:
+                return
         self.steps += 1
         chars = self.vocab.chars
         flat, at, finished = ids.tolist(), 0, []
@@ -296,27 +324,72 @@ class Engine:
             self._regroup(keep=[j for j in self._active if j not in finished], joining=[])
 
     def _picks(self) -> list:
-        """Each job's picks (rows,), in batch order. For the common case (temperature only) the division and
-        softmax run once for every row sharing a temperature, and each job draws from its own rows with its
-        own generator: the same values and the same draw as charlm.sample.pick, for a fraction of the calls."""
-        plain = lambda cfg: not cfg.greedy and not (cfg.top_k and cfg.top_k < self._logits.shape[-1]) \
+        """Each job's picks (rows,) in batch order, or the message it fails with. For the common case
+        (temperature only) charlm.sample.distribution runs once for every row sharing a temperature, and each
+        job draws from its own rows with its own generator: the same values and the same draw as
+        charlm.sample.pick, for a fraction of the calls. The temperature's overflow guard is decided per row,
+        so one request's extreme value never changes another's numbers."""
+        width = self._logits.shape[-1]
+        plain = lambda cfg: not cfg.greedy and not (cfg.top_k and cfg.top_k < width) \
             and cfg.top_p >= 1.0  # noqa: E731
-        temperatures = {j.cfg.temperature for j in self._active if plain(j.cfg)}
+        shared = {}
+        for job in self._active:
+            if plain(job.cfg):
+                shared.setdefault(job.cfg.temperature, job.cfg)
         probs = {}
-        if len(temperatures) <= 4:  # beyond a few distinct ones, per-job softmaxes are as cheap
-            for t in temperatures:
-                probs[t] = torch.softmax(self._logits.float() / t, dim=-1)  # (B, V)
+        if len(shared) <= 4:  # beyond a few distinct ones, per-job softmaxes are as cheap
+            for t, cfg in shared.items():
+                probs[t] = distribution(self._logits, cfg)  # (B, V)
+        # One check for the whole batch (one sync): a row whose scores are not finite (the model's state has
+        # gone NaN) cannot be sampled; its request fails, and only it.
+        bad = set()
+        if not torch.isfinite(self._logits.sum()):  # finite unless some score is not (or the sum overflows)
+            bad = set(torch.nonzero(~torch.isfinite(self._logits).all(dim=-1)).flatten().tolist())
         picks, at = [], 0
         for job in self._active:
             cfg = job.cfg
-            if plain(cfg) and cfg.temperature in probs:
-                p = probs[cfg.temperature][at: at + job.rows]
-                picks.append(torch.multinomial(p, 1, generator=job.generator).squeeze(-1))
+            if bad.intersection(range(at, at + job.rows)):
+                picks.append("the model's scores for the next character are not finite (NaN or infinity): "
+                             "this checkpoint cannot continue this text")
             else:
-                picks.append(pick(self._logits[at: at + job.rows], cfg, job.generator))  # (rows,)
+                try:
+                    if plain(cfg) and cfg.temperature in probs:
+                        p = probs[cfg.temperature][at: at + job.rows]
+                        picks.append(torch.multinomial(p, 1, generator=job.generator).squeeze(-1))
+                    else:
+                        picks.append(pick(self._logits[at: at + job.rows], cfg, job.generator))  # (rows,)
+                except Exception as exc:
+                    picks.append(_internal(exc))
             at += job.rows
         return picks
+
+    def _step_apart(self, ids: torch.Tensor) -> Optional[torch.Tensor]:
+        """The batched step raised: step each job's rows on their own, fail the jobs whose step still raises
+        and rebuild the batch from the rest. Returns the surviving rows' ids (None when none survive)."""
+        kept, states, logits, kept_ids, at = [], [], [], [], 0
+        for job in self._active:
+            rows = torch.arange(at, at + job.rows, device=self.device)
+            at += job.rows
+            try:
+                job_logits, job_state = self.model.step(ids[rows], st.select_rows(self._state, rows))
+            except Exception as exc:
+                self._emit(job, "failed", _internal(exc))
+                continue
+            kept.append(job)
+            states.append(job_state)
+            logits.append(job_logits)
+            kept_ids.append(ids[rows])
+        self._active = kept
+        if not kept:
+            self._state = self._logits = None
+            return None
+        self._state, self._logits = st.concat_rows(states), torch.cat(logits)
+        return torch.cat(kept_ids)
 
     def _finish(self, job: Job) -> None:
         reason = "stop" if job.cfg.stop and all(job.done) else "length"
         self._emit(job, "done", {"finish_reason": reason, "chars": job.chars})
+
+
+def _internal(exc: Exception) -> str:
+    return f"internal error ({type(exc).__name__}: {exc})"

@@ -51,17 +51,25 @@ def default_context(vocab: Vocabulary) -> str:
     return vocab.chars[0]
 
 
-def pick(logits: torch.Tensor, cfg: SampleConfig, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """logits (B, V) -> ids (B,) under the sampling rules."""
-    if cfg.greedy:
-        return logits.argmax(dim=-1)
-    scaled = logits.float() / cfg.temperature
-    if not torch.isfinite(scaled).all():
-        # A temperature so small that logits/T overflows (or is 0 in fp32): shift the top logit to 0 first and
-        # divide by at least fp32's smallest normal number, so the top stays finite and the rest go to -inf.
-        t = max(cfg.temperature, torch.finfo(torch.float32).tiny)
-        scaled = (logits.float() - logits.float().amax(dim=-1, keepdim=True)) / t
-    logits = scaled
+def scale(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits (B, V) / temperature in fp32, every row with a finite top: a temperature so small that
+    logits/T overflows (or is 0 in fp32) would make the softmax NaN, so such a row is shifted to put its top
+    logit at 0 and divided by at least fp32's smallest normal number: its top stays finite and the rest go to
+    -inf (T -> 0 is greedy). Decided per row, so no row's numbers depend on which rows it is batched with."""
+    x = logits.float()
+    scaled = x / temperature
+    if not torch.isfinite(scaled.sum()):  # one cheap test for the usual case; rows are told apart below
+        overflow = ~torch.isfinite(scaled).all(dim=-1, keepdim=True)  # (B, 1)
+        t = max(temperature, torch.finfo(torch.float32).tiny)
+        scaled = torch.where(overflow, (x - x.amax(dim=-1, keepdim=True)) / t, scaled)
+    return scaled
+
+
+def distribution(logits: torch.Tensor, cfg: SampleConfig) -> torch.Tensor:
+    """logits (B, V) -> the probabilities (B, V) a sample draws from under cfg's temperature, top-k and
+    top-p. The one place this is computed: `charlm sample` and the server's batching engine both draw from it,
+    so the same seed gives the same text through either."""
+    logits = scale(logits, cfg.temperature)
     if cfg.top_k and cfg.top_k < logits.shape[-1]:
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -73,8 +81,14 @@ def pick(logits: torch.Tensor, cfg: SampleConfig, generator: Optional[torch.Gene
         drop[:, 0] = False  # explicitly: a top_p below fp32's range would round to 0 and drop it too
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.softmax(logits, dim=-1)
+
+
+def pick(logits: torch.Tensor, cfg: SampleConfig, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """logits (B, V) -> ids (B,) under the sampling rules."""
+    if cfg.greedy:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(distribution(logits, cfg), 1, generator=generator).squeeze(-1)
 
 
 class Sampler:

@@ -232,7 +232,7 @@ class Server:
                 if kind == "done":
                     yield _sse({"samples": ["".join(t) for t in texts], **head, **data}, "done")
                     return
-                if kind == "error":
+                if kind in ("error", "failed"):
                     yield _sse({"error": data, "field": None}, "error")
                     return
         finally:
@@ -247,7 +247,8 @@ class Server:
         text = f.str("text", None, self.limits.max_score_chars)
         if not text:
             raise ApiError(400, "text", "text is required: the text to score, at least one character")
-        top = f.int("top", 5, 1, min(self.limits.max_top, self.vocab.size))
+        # As many alternatives as `charlm score` lists, or as the vocabulary has when it has fewer.
+        top = f.int("top", min(5, self.vocab.size), 1, min(self.limits.max_top, self.vocab.size))
         text = known_text(self.vocab, text, "text", unknown)
         ids = self.vocab.encode(text)
         engine, vocab = self.engine, self.vocab
@@ -307,6 +308,12 @@ async def _race_disconnect(request: Request, job: Job, work):
     return waiting.result()
 
 
+def _engine_error(kind: str, message) -> ApiError:
+    """The engine's end of a job that did not finish: 500 when computing it failed (that request alone), 503
+    when the engine could not serve it (shutting down)."""
+    return ApiError(500 if kind == "failed" else 503, None, str(message))
+
+
 async def _until_done(request: Request, job: Job, queue: asyncio.Queue, texts: list) -> dict:
     async def collect():
         while True:
@@ -317,7 +324,7 @@ async def _until_done(request: Request, job: Job, queue: asyncio.Queue, texts: l
             elif kind == "done":
                 return data
             else:
-                raise ApiError(503, None, str(data))
+                raise _engine_error(kind, data)
 
     return await _race_disconnect(request, job, collect())
 
@@ -325,8 +332,8 @@ async def _until_done(request: Request, job: Job, queue: asyncio.Queue, texts: l
 async def _until_result(request: Request, job: Job, queue: asyncio.Queue):
     async def wait():
         kind, data = await queue.get()
-        if kind == "error":
-            raise ApiError(503, None, str(data))
+        if kind in ("error", "failed"):
+            raise _engine_error(kind, data)
         return kind, data
 
     return await _race_disconnect(request, job, wait())

@@ -21,7 +21,7 @@ pytest.importorskip("starlette", reason="charlm serve needs the serve extra: pip
 pytest.importorskip("uvicorn", reason="charlm serve needs the serve extra: pip install 'charlm[serve]'")
 
 from charlm.commands import _load_model  # noqa: E402
-from conftest import run_cli, word_text  # noqa: E402
+from conftest import TINY, run_cli, word_text  # noqa: E402
 from charlm.sample import SampleConfig, sample_text  # noqa: E402
 from charlm.score import score_text  # noqa: E402
 from charlm.serve import Limits  # noqa: E402
@@ -227,8 +227,8 @@ BAD = [
 def test_bad_sample_requests_get_a_4xx_naming_the_field(server, body, status, field):
     got_status, ctype, got = server.post("/v1/sample", body, raw=isinstance(body, str))
     assert (got_status, got["field"]) == (status, field), got
-    assert ctype == "application/json" and field in got["error"] or field == "body"
-    assert "Traceback" not in got["error"]
+    assert ctype == "application/json", ctype
+    assert field in got["error"] and "Traceback" not in got["error"], got["error"]
 
 
 @pytest.mark.parametrize("body,field", [({"text": "x" * (LIMITS.max_score_chars + 1)}, "text"),
@@ -236,6 +236,26 @@ def test_bad_sample_requests_get_a_4xx_naming_the_field(server, body, status, fi
 def test_bad_score_requests_get_a_4xx_naming_the_field(server, body, field):
     status, _, got = server.post("/v1/score", body)
     assert 400 <= status < 500 and got["field"] == field
+
+
+@pytest.mark.slow
+def test_score_lists_every_character_of_a_vocabulary_smaller_than_the_default_top(tmp_path):
+    corpus = tmp_path / "ab.txt"
+    corpus.write_text("ab" * 3000, encoding="utf-8")  # two characters: fewer than the 5 alternatives by default
+    result = run_cli("train", corpus, "--out", tmp_path / "run", "--max-steps", "5", "--device", "cpu", *TINY,
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    served = Served(tmp_path / "run", tmp_path)
+    try:
+        status, _, got = served.post("/v1/score", {"text": "abba"})
+        assert status == 200, got
+        assert got["top"] == 2 and [len(c["top"]) for c in got["characters"]] == [2, 2, 2, 2]
+        assert sorted(t[0] for t in got["characters"][0]["top"]) == ["a", "b"]
+        status, _, got = served.post("/v1/score", {"text": "abba", "top": 3})  # asked for: still refused
+        assert status == 400 and got["field"] == "top" and "between 1 and 2" in got["error"], got
+    finally:
+        served.proc.kill()
+        served.proc.wait()
 
 
 def test_unknown_routes_and_methods_answer_json(server):
@@ -273,6 +293,134 @@ def test_concurrent_clients_get_their_own_seeds_text(server, loaded):
     alone = server.post("/v1/sample", bodies[5])[2]["samples"][0]
     assert results[5] == alone
     assert len(set(results.values())) == 8
+
+
+def test_extreme_values_sample_as_the_command_line_does(server, loaded):
+    model, vocab = loaded
+    # Sent at once, so the engine batches them: a temperature whose logits/T overflows fp32 (1e-38) must not
+    # turn the shared softmax into NaN for its row or anyone else's.
+    bodies = [{"temperature": 1e-38}, {"temperature": 1e-30}, {"temperature": 1e-6}, {"temperature": 100},
+              {"top_p": 1e-30}, {"top_k": 1}, {"temperature": 0.8}]
+    bodies = [{"prime": "the ", "length": 100, "seed": 13 + i, **b} for i, b in enumerate(bodies)]
+    results = {}
+
+    def client(i):
+        results[i] = server.post("/v1/sample", bodies[i])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    greedy = sample_text(model, vocab, "the ", SampleConfig(length=100, greedy=True))[0]
+    for i, body in enumerate(bodies):
+        status, _, got = results[i]
+        assert status == 200, (body, got)
+        cfg = SampleConfig(**{k: v for k, v in body.items() if k != "prime"})
+        assert got["samples"] == sample_text(model, vocab, "the ", cfg), body
+        if body.get("temperature", 1) <= 1e-30 or body.get("top_p", 1) <= 1e-30 or body.get("top_k") == 1:
+            assert got["samples"] == [greedy], body  # T -> 0 (or one candidate left) is the most likely character
+
+
+def _poisoned_run(trained_run, root, char: str):
+    """The trained model with one character made poison: reading it turns that row's hidden state into NaN,
+    and no sample ever writes it (its output bias is -1e4), so only a prime can bring it in. The one-hot input
+    becomes an equal embedding (the identity) whose row for the character is NaN: a one-hot input's NaN
+    column would reach every row through the matrix product (0 x NaN is NaN), a looked-up row only its own."""
+    import torch
+
+    from charlm import checkpoint as ckpt
+
+    payload = ckpt.load(trained_run)
+    c, size = payload["vocab"].index(char), len(payload["vocab"])
+    assert payload["model_config"]["embedding"] == 0
+    payload["model_config"] = {**payload["model_config"], "embedding": size}
+    embed = torch.eye(size)
+    embed[c] = float("nan")
+    payload["model"] = {**{k: v.clone() for k, v in payload["model"].items()}, "embed.weight": embed}
+    payload["model"]["decoder.bias"][c] = -1e4
+    payload = {k: v for k, v in payload.items() if k not in ("path", "format", "charlm_version")}
+    out = root / "poisoned"
+    out.mkdir()
+    ckpt.save(payload, out / "best.pt")
+    return out
+
+
+@pytest.mark.slow
+def test_a_request_that_fails_fails_alone(trained_run, tmp_path):
+    served = Served(_poisoned_run(trained_run, tmp_path, "z"), tmp_path)
+    try:
+        other = {"prime": "the ", "length": 600, "seed": 5}
+        c, r = stream(served, other)  # in the batch before the failing requests arrive, still running after
+        events = read_events(r)
+        assert next(events)[0] == "start" and next(events)[0] == "message"
+        status, ctype, failed = served.post("/v1/sample", {"prime": "a lazy dog", "length": 50, "seed": 1})
+        assert status == 500 and ctype == "application/json" and "not finite" in failed["error"], failed
+        events_failed, deltas = streamed_text(served, {"prime": "lazy", "length": 50, "num_samples": 2})
+        kind, data = events_failed[-1]
+        assert kind == "error" and "not finite" in data["error"] and deltas == []
+        rest = list(events)
+        c.close()
+        assert rest[-1][0] == "done", rest[-1]
+        alone = served.post("/v1/sample", other)[2]["samples"]
+        assert rest[-1][1]["samples"] == alone
+        assert served.get("/healthz")[0] == 200 and "Traceback" not in served.errors()
+    finally:
+        served.proc.kill()
+        served.proc.wait()
+
+
+def test_a_model_step_that_raises_for_one_request_fails_only_that_request(loaded, monkeypatch):
+    import copy
+
+    import torch
+
+    from charlm.batching import Engine, Job
+
+    model, vocab = loaded
+    model = copy.deepcopy(model)
+    victim_prime, other_prime = "the quick ", "a dog "
+    _, victim_state = model(torch.as_tensor(vocab.encode(victim_prime)).unsqueeze(0), model.init_state(1))
+    real_step = model.step
+
+    def step(ids, state):  # a fault at the model-step boundary, for the victim's row only
+        rows = state.shape[1]
+        if any(torch.allclose(state[:, r], victim_state[:, 0], atol=1e-5) for r in range(rows)):
+            raise RuntimeError("injected fault for one row")
+        return real_step(ids, state)
+
+    monkeypatch.setattr(model, "step", step)
+
+    def run(*jobs):
+        ends = {}
+        done = threading.Event()
+
+        def deliver(name):
+            texts = []
+
+            def on(kind, data):
+                if kind == "text":
+                    texts.append(data[0])
+                else:
+                    ends[name] = (kind, data, "".join(texts))
+                    if len(ends) == len(jobs):
+                        done.set()
+            return on
+
+        engine = Engine(model, vocab, "cpu")
+        for name, prime, cfg in jobs:  # queued before the engine starts: both join the same first step
+            engine.submit(Job(deliver=deliver(name), rows=1, cfg=cfg, prime_ids=vocab.encode(prime)))
+        engine.start()
+        assert done.wait(60)
+        engine.close()
+        return ends
+
+    other = ("other", other_prime, SampleConfig(length=200, seed=8))
+    both = run(("victim", victim_prime, SampleConfig(length=200, seed=9)), other)
+    assert both["victim"][0] == "failed" and "injected fault" in both["victim"][1]
+    alone = run(other)
+    assert alone["other"][0] == "done" and both["other"][:2] == alone["other"][:2]
+    assert both["other"][2] == alone["other"][2] and len(alone["other"][2]) == 200
 
 
 def _raw_request(server, body: dict) -> socket.socket:
