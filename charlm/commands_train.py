@@ -554,7 +554,7 @@ def _eval_plan(tconf, trainer) -> str:
 
 
 def _end_summary(console: Console, result, out: Path, r: TrainRequest, received: list) -> None:
-    from charlm.display import human_time, say, say_commands, sparkline
+    from charlm.display import fits, human_time, say, say_commands, sparkline
 
     # Every line fits the terminal: prose wraps at words, commands go on lines of their own (display.py)
     resume = ["charlm"] + [shlex.quote(a) for a in sys.argv[1:] if a != "--resume"] + ["--resume"]
@@ -581,7 +581,7 @@ def _end_summary(console: Console, result, out: Path, r: TrainRequest, received:
         best = (f"val loss {bv:.4f} nats/char, {bv / math.log(2):.3f} bpc, perplexity {math.exp(bv):.2f} "
                 f"(step {result.best_step}){where}")
         spark = sparkline(vals)
-        if len(f"best: {best}   {spark}") <= console.width:
+        if not fits(console) or len(f"best: {best}   {spark}") <= console.width:
             say(console, "best", f"{best}   {spark}")
         else:  # the curve on a line of its own, its latest evaluations when there are more than columns
             say(console, "best", best)

@@ -40,10 +40,19 @@ def _symbol(c: str) -> str:
     return c if c.isprintable() or c == " " else "·"
 
 
+def fits(console: Console) -> bool:
+    """Whether lines must fit the console's width: on a terminal. Piped or redirected, a line stays whole,
+    for grep and for the log's reader."""
+    return console.is_terminal
+
+
 def say(console: Console, label: str, text: str) -> None:
-    """`label: text`, word-wrapped to the console's width (the CLI's console does not wrap by itself)."""
+    """`label: text`, word-wrapped to a terminal's width (the CLI's console does not wrap by itself)."""
     line = Text.assemble((label, "bold"), ":", " " + text if text else "")
-    console.print(line, highlight=False, soft_wrap=False, overflow="fold")
+    if fits(console):  # at words; a word wider than the terminal is folded
+        console.print(line, highlight=False, soft_wrap=False, overflow="fold")
+    else:
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 def command_lines(words: Sequence[str], width: int, indent: str = "  ") -> List[str]:
@@ -65,7 +74,7 @@ def say_commands(console: Console, label: str, commands: Sequence[Sequence[str]]
     then each command on lines of its own, whole (command_lines): nothing is cut from a command a reader
     will copy."""
     joined = "   |   ".join(" ".join(words) for words in commands)
-    if cell_len(f"{label}: {joined}{after}") <= console.width:
+    if not fits(console) or cell_len(f"{label}: {joined}{after}") <= console.width:
         console.print(Text.assemble((label, "bold"), ": ", joined, after), highlight=False, soft_wrap=True)
         return
     say(console, label, intro)
@@ -161,7 +170,7 @@ class TrainDisplay:
             self.progress.update(self.task, completed=int(1000 * done / total), where=f"chunk {done}/{total}",
                                  eta=human_time(spent * (total - done) / done) if done else "-")
         elif event == "eval":
-            self.console.print(eval_line(data), highlight=False, soft_wrap=False)  # wraps on a narrow terminal
+            self.console.print(eval_line(data), highlight=False, soft_wrap=not fits(self.console))
             if self.preview is not None:
                 for line in self.preview(data["model"]):
                     shown = Text("  " + visible(line), style="dim")
@@ -186,7 +195,7 @@ def run_summary(console: Console, info: dict) -> None:
         table.add_row(key, escape(value))
     console.print(table)
     for warning in info.get("warnings", []):
-        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False, soft_wrap=False)
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False, soft_wrap=not fits(console))
 
 
 def vocab_preview(chars: str, limit: int = 80) -> str:
