@@ -268,6 +268,9 @@ def evaluate(
     unknown: UnknownOpt = "error",
     streams: Annotated[int, typer.Option(help="Parallel streams (each warmed on the text before it).",
                                          rich_help_panel=RUN)] = 8,
+    max_chars: Annotated[Optional[int], typer.Option(
+        help="Score an even sample of this many characters (64+ segments spread over the text) and report its "
+             "standard error \\[default: every character].", rich_help_panel=DATA, show_default=False)] = None,
     as_json: JsonOpt = False,
     device: DeviceOpt = "auto",
 ):
@@ -277,7 +280,7 @@ def evaluate(
     """
     from charlm.commands import run_eval
 
-    run_eval(corpus, checkpoint, encoding, unknown, streams, as_json, device, err, keep_crlf)
+    run_eval(corpus, checkpoint, encoding, unknown, streams, as_json, device, err, keep_crlf, max_chars)
 
 
 @app.command()

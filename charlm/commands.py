@@ -6,6 +6,8 @@ modules it calls do not.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 import sys
@@ -293,13 +295,38 @@ def _interactive(model, vocab, prime, cfg, device, console: Console) -> None:
 
 
 # ============================================================================================== eval / info / plot
+# A pass over more characters than this announces itself (a line, and a bar on a terminal): a few seconds
+# of scoring for a small model on a 2-core CPU.
+ANNOUNCE_CHARS = 1_000_000
+
+
+@contextlib.contextmanager
+def pass_progress(console: Console, what: str, chars: int):
+    """progress(done, total) for a long pass: a permanent line saying what is scored (piped too), and a
+    transient bar with its rate and ETA on a terminal. Short passes say nothing."""
+    if chars < ANNOUNCE_CHARS:
+        yield None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console.print(f"{what}: {chars:,} characters", highlight=False)
+    if not console.is_terminal:
+        yield None
+        return
+    with Progress(TextColumn(f"[bold]{what}"), BarColumn(bar_width=24), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task(what, total=1)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
 def run_eval(corpus: Path, checkpoint, encoding, unknown, streams, as_json, device_name, console: Console,
-             keep_crlf: Optional[bool] = None) -> None:
+             keep_crlf: Optional[bool] = None, max_chars: Optional[int] = None) -> None:
     from charlm.corpus import load_corpus
     from charlm.evaluation import evaluate_text
 
     _check(unknown in ("error", "skip"), f"--unknown must be error or skip, got {unknown!r}")
     _check(streams >= 1, f"--streams must be at least 1, got {streams}")
+    _check(max_chars is None or max_chars >= 1, f"--max-chars must be at least 1, got {max_chars}")
     payload, model, vocab, device = _load_model(checkpoint, device_name)
     info = payload.get("corpus", {})
     end = info.get("item_end", "\n")  # an item model: each line an item, or each file of a list of files
@@ -308,7 +335,11 @@ def run_eval(corpus: Path, checkpoint, encoding, unknown, streams, as_json, devi
                        separator=info.get("separator", DOC_SEPARATOR))
     if text.chars < 2:
         raise CharlmError(f"{corpus} has fewer than 2 known characters; nothing to score")
-    report = evaluate_text(model, text.ids, device, streams=streams)
+    scored = min(text.chars - 1, max_chars or text.chars)
+    with pass_progress(console, "scoring" if scored == text.chars - 1 else "scoring an even sample", scored) as bar:
+        # a sample is spread over at least 64 segments: its standard error needs rows to compare
+        report = evaluate_text(model, text.ids, device, streams=max(streams, 64) if max_chars else streams,
+                               max_chars=max_chars, progress=bar)
     report["checkpoint"] = payload["path"]
     if info.get("items") and end in vocab:
         # a model of a list: each item also scored as one, from the start of an item (as sampling writes)
@@ -323,8 +354,10 @@ def run_eval(corpus: Path, checkpoint, encoding, unknown, streams, as_json, devi
         sys.stdout.write(json.dumps(report) + "\n")
         return
     table = Table(show_header=False, box=None)
-    for key, value in (("loss", f"{report['loss']:.4f} nats/char"), ("bpc", f"{report['bpc']:.4f} bits/char"),
-                       ("perplexity", f"{report['perplexity']:.3f}"), ("chars", f"{report['chars']:,}"),
+    sampled = f" ±{report['se']:.4f}" if "se" in report else ""
+    chars = f"{report['chars']:,}" + (f" of {report['of']:,} (an even sample)" if "of" in report else "")
+    for key, value in (("loss", f"{report['loss']:.4f}{sampled} nats/char"), ("bpc", f"{report['bpc']:.4f} bits/char"),
+                       ("perplexity", f"{report['perplexity']:.3f}"), ("chars", chars),
                        ("checkpoint", report["checkpoint"])):
         table.add_row(key, value)
     if report.get("items"):

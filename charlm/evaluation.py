@@ -76,12 +76,18 @@ def standard_error(row_sums: np.ndarray, row_counts: np.ndarray) -> float:
 
 
 def evaluate_text(model: CharRNN, ids: np.ndarray, device, seq_len: int = EVAL_SEQ_LEN, streams: int = 8,
-                  burn_in: int = 256, precision: str = "fp32", max_chars: Optional[int] = None) -> dict:
+                  burn_in: int = 256, precision: str = "fp32", max_chars: Optional[int] = None,
+                  progress: Optional[Callable[[int, int], None]] = None) -> dict:
     """Loss of the model on a text: nats/char, bits/char, perplexity, characters scored (every character
-    after the first, or an evenly spread sample of max_chars of them)."""
+    after the first, or an evenly spread sample of max_chars of them, then with its standard error "se")."""
     layout = eval_streams(ids, streams, burn_in=burn_in, max_chars=max_chars)
-    total, count = evaluate(model, layout, seq_len, device, precision)
-    return loss_report(total / count, count)
+    sums = evaluate_rows(model, layout, seq_len, device, precision, progress)
+    count = layout.scored()
+    report = loss_report(float(sums.sum()) / max(count, 1), count)
+    if count < len(ids) - 1:
+        report["se"] = standard_error(sums, layout.hi - layout.lo)
+        report["of"] = len(ids) - 1
+    return report
 
 
 def loss_report(loss: float, chars: int) -> dict:

@@ -90,3 +90,26 @@ def test_the_final_pass_announces_itself_and_reports_progress(tmp_path, one_thre
     line = out.getvalue().rstrip("\n")
     assert "\n" not in line and len(line) <= 100
     assert line.startswith("final report:") and "an even sample of" in line and "in float32" in line
+
+
+def test_eval_max_chars_scores_an_even_sample_with_its_standard_error(runner, trained_run, tmp_path, monkeypatch):
+    import json
+
+    from charlm import commands
+    from conftest import invoke
+
+    text = tmp_path / "held_out.txt"
+    text.write_text(word_text(2000, seed=11), encoding="utf-8")
+    whole = json.loads(invoke(runner, "eval", text, "-c", trained_run, "--json").stdout)
+    assert "se" not in whole and whole["chars"] == len(text.read_text()) - 1
+    monkeypatch.setattr(commands, "ANNOUNCE_CHARS", 1000)  # as a pass over a large file would
+    result = invoke(runner, "eval", text, "-c", trained_run, "--json", "--max-chars", "6000")
+    assert result.exit_code == 0, result.stderr
+    sample = json.loads(result.stdout)
+    assert sample["chars"] == 6000 and sample["of"] == whole["chars"] and sample["se"] > 0
+    assert abs(sample["loss"] - whole["loss"]) < 4 * sample["se"]
+    assert "scoring an even sample: 6,000 characters" in result.stderr  # the line a piped pass prints
+    table = invoke(runner, "eval", text, "-c", trained_run, "--max-chars", "6000")
+    assert f"of {whole['chars']:,} (an even sample)" in table.stdout and "±" in table.stdout
+    bad = invoke(runner, "eval", text, "-c", trained_run, "--max-chars", "0")
+    assert bad.exit_code != 0 and "--max-chars must be at least 1" in bad.stderr and "Traceback" not in bad.stderr
