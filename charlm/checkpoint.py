@@ -96,6 +96,9 @@ def load(path, prefer: str = BEST, map_location="cpu") -> dict:
         if isinstance(exc, PermissionError):
             raise CharlmError(f"{file}: permission denied")
         raise CharlmError(f"{file} is truncated or corrupt ({type(exc).__name__}); use the other checkpoint in its run dir")
+    except Exception as exc:  # torn bytes reach the legacy unpickler, which fails as struct.error, TypeError, ...
+        kind = type(exc).__name__ if type(exc).__module__ == "builtins" else f"{type(exc).__module__}.{type(exc).__name__}"
+        raise CharlmError(f"{file} is truncated or corrupt ({kind}); use the other checkpoint in its run dir")
     if not isinstance(payload, dict) or "format" not in payload or "model" not in payload:
         raise CharlmError(f"{file} is not a charlm checkpoint (no format/model entries)")
     if not isinstance(payload["format"], int) or payload["format"] > FORMAT:

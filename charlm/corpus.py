@@ -183,6 +183,9 @@ def _pieces(f: BinaryIO, name: str, encoding: str, keep_crlf: bool, crlf: List[i
                 raise CharlmError(
                     f"{name}: not valid {encoding} at byte offset {at} (byte 0x{bad:02x}); pass --encoding "
                     "(for example latin-1 or cp1252) if the text uses another encoding")
+            except UnicodeError as exc:  # not about one byte: utf-16 without a byte-order mark, for one
+                raise CharlmError(f"{name}: cannot be read as {encoding} ({exc}); pass the file's --encoding "
+                                  "(for example utf-16-le or utf-8)")
             piece = ("\r" if held else "") + text
             cr, lf, crlf_pair = "\r", "\n", "\r\n"
         held = False
