@@ -149,10 +149,15 @@ def test_plot_draws_a_falling_loss_descending(runner, tmp_path):
 
 def test_plot_of_a_real_run_has_a_point_per_evaluation(runner, trained_run):
     result = invoke(runner, "plot", trained_run)
-    evaluations = len((trained_run / "metrics.jsonl").read_text().splitlines())
+    records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     assert result.exit_code == 0
-    assert 1 <= len(chart_marks(result.stdout, "o")) <= evaluations  # val: marks may coincide, never vanish
-    assert len(chart_marks(result.stdout, "*")) + len(chart_marks(result.stdout, "o")) >= evaluations
+    steps = [r["step"] for r in records]
+    assert len(set(steps)) == len(steps) >= 2  # evaluations at distinct steps, far apart on a 64-column axis
+    val = sorted(chart_marks(result.stdout, "o"), key=lambda p: p[1])
+    assert len(val) == len(records), result.stdout  # one val mark per evaluation, none lost
+    order = sorted(range(len(records)), key=lambda i: records[i]["step"])
+    by_loss = sorted(range(len(records)), key=lambda i: -records[i]["val_loss"])  # highest loss: the top row
+    assert [val[order.index(i)][0] for i in by_loss] == sorted(p[0] for p in val), result.stdout
 
 
 def test_plot_png_is_a_real_image(runner, trained_run, tmp_path):

@@ -8,8 +8,10 @@ import math
 import os
 import random
 import re
+import selectors
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -83,6 +85,21 @@ def test_json_lines_describe_every_character(runner, trained_run, tmp_path):
     assert any(s["start"] <= worst < s["start"] + 24 for s in summary["surprising_spans"])
 
 
+def _first_line(pipe, within_s: float) -> tuple:
+    """The first line from pipe and whatever came after it, or a failure once within_s pass without one (a
+    score that waits for the end of its input would otherwise hang the suite, stdin being held open)."""
+    sel, got, deadline = selectors.DefaultSelector(), b"", time.monotonic() + within_s
+    sel.register(pipe, selectors.EVENT_READ)
+    while b"\n" not in got:
+        left = deadline - time.monotonic()
+        assert left > 0 and sel.select(left), f"no line from `score -` within {within_s:.0f} s of input"
+        chunk = os.read(pipe.fileno(), 65536)
+        assert chunk, "score closed its output before printing a line"
+        got += chunk
+    line, _, more = got.partition(b"\n")
+    return line, more
+
+
 def test_stdin_streams_results_before_the_input_ends(trained_run, tmp_path):
     """`-` reads stdin piece by piece: a line comes out while the writer is still holding the pipe open."""
     proc = subprocess.Popen([sys.executable, "-m", "charlm", "score", "-", "-c", str(trained_run), "--device",
@@ -92,11 +109,12 @@ def test_stdin_streams_results_before_the_input_ends(trained_run, tmp_path):
     try:
         proc.stdin.write(b"the fox runs\n")
         proc.stdin.flush()
-        first = json.loads(proc.stdout.readline())  # blocks until scored: stdin is still open
+        line, more = _first_line(proc.stdout, within_s=120)  # stdin is still open: a deadline, not a hang
+        first = json.loads(line)
         assert first == {**first, "i": 0, "char": "t"}
         proc.stdin.write(b"over the dog\n")
         proc.stdin.close()
-        rest = [json.loads(line) for line in proc.stdout.read().splitlines()]
+        rest = [json.loads(line) for line in (more + proc.stdout.read()).splitlines()]
         assert proc.wait(timeout=60) == 0
     finally:
         proc.kill()
