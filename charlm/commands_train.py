@@ -238,7 +238,7 @@ def run_train(r: TrainRequest, console: Console) -> None:
             payload = from_main(dinfo, lambda: ckpt.load(r.init_from))
         r, kept = settle_options(r, payload, source)
         vocab = Vocabulary(payload["vocab"]) if payload else None
-        corpus = _training_corpus(inputs, vocab, r, out.parent / ".charlm-cache", dinfo)
+        corpus = _training_corpus(inputs, vocab, r, out.parent / ".charlm-cache", dinfo, console)
         if r.resume:
             saved = payload.get("corpus", {})
             if saved.get("sha256") not in (None, corpus.sha256) and not r.force:
@@ -250,7 +250,7 @@ def run_train(r: TrainRequest, console: Console) -> None:
         reshuffle, items_meta, read = None, {"items": False}, {}
         if items_unit == "files":  # the same files joined by ITEM_END instead of a blank line
             read = {"separator": ITEM_END}
-            corpus = _training_corpus(inputs, vocab, r, out.parent / ".charlm-cache", dinfo, ITEM_END)
+            corpus = _training_corpus(inputs, vocab, r, out.parent / ".charlm-cache", dinfo, console, ITEM_END)
         if items_unit:
             train_ids, val_ids, reshuffle, items_meta = _item_split(corpus, r, items_reason,
                                                                     ITEM_END if items_unit == "files" else "\n")
@@ -436,7 +436,45 @@ def _stem(inputs: List) -> str:
     return (parents.pop().name if len(parents) == 1 else "") or first.stem or "corpus"
 
 
-def _training_corpus(inputs, vocab, r: TrainRequest, cache: Path, dinfo, separator: str = DOC_SEPARATOR):
+class CorpusProgress:
+    """The passes over a large corpus's files (hashing, then on first use reading and encoding): a line as
+    each begins, piped too, and a transient bar on a terminal. Corpora under ANNOUNCE_BYTES say nothing."""
+
+    ANNOUNCE_BYTES = 64 * 2**20  # about a second per pass on a 2-core CPU
+    WHAT = {"hashing": "hashing", "reading": "reading for its vocabulary",
+            "encoding": "encoding into the cache (once: later runs map it)"}
+
+    def __init__(self, console: Console):
+        self.console, self.stage, self.bar, self.task = console, None, None, None
+
+    def __enter__(self):
+        return self
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if total < self.ANNOUNCE_BYTES:
+            return
+        if stage != self.stage:
+            self.stage = stage
+            self.console.print(f"corpus: {self.WHAT.get(stage, stage)}, {total / 1e6:,.0f} MB", highlight=False)
+            if self.console.is_terminal:
+                from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+                self.__exit__()
+                self.bar = Progress(TextColumn(f"[bold]{stage}"), BarColumn(bar_width=24), DownloadColumn(),
+                                    TimeRemainingColumn(), console=self.console, transient=True)
+                self.bar.start()
+                self.task = self.bar.add_task(stage, total=total)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def _training_corpus(inputs, vocab, r: TrainRequest, cache: Path, dinfo, console: Console,
+                     separator: str = DOC_SEPARATOR):
     """The encoded corpus. Under torchrun the first process of each machine builds (or finds) the cached,
     memory-mapped ids while the others wait; then every process maps that file and reads only the rows it
     trains on. A bad file ends every process with the same one-line message."""
@@ -444,7 +482,9 @@ def _training_corpus(inputs, vocab, r: TrainRequest, cache: Path, dinfo, separat
     from charlm.runtime import agreed
 
     def build():
-        return load_corpus(inputs, vocab, r.encoding, r.keep_crlf, cache_dir=cache, separator=separator)
+        with CorpusProgress(console) as progress:
+            return load_corpus(inputs, vocab, r.encoding, r.keep_crlf, cache_dir=cache, separator=separator,
+                               progress=progress)
 
     if not dinfo.enabled:
         return build()

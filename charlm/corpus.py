@@ -70,18 +70,41 @@ class _Source:
 
     def __init__(self, name: str, path: Optional[Path] = None, data: Optional[bytes] = None):
         self.name, self.path, self.data = name, path, data
+        self.counted: Optional[Callable[[int], None]] = None  # told the size of every block read (progress)
 
     def open(self) -> BinaryIO:
         if self.data is not None:
             return io.BytesIO(self.data)
         try:
-            return open(self.path, "rb")
+            f = open(self.path, "rb")
+            return _Counted(f, self.counted) if self.counted else f
         except PermissionError:
             raise CharlmError(f"{self.name}: permission denied; make the file readable (chmod +r) or copy it")
         except IsADirectoryError:
             raise CharlmError(f"{self.name} is a directory; pass a text file or the folder itself")
         except OSError as exc:
             raise CharlmError(f"{self.name}: cannot read ({exc.strerror})")
+
+
+class _Counted:
+    """A binary file that reports the size of each block read from it (a corpus build's progress bar)."""
+
+    def __init__(self, f: BinaryIO, counted: Callable[[int], None]):
+        self.f, self.counted = f, counted
+
+    def read(self, n: int = -1) -> bytes:
+        block = self.f.read(n)
+        self.counted(len(block))
+        return block
+
+    def seekable(self) -> bool:
+        return self.f.seekable()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
 
 
 def expand_inputs(inputs: Sequence[Union[str, Path]]) -> List[Path]:
@@ -300,9 +323,27 @@ def _map(path: Path, dtype, length: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- entry points
 def build_corpus(sources: Sequence[_Source], name: str, vocab: Optional[Vocabulary] = None, encoding: str = "utf-8",
                  keep_crlf: bool = False, unknown: str = "error", cache_dir=None,
-                 separator: str = DOC_SEPARATOR, sha: Optional[tuple] = None) -> CorpusText:
+                 separator: str = DOC_SEPARATOR, sha: Optional[tuple] = None,
+                 progress: Optional[Callable[[str, int, int], None]] = None) -> CorpusText:
     """Encode sources into a memory-mapped ids file (in cache_dir, else a temporary file that is removed once
-    mapped). A cached file for the same bytes and options is mapped instead of re-encoded."""
+    mapped). A cached file for the same bytes and options is mapped instead of re-encoded.
+
+    progress(stage, bytes done, bytes in all) follows the passes over the files: "hashing" (always: the cache
+    is keyed by it), then, unless cached, "reading" (the vocabulary) and "encoding"."""
+    stage = ["hashing", 0]
+    if progress is not None:
+        size = sum(src.path.stat().st_size for src in sources if src.path is not None)
+
+        def counted(n: int) -> None:
+            stage[1] += n
+            progress(stage[0], stage[1], size)
+
+        for src in sources:
+            src.counted = counted
+
+    def begin(name: str) -> None:
+        stage[0], stage[1] = name, 0
+
     total_sha, per_file = sha or _sha_of(sources)
     fixed = vocab.chars if vocab else ""
     key = hashlib.sha256(f"{CACHE_VERSION}|{total_sha}|{encoding}|{keep_crlf}|{unknown}|{fixed}|{separator}"
@@ -320,7 +361,9 @@ def build_corpus(sources: Sequence[_Source], name: str, vocab: Optional[Vocabula
             except (OSError, ValueError, KeyError):
                 pass  # a damaged cache entry is rebuilt below
     if vocab is None:
+        begin("reading")
         vocab, _ = _collect_vocab(sources, encoding, keep_crlf, separator)
+    begin("encoding")
     directory = Path(cache_dir) if cache_dir is not None else None
     if directory is not None:
         try:
@@ -382,14 +425,15 @@ def open_mapped(described: dict) -> CorpusText:
 
 
 def load_corpus(paths, vocab: Optional[Vocabulary] = None, encoding: str = "utf-8", keep_crlf: bool = False,
-                cache_dir=None, unknown: str = "error", separator: str = DOC_SEPARATOR) -> CorpusText:
+                cache_dir=None, unknown: str = "error", separator: str = DOC_SEPARATOR,
+                progress: Optional[Callable[[str, int, int], None]] = None) -> CorpusText:
     """Read and encode a corpus: a file, a folder, several files or glob patterns (joined in sorted order with
     `separator`). With cache_dir the ids are kept there, keyed by the files' SHA-256 and the options."""
     inputs = list(paths) if isinstance(paths, (list, tuple)) else [paths]
     files = expand_inputs(inputs)
     sources = [_Source(str(f), path=f) for f in files]
     return build_corpus(sources, describe_inputs(files, inputs), vocab, encoding, keep_crlf, unknown, cache_dir,
-                        separator)
+                        separator, progress=progress)
 
 
 def decode_corpus(raw: bytes, path, vocab: Optional[Vocabulary] = None, encoding: str = "utf-8",

@@ -12,7 +12,7 @@ Training longer (`--resume` with a larger limit) moves the end away: the same pr
 on the curve, where the rate is higher. A run that had decayed to 5% of its peak would jump back to half of
 it in one step. Instead the resumed run records a `Restart` (the step and the rate it had reached) and warms
 up from that rate, over `warmup_steps`, to the rate an unbroken run of the longer budget has at that point;
-from there on the two runs follow the same curve (README, "Training longer"; BENCHMARKS.md 12).
+from there on the two runs follow the same curve (README, "Training longer"; BENCHMARKS.md 13).
 """
 
 from __future__ import annotations
