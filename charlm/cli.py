@@ -151,7 +151,7 @@ def train(
     full_final_eval: Annotated[Optional[bool], typer.Option(
         "--full-final-eval/--no-full-final-eval",
         help="At the end, score the best model in float32 on the whole validation text whatever it costs "
-             "(--no-...: skip it) \\[default: the whole text when that fits in 5% of the budget (at least 5 s), "
+             "(--no-...: skip it) \\[default: the whole text when that fits in 5% of the budget (at least 2 s), "
              "else an even sample that does, with its standard error].", rich_help_panel=TRAIN,
         show_default=False)] = None,
     patience: Annotated[int, typer.Option(help="Stop after this many evaluations without a new best "

@@ -34,7 +34,7 @@ from charlm.streams import eval_streams, make_streams
 
 OPTIMIZERS = ("adamw", "adam", "rmsprop", "sgd")
 # The final report may always take this long, however short the run: a few seconds buy a whole small tail.
-FINAL_MIN_S = 5.0
+FINAL_MIN_S = 2.0
 # A float32 pass over the same text costs this many times a bf16 one (1.0 s against 1.7 s for 65.5k
 # characters of a 2 x 256 GRU on one thread of the bf16 CPU; BENCHMARKS.md 9): the final pass is timed from
 # the periodic ones, which run in the training precision.
