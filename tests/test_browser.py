@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
 import pytest
 import torch
 
@@ -223,14 +224,14 @@ def test_hover_focus_and_unit_picker_in_a_real_browser(browser, runner, trained_
 
     model, vocab = model_from_payload(ckpt.load(trained_run))
     values = unit_values(model.eval(), vocab.encode(text), [unit], "cpu", default_context_id(vocab))[:, 0]
-    hi, lo = int(values.argmax()), int(values.argmin())
-    rgb = lambda s: tuple(int(v) for v in re.findall(r"\d+", s))  # noqa: E731
-    if values[hi] > 0.2:
-        r, g, b = rgb(after[hi])
-        assert r == 255 and g == b < 255 * (1 - 0.2 * values[hi] / max(1, abs(values).max()))
-    if values[lo] < -0.2:
-        r, g, b = rgb(after[lo])
-        assert b == 255 and r == g < 255
+    rgb = lambda s: tuple(int(v) for v in re.findall(r"\d+", s)[:3])  # noqa: E731
+    colours = [rgb(c) for c in after]
+    assert len(colours) == len(values) and values.max() > values.min()
+    for v, (r, g, b) in zip(values, colours):  # every character: red above zero, blue below, white at it
+        assert (r == 255 and g == b) if v > 0 else (b == 255 and r == g), (float(v), (r, g, b))
+    # and the colour follows the value: ordered by activation, red - blue never falls
+    warmth = [colours[i][0] - colours[i][2] for i in np.argsort(values, kind="stable")]
+    assert warmth == sorted(warmth) and warmth[-1] > warmth[0]
     assert "unit" in browser.js("document.getElementById('legend').innerText")
     assert browser.problems() == []
 
@@ -276,6 +277,49 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
+def _pixels(png: bytes) -> np.ndarray:
+    """An 8-bit RGB(A) PNG (what Chromium captures) as a height x width x channels array: zlib and the five
+    row filters of the PNG spec, enough to look at a screenshot without an imaging library."""
+    import zlib
+
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    pos, idat, head = 8, b"", None
+    while pos < len(png):
+        n, kind = struct.unpack(">I4s", png[pos:pos + 8])
+        body = png[pos + 8:pos + 8 + n]
+        if kind == b"IHDR":
+            head = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + n
+    width, height, depth, colour = head[:4]
+    assert depth == 8 and colour in (2, 6), head
+    ch = 3 if colour == 2 else 4
+    raw = np.frombuffer(zlib.decompress(idat), dtype=np.uint8).reshape(height, 1 + width * ch)
+    out = np.zeros((height, width * ch), dtype=np.int32)
+    for y in range(height):
+        f, row = raw[y, 0], raw[y, 1:].astype(np.int32)
+        up = out[y - 1] if y else np.zeros_like(row)
+        if f in (0, 2):
+            out[y] = (row + (up if f == 2 else 0)) % 256
+            continue
+        line = np.zeros(width * ch + ch, dtype=np.int32)  # ch leading zeros stand for "left of the row"
+        upl = np.concatenate([np.zeros(ch, dtype=np.int32), up])
+        for x in range(width * ch):
+            a, b, c = line[x], upl[x + ch], upl[x]
+            if f == 1:
+                pred = a
+            elif f == 3:
+                pred = (a + b) // 2
+            else:  # Paeth
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                pred = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
+            line[x + ch] = (row[x] + pred) % 256
+        out[y] = line[ch:]
+    return out.reshape(height, width, ch)
+
+
 def test_screenshot_of_a_hovered_page(browser, runner, trained_run, tmp_path):
     """A picture of the page with a tooltip open (kept as docs/explain.png when CHARLM_SCREENSHOT is set)."""
     checkpoint = os.environ.get("CHARLM_SCREENSHOT_MODEL", str(trained_run))
@@ -285,9 +329,22 @@ def test_screenshot_of_a_hovered_page(browser, runner, trained_run, tmp_path):
     assert invoke(runner, "explain", "--file", _write(tmp_path / "t.txt", text), "-c", checkpoint,
                   "--html", page, "--unknown", "skip").exit_code == 0
     browser.open(page)
+    plain = _pixels(base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"]))
     browser.hover(f'#text span.c[data-i="{min(len(text) - 1, int(os.environ.get("CHARLM_SCREENSHOT_AT", 30)))}"]')
     shot = base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"])
-    assert shot.startswith(b"\x89PNG\r\n\x1a\n") and len(shot) > 10_000
+    hovered = _pixels(shot)
+    view = tuple(browser.js("[window.innerHeight, window.innerWidth]"))
+    assert hovered.shape[:2] == plain.shape[:2] == view  # the whole viewport, as the page lays it out
+    # the picture shows the tooltip where the page put it: its box changed, the page far from it did not
+    left, top, width, height = browser.js("(() => { const r = document.getElementById('tip')"
+                                          ".getBoundingClientRect(); return [r.left, r.top, r.width, r.height]; })()")
+    assert width > 20 and height > 20
+    box = (slice(int(top) + 2, int(top + height) - 2), slice(int(left) + 2, int(left + width) - 2))
+    changed = (hovered != plain).any(axis=2)
+    assert changed[box].mean() > 0.3, "the tooltip's box looks as it did before the hover"
+    away = np.ones_like(changed)
+    away[max(0, int(top) - 40):int(top + height) + 40, max(0, int(left) - 40):int(left + width) + 40] = False
+    assert changed[away].mean() < 0.05, "the hover repainted the page outside the tooltip"
     if os.environ.get("CHARLM_SCREENSHOT"):
         Path(os.environ["CHARLM_SCREENSHOT"]).write_bytes(shot)
     assert browser.problems() == []

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 import urllib.error
 import urllib.request
 
@@ -97,7 +98,13 @@ def test_interactive_session_carries_state_between_turns(runner, trained_run):
 def test_novelty_reports_the_longest_copied_run(runner, trained_run):
     result = invoke(runner, "sample", "-c", trained_run, "--prime", "the ", "-n", "80", "--seed", "1", "--novelty")
     assert result.exit_code == 0
-    assert "novelty:" in result.stderr and "of 80 characters" in result.stderr
+    line = next(x for x in result.stderr.splitlines() if x.startswith("novelty:"))
+    found = re.search(r": (\d+) of 80 characters", line)
+    assert found, line
+    generated = result.stdout[len("the "):len("the ") + 80]
+    corpus = word_text()  # what trained_run was trained on
+    longest = max(n for n in range(81) if any(generated[i:i + n] in corpus for i in range(81 - n)))
+    assert int(found.group(1)) == longest  # the longest run of the sample found verbatim in the corpus
 
 
 def test_python_stdlib_corpus_is_built_offline(tmp_path):
