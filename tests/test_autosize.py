@@ -94,9 +94,15 @@ def test_flags_reproduce_the_choice():
     assert [getattr(again, k) for k in sizes] == [getattr(choice, k) for k in sizes]
 
 
-def test_probe_measures_this_device():
+def test_probe_measures_this_device_and_leaves_the_seeded_rng_alone():
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
     speed = autosize.probe(torch.device("cpu"), "gru", 40, 0, "fp32", limit_s=2.0)
-    assert speed.flop_s > 0 and speed.step_s >= 0 and speed.probe_s > 0
+    # its random inputs and weights come from the global generator: a --seed run's stream must not move
+    assert torch.equal(torch.get_rng_state(), before)
+    assert speed.probe_s > 0 and 0 < speed.flop_s < float("inf") and 0 <= speed.step_s < float("inf")
+    small, big = (autosize.train_flops_per_char("gru", 40, h, 2, 0) for h in (128, 384))
+    assert speed.chars_per_s(big, 2048) < speed.chars_per_s(small, 2048)  # a wider model reads slower
 
 
 def test_train_with_auto_sizes_shows_and_saves_the_choice_and_resume_keeps_it(tmp_path):
