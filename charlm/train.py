@@ -35,6 +35,9 @@ from charlm.streams import eval_streams, make_streams
 OPTIMIZERS = ("adamw", "adam", "rmsprop", "sgd")
 # The final report may always take this long, however short the run: a few seconds buy a whole small tail.
 FINAL_MIN_S = 2.0
+# ...and a validation text up to this long is always scored whole: seconds for any model charlm sizes on two
+# CPU cores, and an estimate timed from small periodic passes (their fixed costs) would undercount it.
+FINAL_MIN_CHARS = 262_144
 # A float32 pass over the same text costs this many times a bf16 one (1.0 s against 1.7 s for 65.5k
 # characters of a 2 x 256 GRU on one thread of the bf16 CPU; BENCHMARKS.md 9): the final pass is timed from
 # the periodic ones, which run in the training precision.
@@ -390,7 +393,8 @@ class Trainer:
     def _evaluate_and_save(self, train_loss: float, lr: float, rate: float, elapsed: float) -> None:
         began = time.perf_counter()
         val, scored = self._validate()
-        self._val_rate = scored / max(time.perf_counter() - began, 1e-9)
+        # the fastest pass so far: the first ones pay one-time costs (allocation, warm caches)
+        self._val_rate = max(self._val_rate, scored / max(time.perf_counter() - began, 1e-9))
         record = {"step": self.step, "epoch": round(self.epoch + self.cursor / self.n_chunks, 4),
                   "chars": self.chars_seen,
                   "train_loss": train_loss, "val_loss": val, "bpc": val / math.log(2), "lr": lr,
@@ -470,13 +474,13 @@ class Trainer:
     def _final_chars(self) -> int:
         """How many validation characters the final report scores: all of them when asked (or when no
         periodic pass timed the model), else as many as fit in final_share of the budget (the time limit, or
-        the time the run took), and never fewer than a periodic pass scored."""
+        the time the run took), and never fewer than a periodic pass scored or FINAL_MIN_CHARS."""
         c = self.config
         if c.full_final_eval or not self._val_rate:
             return self.val_full_chars
         budget = c.max_time or self.elapsed
         affordable = int(self._fp32_rate() * max(c.final_share * budget, FINAL_MIN_S))
-        return min(self.val_full_chars, max(affordable, self.val_sample_chars))
+        return min(self.val_full_chars, max(affordable, self.val_sample_chars, FINAL_MIN_CHARS))
 
     def _gather_state(self) -> list:
         """Every stream's carried state, in stream order (all ranks take part under torchrun)."""

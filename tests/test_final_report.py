@@ -59,6 +59,7 @@ def test_a_cheap_validation_text_is_scored_whole(tmp_path, one_thread):
 def test_a_costly_one_is_sampled_evenly_with_its_standard_error(tmp_path, one_thread, monkeypatch):
     # A budget whose 5% (and floor) buys less than the periodic sample: as a 60 s run on 100 MB would be.
     monkeypatch.setattr(train_module, "FINAL_MIN_S", 0.0)
+    monkeypatch.setattr(train_module, "FINAL_MIN_CHARS", 0)
     result, whole, pairs = _run(tmp_path, "costly", final_share=1e-9)
     report = result.full_val
     assert report["of"] == pairs and 2048 <= report["chars"] < pairs
@@ -69,6 +70,7 @@ def test_a_costly_one_is_sampled_evenly_with_its_standard_error(tmp_path, one_th
 
 def test_full_final_eval_scores_all_whatever_it_costs(tmp_path, one_thread, monkeypatch):
     monkeypatch.setattr(train_module, "FINAL_MIN_S", 0.0)
+    monkeypatch.setattr(train_module, "FINAL_MIN_CHARS", 0)
     result, whole, pairs = _run(tmp_path, "full", final_share=1e-9, full_final_eval=True)
     assert result.full_val["chars"] == pairs
     assert result.full_val["loss"] == pytest.approx(whole["loss"], abs=1e-5)
@@ -76,6 +78,7 @@ def test_full_final_eval_scores_all_whatever_it_costs(tmp_path, one_thread, monk
 
 def test_the_final_pass_announces_itself_and_reports_progress(tmp_path, one_thread, monkeypatch):
     monkeypatch.setattr(train_module, "FINAL_MIN_S", 0.0)
+    monkeypatch.setattr(train_module, "FINAL_MIN_CHARS", 0)
     events = []
     result, _, pairs = _run(tmp_path, "shown", events=events, final_share=1e-9)
     names = [e for e, _ in events]

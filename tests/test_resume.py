@@ -143,7 +143,7 @@ def _trainer(tmp_path, name, max_steps, resume=None, stop_at=None):
 def test_training_longer_warms_up_from_where_the_rate_had_decayed_instead_of_jumping(tmp_path, one_thread):
     short, _ = _trainer(tmp_path, "run", 60)
     short.run()
-    reached = schedule.cosine_rate(short.config, 59, 59 / 60)
+    reached = schedule.cosine_rate(short.config, 60, 1.0)  # where the short run's schedule stood at its end
     assert reached == pytest.approx(1e-2 * 0.05, rel=0.05)  # the short run ended near the floor
     longer, rates = _trainer(tmp_path, "run", 120, resume=ckpt.load(tmp_path / "run", prefer=ckpt.LAST))
     assert longer.restart is not None and longer.restart.step == 60
