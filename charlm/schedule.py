@@ -18,7 +18,7 @@ from there on the two runs follow the same curve (README, "Training longer"; BEN
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 
@@ -100,3 +100,36 @@ def restart_for(old, new, pos: Position, old_restart: Optional[Restart] = None) 
     if cosine_rate(new, pos.step, progress(new, pos)) <= reached * (1 + 1e-9):
         return old_restart
     return Restart(pos.step, reached)
+
+
+@dataclass
+class EvalCadence:
+    """When periodic evaluations by time fall due: the first once 15 s and 10% of the budget have passed
+    (the later), then every 10% of the budget, never more often than `spacing` times an evaluation's own cost
+    (so they stay under ~1/spacing of the run), and none that close to the end, where the final evaluation
+    comes anyway. The Trainer asks `due` at every step and tells `record` after each evaluation."""
+
+    spacing: float  # evaluations are at least this many times their own cost apart
+    first_s: float = 15.0  # no evaluation before this many seconds: the first line is worth waiting for
+    next_mark: float = 0.1  # the progress (0..1) at which the next one falls due
+    last_s: Optional[float] = None  # the run's clock at the latest evaluation
+    cost_s: float = 0.0  # seconds the latest evaluation took (0: not measured, or under DDP)
+
+    def resume(self, at: float, last_s: Optional[float]) -> None:
+        """Where a run (resumed, with its evaluations so far) stands: the next tenth of the budget after `at`."""
+        self.last_s = last_s
+        self.next_mark = math.floor(at * 10 + 1e-9) / 10 + 0.1 if last_s is not None else 0.1
+
+    def due(self, at: float, elapsed: float) -> bool:
+        if at < self.next_mark or elapsed < self.first_s:
+            return False
+        gap = self.spacing * self.cost_s
+        if self.last_s is not None and elapsed - self.last_s < gap:
+            return False
+        if gap and elapsed * (1 - at) / max(at, 1e-9) < gap:  # the seconds left, estimated
+            return False
+        self.next_mark = at + 0.1
+        return True
+
+    def record(self, elapsed: float, cost_s: float) -> None:
+        self.last_s, self.cost_s = elapsed, cost_s

@@ -1,8 +1,9 @@
 """The training loop: teacher forcing over carried-state streams, clipping, schedule, evaluation, checkpoints.
 
 The Trainer knows nothing about the command line. It reports through `callback(event, data)` with events
-"step" (every optimizer step), "eval" (every evaluation) and "save" (a checkpoint written), and returns a
-TrainResult. Under torchrun each process owns a contiguous block of the B streams and carries their states;
+"step" (every optimizer step), "eval" (every evaluation), "save" (a checkpoint written), and for the final
+report "final_start", "final_progress" (each chunk) and "final", and returns a TrainResult. The limits, the
+learning rate and the evaluation cadence are plain functions and a small object in schedule.py. Under torchrun each process owns a contiguous block of the B streams and carries their states;
 DistributedDataParallel averages the gradients.
 """
 
@@ -77,7 +78,7 @@ class TrainConfig:
     seed: int = 1337
     precision: str = "fp32"  # fp32 or bf16 (autocast); the CLI resolves "auto" per device
     eval_streams: int = 32  # parallel streams of the validation pass: 1.4x faster than 8, same loss to 1e-4
-    burn_in: int = 256  # characters that warm each validation stream but the first (corpus.py)
+    burn_in: int = 256  # characters that warm each validation stream but the first (streams.py)
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -202,6 +203,7 @@ class Trainer:
         self.error: Optional[str] = None  # a failure on this process that every process must stop for
         # Where a longer budget took over the schedule of a resumed run (schedule.py), else None.
         self.restart: Optional[schedule.Restart] = None
+        self.cadence = schedule.EvalCadence(EVAL_SPACING)  # when evaluations by time fall due
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         if resume is not None:
@@ -218,7 +220,7 @@ class Trainer:
         last_report, chars_since = time.perf_counter(), 0
         stopped_by = None
         self.model.train()
-        self._next_eval = self._first_eval_mark()
+        self.cadence.resume(self._progress(), self.metrics[-1]["elapsed_s"] if self.metrics else None)
         while stopped_by is None:
             if not self.dist.enabled:  # under torchrun the clock is rank 0's, agreed in each step's reduce
                 self.elapsed = time.perf_counter() - started
@@ -341,28 +343,10 @@ class Trainer:
         return next((m for m in messages if m), "another process failed")
 
     # ------------------------------------------------------------------ evaluation cadence
-    def _first_eval_mark(self) -> float:
-        """The progress (0..1) at which the next time-based evaluation falls due: tenths of the budget."""
-        return math.floor(self._progress() * 10 + 1e-9) / 10 + 0.1 if self.metrics else 0.1
-
     def _eval_due(self) -> bool:
-        c = self.config
-        if c.eval_every:
-            return self.step % c.eval_every == 0
-        # By time: the first once 15 s and 10% of the budget have passed, then every 10% of the budget,
-        # never more often than EVAL_SPACING x an evaluation's own cost (they stay under ~3% of the run), and
-        # none that close to the end, where the final evaluation comes anyway.
-        progress = self._progress()
-        if progress < self._next_eval or self.elapsed < 15.0:
-            return False
-        # A local clock: not under DDP, where all processes must agree.
-        spacing = EVAL_SPACING * (0.0 if self.dist.enabled else getattr(self, "_eval_cost", 0.0))
-        if self.metrics and self.elapsed - self.metrics[-1]["elapsed_s"] < spacing:
-            return False
-        if spacing and self.elapsed * (1 - progress) / max(progress, 1e-9) < spacing:  # seconds left, estimated
-            return False
-        self._next_eval = progress + 0.1
-        return True
+        if self.config.eval_every:
+            return self.step % self.config.eval_every == 0
+        return self.cadence.due(self._progress(), self.elapsed)
 
     # ------------------------------------------------------------------ stop limits and schedule
     def position(self) -> schedule.Position:
@@ -421,8 +405,10 @@ class Trainer:
                 self.error = str(exc)  # every process stops at the next step, with this message
         self.callback("eval", {**record, "model": self.model})
         self.model.train()  # a callback may have sampled from the model in eval mode
-        self._eval_cost = time.perf_counter() - began
-        self.eval_s += self._eval_cost
+        cost = time.perf_counter() - began
+        self.eval_s += cost
+        # Spacing by an evaluation's cost needs a local clock: not under DDP, where all processes must agree.
+        self.cadence.record(record["elapsed_s"], 0.0 if self.dist.enabled else cost)
 
     def _final_full_pass(self) -> Optional[dict]:
         """The best model's float32 loss on the validation text (all of it, or the sample _final_chars

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from charlm import autosize
+from charlm import autosize, schedule
 from charlm.autosize import DeviceSpeed, choose
 from charlm.display import human_count
-from charlm.model import CharRNN, ModelConfig
-from charlm.train import TrainConfig, Trainer
+from charlm.train import EVAL_SPACING
 from conftest import run_cli, word_text
 
 # Two devices described by the cost model: seconds per step = step_s + flop_s x FLOPs. The slow one is
@@ -141,27 +140,16 @@ def test_explicit_flags_skip_the_probe_and_win(tmp_path):
 
 
 def _cadence(max_time: float, seconds: np.ndarray, cost: float = 0.0) -> list:
-    """When a run with this budget evaluates, given the clock at each step (no training done) and the
-    seconds each evaluation took."""
-    ids = np.arange(5000) % 20
-    model = CharRNN(ModelConfig(vocab_size=20, hidden=8, layers=1, dropout=0.0))
-    trainer = Trainer(model, ids[:4000], ids[4000:], TrainConfig(batch_size=4, seq_len=16, max_time=max_time),
-                      "unused", torch.device("cpu"), {}, dist_info=autosize_dist())
-    trainer._next_eval = trainer._first_eval_mark()
-    trainer._eval_cost = cost
+    """When a run with this time budget evaluates (charlm.schedule.EvalCadence, which the Trainer asks at every
+    step), given the run's clock at each step and the seconds each evaluation took."""
+    cadence = schedule.EvalCadence(EVAL_SPACING)
+    cadence.resume(0.0, None)
     due = []
-    for step, now in enumerate(seconds, 1):
-        trainer.step, trainer.elapsed = step, float(now)
-        if trainer._eval_due():
+    for now in seconds:
+        if cadence.due(float(now) / max_time, float(now)):
             due.append(float(now))
-            trainer.metrics.append({"elapsed_s": float(now)})
+            cadence.record(float(now), cost)
     return due
-
-
-def autosize_dist():
-    from charlm.runtime import Dist
-
-    return Dist()
 
 
 @pytest.mark.parametrize("budget", [45.0, 120.0, 600.0])
