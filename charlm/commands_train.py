@@ -7,7 +7,7 @@ import math
 import shlex
 import signal
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import List, Optional
 
@@ -19,6 +19,7 @@ from charlm.corpus import DOC_SEPARATOR
 from charlm.items import ITEM_END
 from charlm.errors import CharlmError
 from charlm.model import CELLS, CharRNN, ModelConfig
+from charlm.train import TrainConfig
 from charlm.vocab import Vocabulary
 
 
@@ -68,23 +69,24 @@ class TrainRequest:
 # value: otherwise another --seed or --val-frac would re-split the corpus (text it trained on would become
 # validation text) and another --optimizer would not load the saved optimizer state. Limits, patience,
 # evaluation cadence, device and precision may change: they do not alter what the run has learnt so far.
+_TRAIN, _MODEL = TrainConfig(), {f.name: f.default for f in fields(ModelConfig)}  # the defaults, defined once
 SHAPING = {  # field: (flag, checkpoint section, key there, default)
     "encoding": ("--encoding", "corpus", "encoding", "utf-8"),
     "keep_crlf": ("--keep-crlf", "corpus", "keep_crlf", False),
-    "val_frac": ("--val-frac", "train_config", "val_frac", 0.1),
+    "val_frac": ("--val-frac", "train_config", "val_frac", _TRAIN.val_frac),
     "items": ("--items", "corpus", "items", None),
-    "seed": ("--seed", "train_config", "seed", 1337),
-    "cell": ("--cell", "model_config", "cell", "gru"),
-    "nonlinearity": ("--nonlinearity", "model_config", "nonlinearity", "tanh"),
+    "seed": ("--seed", "train_config", "seed", _TRAIN.seed),
+    "cell": ("--cell", "model_config", "cell", _MODEL["cell"]),
+    "nonlinearity": ("--nonlinearity", "model_config", "nonlinearity", _MODEL["nonlinearity"]),
     "hidden": ("--hidden", "model_config", "hidden", None),
     "layers": ("--layers", "model_config", "layers", None),
     "embedding": ("--embedding", "model_config", "embedding", None),
     "dropout": ("--dropout", "model_config", "dropout", None),
-    "lr": ("--lr", "train_config", "lr", 3e-3),
-    "optimizer": ("--optimizer", "train_config", "optimizer", "adamw"),
-    "weight_decay": ("--weight-decay", "train_config", "weight_decay", 0.01),
-    "warmup": ("--warmup", "train_config", "warmup_steps", 50),
-    "clip": ("--clip", "train_config", "clip", 1.0),
+    "lr": ("--lr", "train_config", "lr", _TRAIN.lr),
+    "optimizer": ("--optimizer", "train_config", "optimizer", _TRAIN.optimizer),
+    "weight_decay": ("--weight-decay", "train_config", "weight_decay", _TRAIN.weight_decay),
+    "warmup": ("--warmup", "train_config", "warmup_steps", _TRAIN.warmup_steps),
+    "clip": ("--clip", "train_config", "clip", _TRAIN.clip),
     "eval_chars": ("--eval-chars", "train_config", "eval_chars", None),
 }
 # --init-from keeps the model it starts from: its architecture, not its training options. Dropout may change
@@ -214,7 +216,7 @@ def run_train(r: TrainRequest, console: Console) -> None:
     from charlm.runtime import (agreed, finish_distributed, from_main, parse_duration, resolve_precision,
                                 seed_everything, setup_distributed, teardown_distributed)
     from charlm.streams import fit_layout
-    from charlm.train import TrainConfig, Trainer
+    from charlm.train import Trainer
 
     _validate_train(r)
     max_time = parse_duration(r.max_time) if r.max_time else None
