@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from charlm import checkpoint as ckpt  # noqa: E402
-from charlm.commands import model_from_payload  # noqa: E402
+from charlm.runs import model_from_payload  # noqa: E402
 from charlm.corpus import load_corpus, split_train_val  # noqa: E402
 from charlm.evaluation import EVAL_SEQ_LEN, evaluate  # noqa: E402
 from charlm.streams import eval_streams  # noqa: E402

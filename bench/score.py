@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from charlm.commands_explain import _json_lines
+from charlm.cli.score import json_lines
 from charlm.corpus import load_corpus
 from charlm.model import CharRNN, ModelConfig
 from charlm.score import Summary, default_context_id, score_ids
@@ -86,7 +86,7 @@ def main() -> None:
     chunk = next(iter(score_ids(model, ids[:20000], "cpu", 5, context, vocab, streams=1)))
     quoted = [json.dumps(c, ensure_ascii=False) for c in vocab.chars]
     start = time.perf_counter()
-    text = _json_lines(chunk, quoted)
+    text = json_lines(chunk, quoted)
     spent = time.perf_counter() - start
     print(f"JSON lines rendering: {len(chunk) / spent:,.0f} chars/s ({len(text) / len(chunk):.0f} bytes a line)")
 

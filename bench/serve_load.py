@@ -52,10 +52,10 @@ def write_model(folder: Path) -> Path:
 
 def step_costs(model: Path) -> list:
     """(threads, batch, ms per CharRNN.step + picks) in this process: what bounds the server's rates."""
-    from charlm.commands import _load_model
+    from charlm.runs import load_model
     from charlm.sample import SampleConfig, pick
 
-    _, net, _, _ = _load_model(model, "cpu")
+    _, net, _, _ = load_model(model, "cpu")
     cfg, rows = SampleConfig(), []
     for threads in (1, os.cpu_count() or 1):
         torch.set_num_threads(threads)

@@ -27,6 +27,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from charlm.model import GATES, ModelConfig, layer_parameter_counts
+from charlm.units import human_count, human_time
+
 # The size a budget can train grows more slowly than what it reads: P = ANCHOR_P x (D / ANCHOR_D)^EXPONENT.
 # Two measured anchors fix it: the 2 x 512 GRU (2.5M parameters) was best for 10 minutes of Tiny Shakespeare
 # on 2 cores, reading 12M characters; a 0.8M-parameter model was best for 45 s of a 25k-character text,
@@ -48,7 +51,6 @@ MIN_STEPS = 400  # fewer updates than this and the schedule has no room: steps g
 MIN_STEP_CHARS = 1024  # 16 x 64: the best layout for 45 s of a 25k text; smaller steps are mostly noise
 ONE_HOT_MAX = 256  # one-hot input up to this vocabulary; an embedding beyond (its matrix would dominate)
 HIDDEN_SIZES = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
-GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 LOGITS_PER_STEP = 4_000_000  # B x T x V of one step: 8192 characters of a 488-character vocabulary
 
 
@@ -86,13 +88,9 @@ def trainable(planned: float) -> float:
 
 
 def parameters(cell: str, vocab: int, hidden: int, layers: int, embedding: int) -> int:
-    g = GATES[cell]
-    inp = embedding or vocab
-    total = vocab * embedding
-    for _ in range(layers):
-        total += g * hidden * (inp + hidden) + 2 * g * hidden
-        inp = hidden
-    return total + hidden * vocab + vocab
+    """The model's parameter count: model.py's per-layer formula, summed."""
+    config = ModelConfig(vocab_size=vocab, cell=cell, hidden=hidden, layers=layers, embedding=embedding)
+    return sum(count for _, _, count in layer_parameter_counts(config))
 
 
 def train_flops_per_char(cell: str, vocab: int, hidden: int, layers: int, embedding: int) -> float:
@@ -227,7 +225,6 @@ def eval_chars(planned: float) -> int:
 
 
 def _reason(hidden, layers, embedding, cell, n_train, vocab, seconds, steps, epochs, planned) -> str:
-    from charlm.display import human_count, human_time
 
     budget = []
     if seconds:
@@ -256,7 +253,7 @@ def probe(device, cell: str, vocab: int, embedding: int, precision: str, world: 
     import torch.nn.functional as F
 
     from charlm.evaluation import autocast
-    from charlm.model import CharRNN, ModelConfig
+    from charlm.model import CharRNN
     from charlm.optim import AdamW
 
     began = time.perf_counter()

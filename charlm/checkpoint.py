@@ -9,10 +9,7 @@ anything that would run code when unpickled.
 
 from __future__ import annotations
 
-import functools
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -20,40 +17,22 @@ import torch
 
 from charlm import __version__
 from charlm.errors import CharlmError
+from charlm.files import replacing
 
 FORMAT = 1
 BEST, LAST = "best.pt", "last.pt"
 
 
-@functools.lru_cache(maxsize=None)
-def _umask() -> int:
-    """The process's umask, read once (reading it means setting it, so not at every save)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save(payload: dict, path) -> None:
-    """Write to a temporary file beside `path`, fsync, then os.replace: a crash, a full disk or a second
+    """Write through files.replacing (a temporary file beside `path`, fsync, one rename): a crash, a full disk or a second
     Ctrl-C leaves either the old file or the new one, never a torn one."""
     path = Path(path)
     payload = {"format": FORMAT, "charlm_version": __version__, **payload}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with replacing(path) as tmp, open(tmp, "wb") as f:
             torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint gets a plain file's permissions
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise CharlmError(f"could not write {path} ({exc.strerror or exc}); the previous file is untouched")
-        raise
+    except OSError as exc:
+        raise CharlmError(f"could not write {path} ({exc.strerror or exc}); the previous file is untouched")
 
 
 def resolve(path, prefer: str = BEST) -> Path:

@@ -31,8 +31,8 @@ from typing import BinaryIO, Callable, Iterator, List, Optional, Sequence, Union
 import numpy as np
 
 from charlm.errors import CharlmError
-from charlm.streams import Streams, eval_streams, fit_layout, make_streams  # noqa: F401  (re-exported)
-from charlm.vocab import Vocabulary, describe_chars
+from charlm.files import write_atomic
+from charlm.vocab import Vocabulary, unknown_message
 
 # Decode this many bytes at a time: big enough that per-piece overhead vanishes, small enough that the
 # temporary UTF-32 copy of a piece (4 bytes per character) stays small next to any corpus.
@@ -234,6 +234,18 @@ def read_text(f: BinaryIO, name: str, encoding: str = "utf-8", keep_crlf: bool =
         yield piece.decode("ascii") if isinstance(piece, bytes) else piece
 
 
+def read_file(path, encoding: str = "utf-8", keep_crlf: bool = False, name: Optional[str] = None) -> str:
+    """A whole (small) file's text, decoded as corpora are: a prime, a text to explain or rank."""
+    path = Path(path)
+    if not path.exists():
+        raise CharlmError(f"{path}: no such file; check the path")
+    if path.is_dir():
+        raise CharlmError(f"{path} is a directory; pass a text file")
+    name = name or str(path)
+    with _Source(name, path=path).open() as f:
+        return "".join(read_text(f, name, encoding, keep_crlf))
+
+
 def _file_codes(src: _Source, encoding: str, keep_crlf: bool, crlf: List[int]) -> Iterator[np.ndarray]:
     """One file's characters as arrays of code points, a piece at a time: uint8 for an ASCII piece (its bytes
     are its code points), uint32 otherwise."""
@@ -278,11 +290,9 @@ def _encoder(vocab: Vocabulary, unknown: str, names) -> Callable[[np.ndarray], n
         if bad.any():
             if unknown != "skip":
                 missing = [chr(int(c)) for c in np.unique(codes[bad])]
-                shown = describe_chars(missing[:20]) + (" ..." if len(missing) > 20 else "")
-                raise CharlmError(
-                    f"{names()} has {len(missing)} character(s) the model's vocabulary lacks: {shown}; "
-                    "remove them from the text, drop them with --unknown skip (eval, score), or train a new "
-                    "model on it instead of --init-from")
+                raise CharlmError(unknown_message(
+                    names(), missing, "remove them from the text, drop them with --unknown skip (eval, score), or "
+                    "train a new model on it instead of --init-from"))
             ids = ids[~bad]
         return ids.astype(dtype, copy=False)
 
@@ -378,9 +388,7 @@ def build_corpus(sources: Sequence[_Source], name: str, vocab: Optional[Vocabula
         if directory is not None:
             os.replace(tmp, ids_file)
             meta = {"vocab": vocab.chars, "chars": n, "crlf": crlf, "files": per_file}
-            tmp_meta = meta_file.with_suffix(".json.tmp")
-            tmp_meta.write_text(json.dumps(meta), encoding="utf-8")
-            os.replace(tmp_meta, meta_file)
+            write_atomic(meta_file, json.dumps(meta))
         else:
             os.unlink(tmp)
     except OSError as exc:

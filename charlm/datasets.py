@@ -9,13 +9,13 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import sysconfig
 import urllib.request
 from pathlib import Path
 from typing import Callable, Optional
 
 from charlm.errors import CharlmError
+from charlm.files import write_atomic
 
 STDLIB_BYTES = 4_000_000  # ~4x Tiny Shakespeare: enough text that a 10-minute run barely repeats itself
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -47,7 +47,7 @@ def build_python_stdlib(dest: Path, limit: int = STDLIB_BYTES) -> Path:
         size += len(chunk)
     if not parts:
         raise CharlmError(f"found no Python source under {root} to build the python-stdlib corpus")
-    _write_atomic(dest, b"".join(parts))
+    write_atomic(dest, b"".join(parts))
     return dest
 
 
@@ -76,7 +76,7 @@ def download_shakespeare(dest: Path, progress: Optional[Callable[[int, int], Non
     if digest != SHAKESPEARE_SHA256:
         raise CharlmError(f"the downloaded Tiny Shakespeare has SHA-256 {digest[:12]}..., expected "
                           f"{SHAKESPEARE_SHA256[:12]}...; not saved; try again later")
-    _write_atomic(dest, data)
+    write_atomic(dest, data)
     return dest
 
 
@@ -92,9 +92,3 @@ def corpus_path(name: str, data_dir="data", progress=None) -> Path:
     if name == "python-stdlib":
         return build_python_stdlib(dest)
     return download_shakespeare(dest, progress)
-
-
-def _write_atomic(dest: Path, data: bytes) -> None:
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, dest)

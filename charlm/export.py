@@ -16,8 +16,6 @@ program that runs without charlm's code). Library code: returns values, prints n
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from charlm import __version__
+from charlm.files import replacing
 from charlm.model import CharRNN
 from charlm.sample import SampleConfig, default_context, pick
 from charlm.vocab import Vocabulary
@@ -72,15 +71,6 @@ def _example(model: CharRNN, batch: int = 2):
     return (ids, *state) if isinstance(state, tuple) else (ids, state)
 
 
-def _atomic_target(path: Path):
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the finished file gets the usual mode
-    return Path(tmp)
-
-
 def export_onnx(model: CharRNN, vocab: Vocabulary, path, payload: dict = None) -> None:
     """Write the step cell as ONNX, batch size dynamic, metadata attached; atomically (temp file, rename)."""
     import onnx
@@ -90,8 +80,7 @@ def export_onnx(model: CharRNN, vocab: Vocabulary, path, payload: dict = None) -
     names = state_names(model)
     outputs = ["logits"] + [f"{n}_out" for n in names]
     axes = {"ids": {0: "batch"}, "logits": {0: "batch"}, **{n: {1: "batch"} for n in names + outputs[1:]}}
-    tmp = _atomic_target(path)
-    try:
+    with replacing(path) as tmp:
         with warnings.catch_warnings():
             # The TorchScript-based exporter is deprecated in favour of the dynamo one, which would add the
             # onnxscript package to the extra; this one writes the same graph for a cell this simple.
@@ -105,9 +94,6 @@ def export_onnx(model: CharRNN, vocab: Vocabulary, path, payload: dict = None) -
             entry.key, entry.value = key, value
         proto.producer_name, proto.doc_string = "charlm", "one step of a character-level RNN; see metadata"
         onnx.save(proto, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def export_program(model: CharRNN, vocab: Vocabulary, path, payload: dict = None) -> None:
@@ -119,12 +105,8 @@ def export_program(model: CharRNN, vocab: Vocabulary, path, payload: dict = None
     shapes = ({0: batch},) + ({1: batch},) * (len(example) - 1)
     with torch.no_grad():
         program = torch.export.export(StepCell(model), example, dynamic_shapes=shapes)
-    tmp = _atomic_target(path)
-    try:
+    with replacing(path) as tmp:
         torch.export.save(program, str(tmp), extra_files={"charlm.json": json.dumps(metadata(model, vocab, payload))})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_runner(path):

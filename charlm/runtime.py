@@ -168,23 +168,6 @@ def finish_distributed(device: torch.device) -> None:
     teardown_distributed()
 
 
-def parse_duration(text: str) -> float:
-    """'90s', '10m', '1.5h', '2h30m' or plain seconds -> seconds."""
-    import re
-
-    s = str(text).strip().lower()
-    if re.fullmatch(r"\d+(\.\d+)?", s):
-        value = float(s)
-    else:
-        parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", s)
-        if not parts or re.sub(r"\s+", "", "".join(n + u for n, u in parts)) != re.sub(r"\s+", "", s):
-            raise CharlmError(f"cannot read the duration {text!r}; write it like 90s, 10m, 1.5h or 2h30m")
-        value = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
-    if value <= 0:
-        raise CharlmError(f"the duration {text!r} must be more than zero")
-    return value
-
-
 def agreed(dinfo: Dist, fn, here: bool = True):
     """Run fn (where `here`), and under torchrun make every process learn of a CharlmError raised on any of
     them: each raises the same one-line message, instead of leaving the others waiting in a collective

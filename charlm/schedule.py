@@ -18,7 +18,7 @@ from there on the two runs follow the same curve (README, "Training longer"; BEN
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 

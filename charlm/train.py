@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from charlm import schedule
 from charlm import state as st
 from charlm.autosize import EVAL_CHARS
 from charlm.errors import CharlmError
+from charlm.files import write_atomic
 from charlm.evaluation import EVAL_SEQ_LEN, autocast, evaluate, evaluate_rows, full_pass_streams, standard_error
 from charlm.model import CharRNN
 from charlm.optim import AdamW
@@ -542,6 +542,4 @@ class Trainer:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         if self.dist.is_main:  # metrics.jsonl holds exactly the evaluations the resumed state has seen
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.out_dir / "metrics.jsonl.tmp"
-            tmp.write_text("".join(json.dumps(m) + "\n" for m in self.metrics), encoding="utf-8")
-            os.replace(tmp, self.out_dir / "metrics.jsonl")
+            write_atomic(self.out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.metrics))

@@ -20,6 +20,18 @@ def describe_chars(chars) -> str:
     return " ".join(shown)
 
 
+SKIP_FIX = "remove them or pass --unknown skip to drop them"
+
+
+def unknown_message(where: str, missing, fix: str = SKIP_FIX, at: "int | None" = None) -> str:
+    """The one wording of "this text has characters the model does not know": where, how many, which
+    (the first 20, visibly), where the first one is when known, and the fix."""
+    missing = list(missing)
+    shown = describe_chars(missing[:20]) + (" ..." if len(missing) > 20 else "")
+    first = f" (the first at character {at:,})" if at is not None else ""
+    return f"{where} has {len(missing)} character(s) not in the model's vocabulary: {shown}{first}; {fix}"
+
+
 class Vocabulary:
     """Maps characters to ids 0..V-1 in code-point order, so the same corpus always gives the same ids."""
 
@@ -34,10 +46,6 @@ class Vocabulary:
         self._table = np.full(int(self.codes[-1]) + 1, -1, dtype=np.int32)
         self._table[self.codes] = np.arange(len(chars), dtype=np.int32)
         self._index = {c: i for i, c in enumerate(chars)}
-
-    @classmethod
-    def from_codes(cls, codes) -> "Vocabulary":
-        return cls("".join(chr(int(c)) for c in np.unique(np.asarray(codes))))
 
     @property
     def size(self) -> int:
@@ -71,17 +79,14 @@ class Vocabulary:
         """The distinct characters of text that the vocabulary lacks, sorted."""
         return sorted(set(text) - self._index.keys())
 
-    def encode(self, text: str, unknown: str = "error") -> np.ndarray:
+    def encode(self, text: str, unknown: str = "error", where: str = "the text") -> np.ndarray:
         """Text -> int64 ids. unknown='error' refuses characters outside the vocabulary, 'skip' drops them."""
         missing = self.unknown(text)
         if missing:
             if unknown == "skip":
                 text = "".join(c for c in text if c in self._index)
             else:
-                raise CharlmError(
-                    f"{len(missing)} character(s) not in the model's vocabulary: {describe_chars(missing)}; "
-                    "remove them or pass --unknown skip to drop them"
-                )
+                raise CharlmError(unknown_message(where, missing))
         codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
         return self._table[codes].astype(np.int64) if len(codes) else np.zeros(0, dtype=np.int64)
 

@@ -12,7 +12,7 @@ import torch
 
 from charlm import autosize, schedule
 from charlm.autosize import DeviceSpeed, choose
-from charlm.display import human_count
+from charlm.cli.display import human_count
 from charlm.train import EVAL_SPACING
 from conftest import run_cli, word_text
 

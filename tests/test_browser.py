@@ -218,7 +218,7 @@ def test_hover_focus_and_unit_picker_in_a_real_browser(browser, runner, trained_
     assert after != before
     unit = int(re.search(r"unit (\d+)", options[1]).group(1))
     from charlm import checkpoint as ckpt
-    from charlm.commands import model_from_payload
+    from charlm.runs import model_from_payload
     from charlm.neurons import unit_values
     from charlm.score import default_context_id
 

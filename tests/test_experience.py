@@ -190,14 +190,14 @@ def _screen_lines(console) -> list:
 def test_previews_show_tabs_as_symbols_within_the_terminal(width):
     from rich.cells import cell_len
 
-    from charlm.commands_train import _preview_fn
-    from charlm.display import TrainDisplay
+    from charlm.cli.train import preview_fn
+    from charlm.cli.display import TrainDisplay
 
     vocab = Vocabulary("\t\n\x0b ab")  # an untrained model over tab-heavy text: its samples are full of tabs
     torch.manual_seed(0)
     model = CharRNN(ModelConfig(vocab.size, hidden=8, layers=1))
     console = _terminal(width)
-    display = TrainDisplay(console, _preview_fn(vocab, "cpu"))
+    display = TrainDisplay(console, preview_fn(vocab, "cpu"))
     display("eval", {"step": 1200, "train_loss": 1.234, "val_loss": 1.301, "val_chars": 16384, "bpc": 1.877,
                      "lr": 3e-3, "chars_per_s": 123456, "elapsed_s": 754, "best": True, "model": model})
     lines = _screen_lines(console)
@@ -208,7 +208,7 @@ def test_previews_show_tabs_as_symbols_within_the_terminal(width):
 
 
 @pytest.mark.parametrize("width", [60, 100])
-def test_end_summary_fits_the_terminal_and_keeps_the_command_whole(width, tmp_path, monkeypatch):
+def testend_summary_fits_the_terminal_and_keeps_the_command_whole(width, tmp_path, monkeypatch):
     import shlex
     import sys
     from pathlib import Path
@@ -216,7 +216,7 @@ def test_end_summary_fits_the_terminal_and_keeps_the_command_whole(width, tmp_pa
 
     from rich.cells import cell_len
 
-    from charlm.commands_train import _end_summary
+    from charlm.cli.train import end_summary
 
     corpus = "/home/someone/Documents/manuals/the software manual, second edition (2024)/full text.txt"
     monkeypatch.chdir(tmp_path)
@@ -227,7 +227,7 @@ def test_end_summary_fits_the_terminal_and_keeps_the_command_whole(width, tmp_pa
                              best_val_loss=1.51, best_step=11800, metrics=metrics,
                              full_val={"loss": 1.52, "chars": 25000, "of": 250000, "se": 0.004, "step": 11800})
     console = _terminal(width)
-    _end_summary(console, result, Path("checkpoints/manual"), SimpleNamespace(patience=10), [])
+    end_summary(console, result, Path("checkpoints/manual"), SimpleNamespace(patience=10), [])
     lines = [line for line in _screen_lines(console) if line]
     # nothing is wider than the terminal but a command's word that no line could hold: on a line of its own
     wide = [line for line in lines if cell_len(line) > width]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from charlm.commands import _load_model
+from charlm.runs import load_model
 from charlm.export import TOLERANCE, check, export_onnx, export_program, load_runner
 from charlm.model import CharRNN, ModelConfig
 from charlm.vocab import Vocabulary
@@ -39,7 +39,7 @@ def test_export_check_on_the_command_line(runner, trained_run, tmp_path):
     diff = float(re.search(r"max abs logit difference ([0-9.e+-]+)", result.stderr).group(1))
     assert diff <= TOLERANCE
     # What a sampler elsewhere reads from the file alone.
-    payload, model, vocab, _ = _load_model(trained_run, "cpu")
+    payload, model, vocab, _ = load_model(trained_run, "cpu")
     run, meta = load_runner(out)
     assert json.loads(meta["vocab"]) == vocab.chars
     assert json.loads(meta["model_config"]) == model.config.to_dict()
@@ -99,6 +99,6 @@ def test_readme_sampler_needs_only_numpy_and_onnxruntime(runner, trained_run, tm
     blocker = "import sys; sys.modules.update(charlm=None, torch=None)\n"  # importing either now fails
     result = subprocess.run([sys.executable, "-c", blocker + code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    vocab = _load_model(trained_run, "cpu")[2]
+    vocab = load_model(trained_run, "cpu")[2]
     text = result.stdout.rstrip("\n")
     assert text.startswith("the ") and len(text) >= len("the ") + 200 and not vocab.unknown(text)

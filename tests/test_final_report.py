@@ -14,7 +14,7 @@ from rich.console import Console
 from charlm import checkpoint as ckpt
 from charlm import train as train_module
 from charlm.corpus import decode_corpus, split_train_val
-from charlm.display import TrainDisplay
+from charlm.cli.display import TrainDisplay
 from charlm.evaluation import evaluate_text, standard_error
 from charlm.model import CharRNN, ModelConfig
 from charlm.train import TrainConfig, Trainer
@@ -98,14 +98,14 @@ def test_the_final_pass_announces_itself_and_reports_progress(tmp_path, one_thre
 def test_eval_max_chars_scores_an_even_sample_with_its_standard_error(runner, trained_run, tmp_path, monkeypatch):
     import json
 
-    from charlm import commands
+    from charlm.cli import display
     from conftest import invoke
 
     text = tmp_path / "held_out.txt"
     text.write_text(word_text(2000, seed=11), encoding="utf-8")
     whole = json.loads(invoke(runner, "eval", text, "-c", trained_run, "--json").stdout)
     assert "se" not in whole and whole["chars"] == len(text.read_text()) - 1
-    monkeypatch.setattr(commands, "ANNOUNCE_CHARS", 1000)  # as a pass over a large file would
+    monkeypatch.setattr(display, "ANNOUNCE_CHARS", 1000)  # as a pass over a large file would
     result = invoke(runner, "eval", text, "-c", trained_run, "--json", "--max-chars", "6000")
     assert result.exit_code == 0, result.stderr
     sample = json.loads(result.stdout)

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from charlm import checkpoint as ckpt
-from charlm.corpus import decode_corpus, make_streams, split_train_val
+from charlm.corpus import decode_corpus, split_train_val
+from charlm.streams import make_streams
 from charlm.evaluation import evaluate_text
 from charlm.model import CharRNN, ModelConfig, layer_parameter_counts
 from charlm.schedule import cosine_rate as learning_rate

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from charlm.commands_train import CorpusProgress
+from charlm.cli.train import CorpusProgress
 
 from conftest import TINY, invoke
 

@@ -4,7 +4,8 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from charlm.corpus import decode_corpus, make_streams
+from charlm.corpus import decode_corpus
+from charlm.streams import make_streams
 
 from conftest import invoke
 

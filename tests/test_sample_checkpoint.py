@@ -85,7 +85,7 @@ def test_checkpoint_round_trips_with_weights_only(tmp_path):
     assert raw["format"] == ckpt.FORMAT and raw["vocab"] == vocab.chars
     loaded = ckpt.load(tmp_path)
     assert all(torch.equal(loaded["model"][k], v) for k, v in model.state_dict().items())
-    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
 
 
 def test_failed_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
@@ -182,3 +182,22 @@ def test_a_checkpoint_gets_a_plain_files_permissions_and_no_temporary_file_is_le
     assert stat.S_IMODE(os.stat(tmp_path / "a.pt").st_mode) == 0o666 & ~mask  # not mkstemp's 0600
     assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]
     assert torch.load(tmp_path / "a.pt", weights_only=True)["step"] == 2
+
+
+def test_every_atomic_write_leaves_the_old_file_or_the_new_one(tmp_path):
+    """files.replacing, which checkpoints, metrics, exports, pages and fetched corpora all write through: an
+    error half-way leaves the previous content and no temporary file; success replaces it whole."""
+    from charlm.files import replacing, write_atomic
+
+    target = tmp_path / "page.html"
+    write_atomic(target, "old")
+    with pytest.raises(OSError):
+        with replacing(target) as tmp:
+            tmp.write_text("half of the new", encoding="utf-8")
+            raise OSError(28, "No space left on device")
+    assert target.read_text(encoding="utf-8") == "old" and os.listdir(tmp_path) == ["page.html"]
+    write_atomic(target, "new ✓".encode("utf-8"))
+    assert target.read_text(encoding="utf-8") == "new ✓" and os.listdir(tmp_path) == ["page.html"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask  # a plain file's mode, not mkstemp's private 0600

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from charlm import checkpoint as ckpt
-from charlm.commands import model_from_payload
+from charlm.runs import model_from_payload
 from charlm.model import CharRNN, ModelConfig
 from charlm.neurons import rank_units, text_features, unit_values
 from charlm.score import ScoreChunk, default_context_id, score_ids, score_stream, score_text

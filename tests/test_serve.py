@@ -20,11 +20,11 @@ import pytest
 pytest.importorskip("starlette", reason="charlm serve needs the serve extra: pip install 'charlm[serve]'")
 pytest.importorskip("uvicorn", reason="charlm serve needs the serve extra: pip install 'charlm[serve]'")
 
-from charlm.commands import _load_model  # noqa: E402
+from charlm.runs import load_model  # noqa: E402
 from conftest import TINY, run_cli, word_text  # noqa: E402
 from charlm.sample import SampleConfig, sample_text  # noqa: E402
 from charlm.score import score_text  # noqa: E402
-from charlm.serve import Limits  # noqa: E402
+from charlm.server.app import Limits  # noqa: E402
 
 LIMITS = Limits()
 
@@ -91,7 +91,7 @@ def server(trained_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(trained_run):
-    payload, model, vocab, device = _load_model(trained_run, "cpu")
+    payload, model, vocab, device = load_model(trained_run, "cpu")
     return model, vocab
 
 
@@ -375,7 +375,7 @@ def test_a_model_step_that_raises_for_one_request_fails_only_that_request(loaded
 
     import torch
 
-    from charlm.batching import Engine, Job
+    from charlm.server.engine import Engine, Job
 
     model, vocab = loaded
     model = copy.deepcopy(model)

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from charlm.corpus import decode_corpus, fit_layout, load_corpus, make_streams, split_train_val
+from charlm.corpus import decode_corpus, load_corpus, split_train_val
+from charlm.streams import fit_layout, make_streams
 from charlm.errors import CharlmError
 from charlm.vocab import Vocabulary
 

@@ -5,6 +5,7 @@ Everything here writes to the stderr console it is given, except where a functio
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Callable, List, Optional, Sequence
@@ -16,6 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
+from charlm.units import human_count, human_time
 from charlm.vocab import describe_chars
 
 SPARKS = "▁▂▃▄▅▆▇█"
@@ -90,20 +92,6 @@ def sparkline(values: Sequence[float]) -> str:
     lo, hi = min(vals), max(vals)
     span = (hi - lo) or 1.0
     return "".join(SPARKS[min(len(SPARKS) - 1, int((v - lo) / span * (len(SPARKS) - 1) + 0.5))] for v in vals)
-
-
-def human_count(n: float) -> str:
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.1f}{unit}"
-    return f"{n:.0f}"
-
-
-def human_time(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 def eval_line(r: dict) -> str:
@@ -230,3 +218,27 @@ def terminal_chart(series: dict, width: int = 64, height: int = 14) -> str:
     legend = "   ".join(f"{m} {name}" for m, name in zip(marks, series))
     lines.append(" " * label_w + "  " + legend)
     return "\n".join(lines)
+
+
+# A pass over more characters than this announces itself (a line, and a bar on a terminal): a few seconds
+# of scoring for a small model on a 2-core CPU.
+ANNOUNCE_CHARS = 1_000_000
+
+
+@contextlib.contextmanager
+def pass_progress(console: Console, what: str, chars: int):
+    """progress(done, total) for a long pass: a permanent line saying what is scored (piped too), and a
+    transient bar with its rate and ETA on a terminal. Short passes say nothing."""
+    if chars < ANNOUNCE_CHARS:
+        yield None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console.print(f"{what}: {chars:,} characters", highlight=False)
+    if not console.is_terminal:
+        yield None
+        return
+    with Progress(TextColumn(f"[bold]{what}"), BarColumn(bar_width=24), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task(what, total=1)
+        yield lambda done, total: bar.update(task, completed=done, total=total)

@@ -1,7 +1,7 @@
-"""Command bodies of `charlm serve` and `charlm export`: options -> library calls -> what the user sees.
+"""`charlm serve`: load the model, bind the port, start the batching engine and the HTTP app
+(charlm/server/), and say where it listens.
 
-Part of the command-line layer (it prints to stderr); the optional web stack and ONNX packages are imported
-here, inside the command that needs them, so the rest of charlm runs without them.
+The web stack (the `serve` extra) is imported inside the command, so the rest of charlm runs without it.
 """
 
 from __future__ import annotations
@@ -17,24 +17,9 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from charlm.commands import _check, _load_model
+from charlm.cli.common import check
 from charlm.errors import CharlmError
-from charlm.model import layer_parameter_counts
-
-
-def model_summary(payload: dict, model, vocab) -> dict:
-    """The data of `charlm info --json` (without the per-evaluation metrics), for GET /v1/model."""
-    rows = layer_parameter_counts(model.config)
-    return {
-        "checkpoint": str(payload.get("path")), "format": payload.get("format"),
-        "charlm_version": payload.get("charlm_version"), "model_config": payload["model_config"],
-        "layers": [{"name": n, "shape": s, "parameters": p} for n, s, p in rows],
-        "parameters": model.num_parameters(), "vocab_size": vocab.size, "vocab": vocab.chars,
-        "train_config": payload.get("train_config", {}), "step": payload.get("step"),
-        "epoch": payload.get("epoch"), "best_val_loss": payload.get("best_val_loss"),
-        "best_step": payload.get("best_step"), "evaluations": len(payload.get("metrics", [])),
-        "corpus": payload.get("corpus", {}),
-    }
+from charlm.runs import load_model, model_summary
 
 
 def _is_loopback(host: str) -> bool:
@@ -51,20 +36,20 @@ def run_serve(checkpoint: Optional[Path], host: str, port: int, device_name: str
     try:
         import uvicorn
 
-        from charlm.serve import Limits, create_app
+        from charlm.server.app import Limits, create_app
     except ImportError as exc:
         raise CharlmError(f"charlm serve needs the web stack ({exc.name} is missing): "
                           "pip install 'charlm[serve]'")
-    from charlm.batching import Engine
+    from charlm.server.engine import Engine
 
-    _check(0 <= port <= 65535, f"--port must be between 0 and 65535, got {port}")
-    _check(max_batch >= 1, f"--max-batch must be at least 1, got {max_batch}")
-    _check(threads >= 0, f"--threads must be 0 (automatic) or positive, got {threads}")
+    check(0 <= port <= 65535, f"--port must be between 0 and 65535, got {port}")
+    check(max_batch >= 1, f"--max-batch must be at least 1, got {max_batch}")
+    check(threads >= 0, f"--threads must be 0 (automatic) or positive, got {threads}")
     # The event loop (HTTP, JSON, server-sent events) needs a core of its own: when every core runs the
     # model's OpenMP threads, each step waits for a thread the event loop has displaced (on a busy 2-core
     # machine, 16-31 ms instead of 3.6 ms for the default model's step; BENCHMARKS.md section 7).
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - 1))
-    payload, model, vocab, device = _load_model(checkpoint, device_name)
+    payload, model, vocab, device = load_model(checkpoint, device_name)
     sock = _listen(host, port)  # before anything starts: a taken port is one line, and --port 0 is known
     port = sock.getsockname()[1]
     limits = Limits(max_rows=max_batch)
@@ -116,42 +101,3 @@ def _listen(host: str, port: int) -> socket.socket:
         raise CharlmError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port "
                           "(0 = any free one) or --host")
     return sock
-
-
-def run_export(run: Optional[Path], output: Path, check: bool, steps: int, device_name: str,
-               console: Console) -> None:
-    from charlm import export
-
-    _check(steps >= 1, f"--steps must be at least 1, got {steps}")
-    suffix = output.suffix.lower()
-    _check(suffix in export.FORMATS, f"-o must end in {' or '.join(export.FORMATS)} (the format follows the "
-                                     f"suffix), got {output.name!r}")
-    if not output.parent.is_dir():
-        raise CharlmError(f"{output.parent} is not a directory; create it or choose another -o")
-    payload, model, vocab, _ = _load_model(run, "cpu")  # exported files are device-independent
-    model = model.float().eval()
-    try:
-        if suffix == ".onnx":
-            export.export_onnx(model, vocab, output, payload)
-        else:
-            export.export_program(model, vocab, output)
-    except ImportError as exc:
-        raise CharlmError(f"writing ONNX needs the onnx package ({exc.name} is missing): "
-                          "pip install 'charlm[export]'")
-    except OSError as exc:
-        raise CharlmError(f"cannot write {output} ({exc.strerror or exc})")
-    size = output.stat().st_size
-    console.print(f"wrote {escape(str(output))} ({size / 1e6:.2f} MB): one step of {escape(str(payload['path']))}, "
-                  "state as explicit inputs and outputs")
-    if not check:
-        return
-    try:
-        diff = export.check(output, model, vocab, steps=steps)
-    except ImportError as exc:
-        raise CharlmError(f"--check runs the file in onnxruntime ({exc.name} is missing): "
-                          "pip install 'charlm[export]'")
-    ok = diff <= export.TOLERANCE
-    console.print(f"check: {steps} sampled steps, max abs logit difference {diff:.2e} against CharRNN.step "
-                  f"({'within' if ok else 'OVER'} {export.TOLERANCE:g})")
-    if not ok:
-        raise CharlmError(f"{output} disagrees with the model by {diff:.2e} (more than {export.TOLERANCE:g})")

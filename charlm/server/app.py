@@ -1,4 +1,4 @@
-"""The HTTP server of `charlm serve`: a Starlette app in front of the batching engine (charlm/batching.py).
+"""The HTTP server of `charlm serve`: a Starlette app in front of the batching engine (charlm/server/engine.py).
 
     POST /v1/sample        {"prime", "length", "temperature", "top_k", "top_p", "greedy", "seed", "stop",
                             "num_samples", "unknown", "stream"} -> {"samples": [...], ...}, or with
@@ -28,9 +28,9 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from charlm.batching import Busy, Engine, Job
+from charlm.server.engine import Busy, Engine, Job
 from charlm.sample import SampleConfig
-from charlm.vocab import describe_chars
+from charlm.vocab import unknown_message
 
 
 @dataclass(frozen=True)
@@ -134,8 +134,7 @@ def known_text(vocab, text: str, field: str, unknown: str) -> str:
     if missing and unknown == "skip":
         return "".join(c for c in text if c in vocab)
     if missing:
-        raise ApiError(422, field, f"{field} has {len(missing)} character(s) not in the model's vocabulary: "
-                                   f"{describe_chars(missing)}; remove them or send \"unknown\": \"skip\"")
+        raise ApiError(422, field, unknown_message(field, missing, 'remove them or send "unknown": "skip"'))
     return text
 
 
@@ -357,7 +356,7 @@ def create_app(engine: Engine, info: dict, limits: Limits = Limits()) -> Starlet
     """The ASGI app. The engine starts with the app and stops with it (uvicorn's lifespan)."""
     from contextlib import asynccontextmanager
 
-    from charlm.serve_page import PAGE
+    from charlm.server.page import PAGE
 
     server = Server(engine, info, limits, PAGE)
 

@@ -1,4 +1,6 @@
-"""The command line: parse options, call the library, render. The only module that prints.
+"""The `charlm` command: every subcommand's options and help, each handing a request to its command body
+(charlm/cli/<command>.py), and the error boundary (a CharlmError or a bad command line is one line on stderr
+and a non-zero exit, never a traceback).
 
 Generated text goes to stdout; progress, summaries, warnings and errors go to stderr, so
 `charlm sample > out.txt` holds only text.
@@ -15,8 +17,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-
 from charlm import __version__
+from charlm.cli.options import (DATA, MODEL, OUTPUT, RUN, SAMPLING, TRAIN, CheckpointOpt, DeviceOpt, JsonOpt,
+                                ReadCrlfOpt, ReadEncodingOpt, SeedOpt, UnknownOpt)
 from charlm.errors import CharlmError
 
 app = typer.Typer(
@@ -28,29 +31,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-DATA, MODEL, TRAIN, SAMPLING, OUTPUT, RUN = "Data", "Model", "Training", "Sampling", "Output", "Runtime"
-
-# ---------------------------------------------------------------------------------------------- shared options
-CheckpointOpt = Annotated[Optional[Path], typer.Option(
-    "--checkpoint", "-c", help="A checkpoint file or run directory \\[default: the newest run under ./checkpoints].",
-    rich_help_panel=DATA)]
-DeviceOpt = Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.", rich_help_panel=RUN)]
-SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed: the same seed gives the same result.",
-                                                rich_help_panel=RUN)]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object to stdout instead of a table.",
-                                       rich_help_panel=OUTPUT)]
-EncodingOpt = Annotated[str, typer.Option(help="Text encoding of the file.", rich_help_panel=DATA)]
-UnknownOpt = Annotated[str, typer.Option(help="Characters outside the vocabulary: error or skip.",
-                                         rich_help_panel=DATA)]
-# Commands that read a text for a model read it as the model's training text was read, unless told otherwise.
-ReadEncodingOpt = Annotated[Optional[str], typer.Option(
-    "--encoding", help="Text encoding of the input \\[default: the model's training text's].", rich_help_panel=DATA,
-    show_default=False)]
-ReadCrlfOpt = Annotated[Optional[bool], typer.Option(
-    "--keep-crlf/--no-keep-crlf", help="Keep CRLF line ends or turn them into LF \\[default: as the model's "
-    "training text was read].", rich_help_panel=DATA, show_default=False)]
-
 
 def version_callback(value: bool):
     if value:
@@ -191,7 +171,7 @@ def train(
       charlm train corpus.txt --resume          (after Ctrl-C: the same command plus --resume)
       torchrun --standalone --nproc_per_node=2 -m charlm train corpus.txt
     """
-    from charlm.commands_train import TrainRequest, run_train
+    from charlm.cli.train import TrainRequest, run_train
 
     request = TrainRequest(**{k: v for k, v in locals().items() if k in TrainRequest.__dataclass_fields__})
     run_train(request, err)
@@ -251,7 +231,7 @@ def sample(
       charlm sample --interactive
       charlm sample -c checkpoints/names --prime ka --num-samples 20 --json
     """
-    from charlm.commands import SampleRequest, run_sample
+    from charlm.cli.sample import SampleRequest, run_sample
 
     request = SampleRequest(**{k: v for k, v in locals().items() if k in SampleRequest.__dataclass_fields__})
     run_sample(request, err)
@@ -278,7 +258,7 @@ def evaluate(
 
     [bold]Example[/bold]: charlm eval held_out.txt --checkpoint checkpoints/corpus --json
     """
-    from charlm.commands import run_eval
+    from charlm.cli.eval import run_eval
 
     run_eval(corpus, checkpoint, encoding, unknown, streams, as_json, device, err, keep_crlf, max_chars)
 
@@ -294,7 +274,7 @@ def info(
 
     [bold]Example[/bold]: charlm info checkpoints/corpus
     """
-    from charlm.commands import run_info
+    from charlm.cli.info import run_info
 
     run_info(path, as_json, err)
 
@@ -312,7 +292,7 @@ def plot(
 
     [bold]Examples[/bold]: charlm plot checkpoints/corpus    charlm plot checkpoints/corpus -o curve.png
     """
-    from charlm.commands import run_plot
+    from charlm.cli.info import run_plot
 
     run_plot(run_dir, output, err)
 
@@ -364,10 +344,10 @@ def score(
       charlm score candidates.txt -c checkpoints/names --rank
     """
     if rank:
-        from charlm.commands_explain import run_rank
+        from charlm.cli.score import run_rank
 
         return run_rank(path, checkpoint, encoding, keep_crlf, unknown, as_json, device, err)
-    from charlm.commands_explain import run_score
+    from charlm.cli.score import run_score
 
     run_score(path, checkpoint, encoding, keep_crlf, unknown, streams, top, summary, as_json, device, err)
 
@@ -402,7 +382,7 @@ def explain(
       charlm explain --file code.py --neurons
       charlm explain --file code.py --unit 37
     """
-    from charlm.commands_explain import run_explain
+    from charlm.cli.explain import run_explain
 
     run_explain(text, file, checkpoint, encoding, keep_crlf, unknown, html, neurons, list(unit or []), device, err)
 
@@ -431,7 +411,7 @@ def serve(
       charlm serve -c checkpoints/corpus
       curl -s localhost:8000/v1/sample -d '{"prime": "ROMEO:", "length": 200, "seed": 1}'
     """
-    from charlm.commands_serve import run_serve
+    from charlm.cli.serve import run_serve
 
     run_serve(checkpoint, host, port, device, max_batch, threads, err)
 
@@ -455,7 +435,7 @@ def export(
       charlm export checkpoints/corpus -o model.onnx --check
       charlm export checkpoints/corpus -o model.pt2
     """
-    from charlm.commands_serve import run_export
+    from charlm.cli.export import run_export
 
     run_export(run, output, check, steps, "cpu", err)
 

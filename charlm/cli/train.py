@@ -14,7 +14,7 @@ from typing import List, Optional
 from rich.console import Console
 
 from charlm import checkpoint as ckpt
-from charlm.commands import _check
+from charlm.cli.common import check
 from charlm.corpus import DOC_SEPARATOR
 from charlm.items import ITEM_END
 from charlm.errors import CharlmError
@@ -131,24 +131,24 @@ def settle_options(r: TrainRequest, payload: Optional[dict], source: Optional[Pa
 def _validate_train(r: TrainRequest) -> None:
     from charlm.train import OPTIMIZERS
 
-    _check((not r.corpus) != (r.named is None), "give text files (or a folder) or --corpus NAME, not both; "
+    check((not r.corpus) != (r.named is None), "give text files (or a folder) or --corpus NAME, not both; "
            "try: charlm train --corpus python-stdlib")
     for flag, value, least in (("--hidden", r.hidden, 1), ("--layers", r.layers, 1), ("--batch-size", r.batch_size, 1),
                                ("--seq-len", r.seq_len, 1), ("--eval-every", r.eval_every, 1),
                                ("--eval-chars", r.eval_chars, 0),
                                ("--embedding", r.embedding, 0), ("--warmup", r.warmup, 0),
                                ("--patience", r.patience, 0), ("--weight-decay", r.weight_decay, 0)):
-        _check(value is None or value >= least, f"{flag} must be at least {least}, got {value}")
-    _check(r.val_frac is None or 0 < r.val_frac < 1, f"--val-frac must be between 0 and 1 (exclusive), got {r.val_frac}")
-    _check(r.cell is None or r.cell in CELLS, f"--cell must be one of {', '.join(CELLS)}, got {r.cell!r}")
-    _check(r.nonlinearity is None or r.nonlinearity in ("tanh", "relu"), f"--nonlinearity must be tanh or relu, got {r.nonlinearity!r}")
-    _check(r.optimizer is None or r.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {r.optimizer!r}")
-    _check(r.dropout is None or 0 <= r.dropout < 1, f"--dropout must be in [0, 1), got {r.dropout}")
-    _check(r.lr is None or (r.lr > 0 and math.isfinite(r.lr)), f"--lr must be a positive number, got {r.lr}")
-    _check(r.clip is None or (r.clip > 0 and math.isfinite(r.clip)), f"--clip must be positive, got {r.clip}")
-    _check(r.epochs is None or r.epochs > 0, f"--epochs must be positive, got {r.epochs}")
-    _check(r.max_steps is None or r.max_steps > 0, f"--max-steps must be positive, got {r.max_steps}")
-    _check(not (r.resume and r.init_from), "--resume and --init-from do not mix: resume continues a run, "
+        check(value is None or value >= least, f"{flag} must be at least {least}, got {value}")
+    check(r.val_frac is None or 0 < r.val_frac < 1, f"--val-frac must be between 0 and 1 (exclusive), got {r.val_frac}")
+    check(r.cell is None or r.cell in CELLS, f"--cell must be one of {', '.join(CELLS)}, got {r.cell!r}")
+    check(r.nonlinearity is None or r.nonlinearity in ("tanh", "relu"), f"--nonlinearity must be tanh or relu, got {r.nonlinearity!r}")
+    check(r.optimizer is None or r.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {r.optimizer!r}")
+    check(r.dropout is None or 0 <= r.dropout < 1, f"--dropout must be in [0, 1), got {r.dropout}")
+    check(r.lr is None or (r.lr > 0 and math.isfinite(r.lr)), f"--lr must be a positive number, got {r.lr}")
+    check(r.clip is None or (r.clip > 0 and math.isfinite(r.clip)), f"--clip must be positive, got {r.clip}")
+    check(r.epochs is None or r.epochs > 0, f"--epochs must be positive, got {r.epochs}")
+    check(r.max_steps is None or r.max_steps > 0, f"--max-steps must be positive, got {r.max_steps}")
+    check(not (r.resume and r.init_from), "--resume and --init-from do not mix: resume continues a run, "
            "--init-from starts a new one from a trained model")
 
 
@@ -195,8 +195,8 @@ def _prepare_out(out: Path, fresh: bool) -> None:
             (out / name).unlink(missing_ok=True)
 
 
-def _preview_fn(vocab: Vocabulary, device):
-    from charlm.display import visible
+def preview_fn(vocab: Vocabulary, device):
+    from charlm.cli.display import visible
     from charlm.sample import SampleConfig, sample_text
 
     def preview(model) -> list:
@@ -212,8 +212,9 @@ def _preview_fn(vocab: Vocabulary, device):
 
 def run_train(r: TrainRequest, console: Console) -> None:
     from charlm.corpus import split_train_val
-    from charlm.display import TrainDisplay, run_summary
-    from charlm.runtime import (agreed, finish_distributed, from_main, parse_duration, resolve_precision,
+    from charlm.cli.display import TrainDisplay, run_summary
+    from charlm.units import parse_duration
+    from charlm.runtime import (agreed, finish_distributed, from_main, resolve_precision,
                                 seed_everything, setup_distributed, teardown_distributed)
     from charlm.streams import fit_layout
     from charlm.train import Trainer
@@ -279,7 +280,7 @@ def run_train(r: TrainRequest, console: Console) -> None:
         read = {"encoding": r.encoding, "keep_crlf": r.keep_crlf, "fixed_vocab": vocab is not None, **read}
         meta = {"model_config": mconf.to_dict(), "vocab": corpus.vocab.chars,
                 "corpus": {**corpus.info(), **read, **items_meta}, "sizing": sizing}
-        display = TrainDisplay(console, _preview_fn(corpus.vocab, device) if r.preview else None)
+        display = TrainDisplay(console, preview_fn(corpus.vocab, device) if r.preview else None)
         trainer = Trainer(model, train_ids, val_ids, tconf, out, device, meta, callback=display, dist_info=dinfo,
                           resume=payload if r.resume else None, compile_model=r.compile_model,
                           spent=sizing.get("probe_s", 0.0) if not r.resume else 0.0, reshuffle=reshuffle)
@@ -309,7 +310,7 @@ def run_train(r: TrainRequest, console: Console) -> None:
             raise SystemExit(128 + (received[0] if received else signal.SIGINT))
         for s, handler in previous.items():  # after an interrupt, more Ctrl-Cs are ignored until the exit
             signal.signal(s, signal.SIG_IGN if received else handler)
-        _end_summary(console, result, out, r, received)
+        end_summary(console, result, out, r, received)
         finish_distributed(device)  # every process ends here together: settle gloo's threads before the exit
     finally:
         teardown_distributed()
@@ -523,7 +524,8 @@ def _named_corpus(name: str, console: Console, dinfo) -> Path:
 
 def _start_summary(path, corpus, train_ids, val_ids, model, tconf, device, dinfo, out, r, trainer, sizing,
                    items_meta, kept=()) -> dict:
-    from charlm.display import human_count, human_time, vocab_preview
+    from charlm.cli.display import vocab_preview
+    from charlm.units import human_count, human_time
 
     mc = model.config
     params = model.num_parameters()
@@ -579,7 +581,7 @@ def _sizing_rows(sizing: dict, r: TrainRequest) -> list:
 
 
 def _eval_plan(tconf, trainer) -> str:
-    from charlm.display import human_count
+    from charlm.units import human_count
 
     when = f"every {tconf.eval_every} steps" if tconf.eval_every else "every 10% of the budget (first after 15 s)"
     scored, full = trainer.val_sample_chars, trainer.val_full_chars
@@ -595,10 +597,11 @@ def _eval_plan(tconf, trainer) -> str:
     return f"{when}, a fixed sample of {human_count(scored)} validation characters{bf16} ({end})"
 
 
-def _end_summary(console: Console, result, out: Path, r: TrainRequest, received: list) -> None:
-    from charlm.display import fits, human_time, say, say_commands, sparkline
+def end_summary(console: Console, result, out: Path, r: TrainRequest, received: list) -> None:
+    from charlm.cli.display import fits, say, say_commands, sparkline
+    from charlm.units import human_time
 
-    # Every line fits the terminal: prose wraps at words, commands go on lines of their own (display.py)
+    # Every line fits the terminal: prose wraps at words, commands go on lines of their own (cli/display.py)
     resume = ["charlm"] + [shlex.quote(a) for a in sys.argv[1:] if a != "--resume"] + ["--resume"]
     if result.stopped_by == "nonfinite":
         kept = f"; best.pt is from step {result.best_step}" if result.best_step else "; no checkpoint was written"

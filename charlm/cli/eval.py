@@ -1,0 +1,67 @@
+"""`charlm eval`: a model's loss on a text file of any size (constant memory; --max-chars scores an even
+sample and says its standard error); a list model's items are also scored each as one.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from rich.console import Console
+from rich.table import Table
+
+from charlm.cli.common import check
+from charlm.cli.display import pass_progress
+from charlm.corpus import DOC_SEPARATOR
+from charlm.errors import CharlmError
+from charlm.runs import load_model, text_reading
+
+
+def run_eval(corpus: Path, checkpoint, encoding, unknown, streams, as_json, device_name, console: Console,
+             keep_crlf: Optional[bool] = None, max_chars: Optional[int] = None) -> None:
+    from charlm.corpus import load_corpus
+    from charlm.evaluation import evaluate_text
+
+    check(unknown in ("error", "skip"), f"--unknown must be error or skip, got {unknown!r}")
+    check(streams >= 1, f"--streams must be at least 1, got {streams}")
+    check(max_chars is None or max_chars >= 1, f"--max-chars must be at least 1, got {max_chars}")
+    payload, model, vocab, device = load_model(checkpoint, device_name)
+    info = payload.get("corpus", {})
+    end = info.get("item_end", "\n")  # an item model: each line an item, or each file of a list of files
+    encoding, keep_crlf = text_reading(payload, encoding, keep_crlf)
+    text = load_corpus(corpus, vocab, encoding, keep_crlf, unknown=unknown,
+                       separator=info.get("separator", DOC_SEPARATOR))
+    if text.chars < 2:
+        raise CharlmError(f"{corpus} has fewer than 2 known characters; nothing to score")
+    scored = min(text.chars - 1, max_chars or text.chars)
+    with pass_progress(console, "scoring" if scored == text.chars - 1 else "scoring an even sample", scored) as bar:
+        # a sample is spread over at least 64 segments: its standard error needs rows to compare
+        report = evaluate_text(model, text.ids, device, streams=max(streams, 64) if max_chars else streams,
+                               max_chars=max_chars, progress=bar)
+    report["checkpoint"] = payload["path"]
+    if info.get("items") and end in vocab:
+        # a model of a list: each item also scored as one, from the start of an item (as sampling writes)
+        from charlm.items import Items, score_items
+
+        lines = Items.from_ids(text.ids, vocab.chars.index(end)).strings(vocab.decode)
+        scores = score_items(model, vocab, lines, device, end=end)
+        chars = sum(len(x) + 1 for x in lines)
+        report["items"] = {"count": len(lines), "nats_per_item": float(-scores.mean()) if len(lines) else None,
+                           "nats_per_char": float(-scores.sum() / max(chars, 1))}
+    if as_json:
+        sys.stdout.write(json.dumps(report) + "\n")
+        return
+    table = Table(show_header=False, box=None)
+    sampled = f" ±{report['se']:.4f}" if "se" in report else ""
+    chars = f"{report['chars']:,}" + (f" of {report['of']:,} (an even sample)" if "of" in report else "")
+    for key, value in (("loss", f"{report['loss']:.4f}{sampled} nats/char"), ("bpc", f"{report['bpc']:.4f} bits/char"),
+                       ("perplexity", f"{report['perplexity']:.3f}"), ("chars", chars),
+                       ("checkpoint", report["checkpoint"])):
+        table.add_row(key, value)
+    if report.get("items"):
+        it = report["items"]
+        table.add_row("items", f"{it['count']:,}: {it['nats_per_item']:.3f} nats per item, "
+                               f"{it['nats_per_char']:.4f} nats/char (each from the start of an item)")
+    Console().print(table)

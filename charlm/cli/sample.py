@@ -1,0 +1,220 @@
+"""`charlm sample`: text from a model, streamed as it is written, or new items from a list model; --novelty
+says how much of each sample was copied from the training text, --interactive takes turns with the user.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from rich.console import Console
+from rich.markup import escape
+
+from charlm.cli.common import check
+from charlm.corpus import read_file
+from charlm.errors import CharlmError
+from charlm.runs import load_model, text_reading, training_corpus
+from charlm.vocab import describe_chars, unknown_message
+
+
+@dataclass
+class SampleRequest:
+    checkpoint: Optional[Path]
+    prime: Optional[str]
+    prime_file: Optional[Path]
+    length: int
+    temperature: float
+    top_k: int
+    top_p: float
+    greedy: bool
+    num_samples: int
+    stop: Optional[str]
+    unknown: str
+    seed: Optional[int]
+    novelty: bool
+    interactive: bool
+    separator: str
+    as_json: bool
+    device: str
+    allow_copies: bool = False  # item models: also print items that are already in the training list
+    min_length: int = 1  # item models: the shortest item to keep
+    max_length: Optional[int] = None  # item models: the longest item to keep (longer ones are dropped, not cut)
+
+
+def run_sample(r: SampleRequest, console: Console) -> None:
+    from charlm.sample import SampleConfig, Sampler
+
+    check(r.length >= 1, f"--length must be at least 1, got {r.length}")
+    check(r.greedy or (r.temperature > 0 and math.isfinite(r.temperature)),
+           f"--temperature must be above 0, got {r.temperature}; use --greedy for the most likely character")
+    check(0 < r.top_p <= 1, f"--top-p must be in (0, 1], got {r.top_p}")
+    check(r.top_k >= 0, f"--top-k must be 0 (off) or positive, got {r.top_k}")
+    check(r.num_samples is None or r.num_samples >= 1, f"--num-samples must be at least 1, got {r.num_samples}")
+    check(1 <= r.min_length <= (r.max_length or r.min_length), f"--min-length and --max-length need 1 <= min <= "
+           f"max, got {r.min_length} and {r.max_length}")
+    check(r.unknown in ("error", "skip"), f"--unknown must be error or skip, got {r.unknown!r}")
+    check(not (r.prime is not None and r.prime_file is not None), "give --prime or --prime-file, not both")
+    check(not (r.interactive and (r.num_samples or 1) > 1), "--interactive works with one sample at a time")
+    from charlm.runtime import sampling_device
+
+    payload, model, vocab, _ = load_model(r.checkpoint, "cpu")
+    prime = r.prime
+    if r.prime_file is not None:  # read as the model's training text was (encoding, line ends)
+        prime = read_file(r.prime_file, *text_reading(payload, None, None))
+    check(prime is None or prime != "", "the prime is empty; leave out --prime to start from a line break")
+    items = bool(payload.get("corpus", {}).get("items")) and not r.interactive
+    num_samples = r.num_samples or (10 if items else 1)  # a list model answers with a list
+    device, note = sampling_device(r.device, num_samples if not items else 64, model.num_parameters())
+    if note:
+        console.print(f"[dim]note:[/dim] {note}")
+    model = model.to(device)
+    top_k = r.top_k
+    if top_k > vocab.size:
+        console.print(f"[dim]note:[/dim] --top-k {top_k} is more than the {vocab.size} characters of the vocabulary; "
+                      f"using {vocab.size} (no truncation)")
+        top_k = vocab.size
+    prime = prime or ""
+    if prime:
+        missing = vocab.unknown(prime)
+        if missing and r.unknown == "skip":
+            console.print(f"[dim]note:[/dim] dropped {len(missing)} character(s) not in the vocabulary: "
+                          f"{escape(describe_chars(missing))}")
+            prime = "".join(c for c in prime if c in vocab)
+        elif missing:
+            raise CharlmError(unknown_message("the prime", missing))
+    if items:
+        return _sample_items(r, payload, model, vocab, prime, top_k, num_samples, device, console)
+    cfg = SampleConfig(length=r.length, temperature=r.temperature if r.temperature > 0 else 1.0, top_k=top_k,
+                       top_p=r.top_p, greedy=r.greedy, num_samples=num_samples, seed=r.seed, stop=r.stop)
+    out = sys.stdout
+    try:
+        if r.interactive:
+            _interactive(model, vocab, prime, cfg, device, console)
+            return
+        sampler = Sampler(model, vocab, cfg.num_samples, device, cfg.seed)
+        if prime:
+            sampler.feed(vocab.encode(prime))
+        texts = [[prime] for _ in range(cfg.num_samples)]
+        stream = cfg.num_samples == 1 and not r.as_json
+        if stream:
+            out.write(prime)
+            out.flush()
+        for i, step in enumerate(sampler.generate(cfg)):
+            for b, ch in enumerate(step):
+                texts[b].append(ch)
+            if stream:
+                out.write(step[0])
+                if i % 8 == 7:
+                    out.flush()
+        samples = ["".join(t) for t in texts]
+        if r.as_json:
+            out.write(json.dumps({"samples": samples}, ensure_ascii=False) + "\n")
+        elif stream:
+            out.write("\n" if not samples[0].endswith("\n") else "")
+        else:
+            out.write(r.separator.join(samples) + ("\n" if not samples[-1].endswith("\n") else ""))
+        out.flush()
+    except BrokenPipeError:  # `charlm sample | head`: the reader left; nothing more to say
+        sys.stderr.close()
+        raise SystemExit(0)
+    except KeyboardInterrupt:
+        out.write("\n")
+        raise SystemExit(130)
+    if r.novelty:
+        _report_novelty(payload, samples, prime, console, vocab)
+
+
+def _sample_items(r: SampleRequest, payload, model, vocab, prime, top_k, count, device, console) -> None:
+    """An item model's answer: new items, one per line (or JSON; items of a list of files are separated by
+    --separator), each starting with the prime."""
+    from charlm.items import Items, sample_items
+
+    end = payload.get("corpus", {}).get("item_end", "\n")
+    check(not r.greedy, "--greedy would give the same item every time; lower --temperature instead")
+    check(end != "\n" or "\n" not in prime, "an item prime is the start of one item: it cannot hold a line break")
+    try:
+        corpus = training_corpus(payload)
+        items = Items.from_ids(corpus.ids, vocab.chars.index(end))
+        longest = int(np.percentile(items.lengths_chars(), 99)) if len(items) else 0
+        known = set(items.strings(vocab.decode))
+    except CharlmError as exc:
+        if not r.allow_copies:
+            raise CharlmError(f"{exc}: it is needed to leave out items already in the list; add "
+                              "--allow-copies to sample without that check")
+        known, longest = set(), 0
+    # Unless given, the longest item kept: half again the length of 99% of the list's items (64 at least).
+    max_length = r.max_length or max(64, longest * 3 // 2, r.min_length)
+    result = sample_items(model, vocab, count, known, prime, temperature=r.temperature, top_k=top_k, top_p=r.top_p,
+                          min_length=max(r.min_length, len(prime) + 1 if prime else 1), max_length=max_length,
+                          allow_copies=r.allow_copies, seed=r.seed, device=device, end=end)
+    found = result["items"]
+    out = sys.stdout
+    if r.as_json:
+        out.write(json.dumps({"items": [{"text": i.text, "logprob": round(i.logprob, 4), "new": i.new}
+                                        for i in found], "copies_skipped": result["copies"],
+                              "rejected": result["rejected"], "drawn": result["drawn"]}, ensure_ascii=False) + "\n")
+    else:
+        if end == "\n":
+            out.write("".join(i.text + "\n" for i in found))
+        elif found:  # whole files: separated as samples are
+            out.write(r.separator.join(i.text.rstrip("\n") for i in found) + "\n")
+    out.flush()
+    skipped = f"skipped {result['copies']:,} already in the list" if not r.allow_copies else "copies allowed"
+    console.print(f"[dim]items:[/dim] {len(found):,} of {count:,} from {result['drawn']:,} drawn; {skipped}, "
+                  f"{result['rejected']:,} outside --min-length/--max-length", highlight=False)
+    if not result["complete"]:
+        raise CharlmError(f"found only {len(found):,} new item(s) of the {count:,} asked for after "
+                          f"{result['drawn']:,} tries; ask for fewer, raise --temperature, or add --allow-copies")
+
+
+def _report_novelty(payload, samples, prime, console, vocab) -> None:
+    """The longest stretch of each sample found verbatim in the training text (charlm/novelty.py: one scan
+    of the memory-mapped corpus, about a second per 100 MB)."""
+    from charlm.novelty import longest_copies
+
+    info = payload.get("corpus", {})
+    try:
+        corpus = training_corpus(payload)
+    except CharlmError as exc:
+        raise CharlmError(f"--novelty cannot say what was copied: {exc}")
+    generated = [text[len(prime):] for text in samples]
+    found = longest_copies(corpus.ids, [vocab.encode(g) for g in generated])
+    name = Path(info.get("path", "corpus")).name
+    for i, (text, (start, length)) in enumerate(zip(generated, found)):
+        copied = text[start : start + length]
+        label = f"sample {i + 1}: " if len(samples) > 1 else ""
+        shown = copied.replace("\n", "↵")
+        console.print(escape(f"novelty: {label}longest run found verbatim in {name}: {len(copied)} of "
+                             f"{len(text)} characters: {shown[:120]!r}"))
+
+
+def _interactive(model, vocab, prime, cfg, device, console: Console) -> None:
+    from charlm.sample import Sampler
+
+    sampler = Sampler(model, vocab, 1, device, cfg.seed)
+    console.print("interactive: type text for the model to continue (its state carries over between turns); "
+                  "an empty line lets it go on; Ctrl-D quits")
+    if prime:
+        sampler.feed(vocab.encode(prime))
+        sys.stdout.write(prime)
+    while True:
+        for step in sampler.generate(cfg):
+            sys.stdout.write(step[0])
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        try:
+            line = console.input("[bold]> [/bold]")
+        except EOFError:
+            return
+        missing = vocab.unknown(line)
+        if missing:
+            console.print(f"[dim]note:[/dim] dropped characters not in the vocabulary: {escape(describe_chars(missing))}")
+            line = "".join(c for c in line if c in vocab)
+        if line:
+            sampler.feed(vocab.encode(line))
+            sys.stdout.write(line)
