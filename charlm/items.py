@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -138,7 +138,6 @@ class SampledItem:
     new: bool
 
 
-@torch.no_grad()
 def sample_items(model, vocab, count: int, known: set, prime: str = "", temperature: float = 0.8,
                  top_k: int = 0, top_p: float = 1.0, min_length: int = 1, max_length: int = 64,
                  allow_copies: bool = False, seed: Optional[int] = None, device="cpu", batch: int = 0,
@@ -146,6 +145,22 @@ def sample_items(model, vocab, count: int, known: set, prime: str = "", temperat
     """Draw items until `count` are kept; each starts after `end` (a line break, or ITEM_END) and stops at
     the next one. Returns {"items": [SampledItem], "copies": skipped copies,
     "rejected": too short or too long, "drawn": items drawn, "complete": whether count was reached}."""
+    steps = draw_items(model, vocab, count, known, prime, temperature, top_k, top_p, min_length, max_length,
+                       allow_copies, seed, device, batch, end)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as finished:
+            return finished.value
+
+
+@torch.no_grad()  # torch wraps each resumption of a generator: the caller's grad mode is left alone
+def draw_items(model, vocab, count: int, known: set, prime: str = "", temperature: float = 0.8,
+               top_k: int = 0, top_p: float = 1.0, min_length: int = 1, max_length: int = 64,
+               allow_copies: bool = False, seed: Optional[int] = None, device="cpu", batch: int = 0,
+               end: str = "\n") -> Iterator[None]:
+    """sample_items as a generator that yields after every model step and returns its result: the server's
+    engine runs it a step at a time between the other requests' steps (the same draws, seed for seed)."""
     from charlm.sample import SampleConfig, default_context, pick
 
     device = torch.device(device)
@@ -180,6 +195,7 @@ def sample_items(model, vocab, count: int, known: set, prime: str = "", temperat
             if bool(ended.all()):
                 break
             logits, state = model.step(ids, state)
+            yield
         rows, lps = out.tolist(), logprob.tolist()
         for row, lp, done in zip(rows, lps, ended.tolist()):
             drawn += 1

@@ -6,6 +6,7 @@ Library code: it returns values and raises CharlmError; the command line and the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -81,3 +82,34 @@ def training_corpus(payload: dict):
     if corpus.sha256 != info.get("sha256") or corpus.vocab.chars != payload["vocab"]:
         raise CharlmError(f"{info.get('path')} has changed since training")
     return corpus
+
+
+@dataclass(frozen=True)
+class ItemList:
+    """What sampling new items from a model of a list needs to know about that list."""
+
+    end: str  # what ends an item: a line break, or ITEM_END for a list of files
+    known: frozenset  # the training list's items: a sample equal to one is a copy, not new
+    longest: int  # 99% of the list's items are at most this many characters
+
+    def max_length(self, min_length: int = 1) -> int:
+        """The longest item kept unless asked otherwise: half again the length of 99% of the list's items,
+        64 at least (a longer draw has wandered off; it is dropped, not cut)."""
+        return max(64, self.longest * 3 // 2, min_length)
+
+
+def is_item_model(payload: dict) -> bool:
+    return bool(payload.get("corpus", {}).get("items"))
+
+
+def item_list(payload: dict, vocab) -> ItemList:
+    """The training list of an item model, read back from its corpus (CharlmError when it is gone)."""
+    import numpy as np
+
+    from charlm.items import Items
+
+    end = payload.get("corpus", {}).get("item_end", "\n")
+    corpus = training_corpus(payload)
+    items = Items.from_ids(corpus.ids, vocab.chars.index(end))
+    longest = int(np.percentile(items.lengths_chars(), 99)) if len(items) else 0
+    return ItemList(end, frozenset(items.strings(vocab.decode)), longest)

@@ -542,3 +542,81 @@ def test_sigterm_stops_the_server_cleanly_mid_stream(server):
     assert rest[-1][0] == "error" and "shutting down" in rest[-1][1]["error"]
 
 
+
+
+# ---------------------------------------------------------------------------------------------- items
+@pytest.fixture(scope="module")
+def item_server(tmp_path_factory):
+    """A model trained on a list of names (detected as a list), served."""
+    from test_items import names
+
+    root = tmp_path_factory.mktemp("items")
+    corpus = root / "names.txt"
+    corpus.write_text("\n".join(names()) + "\n", encoding="utf-8")
+    out = root / "run"
+    trained = run_cli("train", corpus, "--out", out, "--max-steps", "120", "--lr", "1e-2", *TINY, cwd=root)
+    assert trained.returncode == 0, trained.stderr
+    served = Served(out, root)
+    yield served, out, root, set(names())
+    if served.proc.poll() is None:
+        served.proc.kill()
+        served.proc.wait()
+
+
+def test_items_are_the_items_charlm_sample_gives_on_the_same_seed(item_server):
+    served, run, root, known = item_server
+    status, _, body = served.post("/v1/items", {"count": 12, "seed": 5, "prime": "Ka"})
+    assert status == 200, body
+    cli = run_cli("sample", "-c", run, "--num-samples", "12", "--seed", "5", "--prime", "Ka", "--json",
+                  "--device", "cpu", cwd=root)
+    assert cli.returncode == 0, cli.stderr
+    expected = json.loads(cli.stdout)["items"]
+    assert body["items"] == expected and len(expected) == 12 and body["complete"]
+    assert all(i["text"].startswith("Ka") and i["new"] and i["text"] not in known for i in body["items"])
+    assert all(i["logprob"] < 0 for i in body["items"])
+
+
+def test_items_with_copies_allowed_say_which_are_new(item_server):
+    served, _, _, known = item_server
+    status, _, body = served.post("/v1/items", {"count": 40, "seed": 1, "new_only": False, "temperature": 0.5})
+    assert status == 200, body
+    assert body["copies_skipped"] == 0 and len(body["items"]) == 40
+    assert all(i["new"] == (i["text"] not in known) for i in body["items"])
+    assert any(not i["new"] for i in body["items"])  # a model of 400 names at T=0.5 gives back some of them
+
+
+@pytest.mark.parametrize("body,status,field", [
+    ({"count": 0}, 400, "count"),
+    ({"count": LIMITS.max_items + 1}, 400, "count"),
+    ({"prime": "Ka\nRi"}, 400, "prime"),
+    ({"prime": "K@"}, 422, "prime"),
+    ({"min_length": 9, "max_length": 3}, 400, "max_length"),
+    ({"length": 5}, 400, "length"),
+])
+def test_bad_item_requests_get_a_4xx_naming_the_field(item_server, body, status, field):
+    served = item_server[0]
+    code, ctype, answer = served.post("/v1/items", body)
+    assert (code, answer["field"]) == (status, field), answer
+    assert ctype == "application/json" and answer["error"]
+
+
+def test_a_text_model_has_no_items(server):
+    status, _, body = server.post("/v1/items", {"count": 3})
+    assert status == 400 and "/v1/sample" in body["error"]
+
+
+def test_the_page_of_a_list_model_shows_new_items(item_server, tmp_path):
+    served, _, _, known = item_server
+    if shutil.which("chromium") is None and shutil.which("chromium-browser") is None:
+        pytest.skip("no chromium on PATH (apt-get install chromium; .ci/run installs it) to load the page in")
+    devtools = pytest.importorskip("test_browser", reason="the DevTools client lives in tests/test_browser.py")
+    browser = devtools.Browser(tmp_path / "profile")
+    try:
+        browser.call("Page.navigate", url=f"http://127.0.0.1:{served.port}/?seed=4&length=6&go")
+        assert "6 new items" in _until(browser, "status", "new items")
+        _, _, want = served.post("/v1/items", {"count": 6, "seed": 4})
+        shown = browser.js("[...document.querySelectorAll('#out li')].map(li => li.firstChild.textContent)")
+        assert shown == [i["text"] for i in want["items"]] and not set(shown) & known
+        assert _text(browser, "length-label") == "items" and browser.problems() == []
+    finally:
+        browser.close()

@@ -19,7 +19,7 @@ from rich.markup import escape
 
 from charlm.cli.common import check
 from charlm.errors import CharlmError
-from charlm.runs import load_model, model_summary
+from charlm.runs import is_item_model, item_list, load_model, model_summary
 
 
 def _is_loopback(host: str) -> bool:
@@ -54,7 +54,13 @@ def run_serve(checkpoint: Optional[Path], host: str, port: int, device_name: str
     port = sock.getsockname()[1]
     limits = Limits(max_rows=max_batch)
     engine = Engine(model, vocab, device, max_rows=limits.max_rows, max_queued=limits.max_queued)
-    app = create_app(engine, model_summary(payload, model, vocab), limits)
+    items = None
+    if is_item_model(payload):  # /v1/items tells new items from copies of the training list
+        try:
+            items = item_list(payload, vocab)
+        except CharlmError as exc:
+            console.print(f"[dim]note:[/dim] {escape(str(exc))}: /v1/items can only answer \"new_only\": false")
+    app = create_app(engine, model_summary(payload, model, vocab), limits, items)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=2,  # open streams get 2 s to end, then are cut
                             lifespan="on")

@@ -4,6 +4,9 @@
                             "num_samples", "unknown", "stream"} -> {"samples": [...], ...}, or with
                             "stream": true a text/event-stream of the characters as they are generated
     POST /v1/score         {"text", "top"} -> per-character log-probabilities (as `charlm score`)
+    POST /v1/items         {"count", "prime", "new_only", "min_length", "max_length", "temperature", "top_k",
+                            "top_p", "seed", "unknown"} -> {"items": [{"text", "logprob", "new"}], ...}: new
+                            items from a model of a list (as `charlm sample` on one)
     GET  /v1/model         the `charlm info` data
     GET  /healthz          liveness and load
     GET  /                 a page to type a prime and watch the text stream
@@ -45,6 +48,7 @@ class Limits:
     max_body: int = 256 * 1024  # bytes: room for the longest prime or text in JSON-escaped UTF-8
     max_score_chars: int = 20_000  # characters per /v1/score request (the response lists each of them)
     max_top: int = 20  # alternatives listed per scored character
+    max_items: int = 200  # items per /v1/items request: each round draws twice as many rows as it asks for
     max_rows: int = 64  # rows in one model step; requests beyond them wait their turn
     max_queued: int = 256  # requests waiting for rows; beyond them a 503 asks the client to retry
 
@@ -138,6 +142,8 @@ def known_text(vocab, text: str, field: str, unknown: str) -> str:
     return text
 
 
+ITEM_FIELDS = ("count", "prime", "new_only", "min_length", "max_length", "temperature", "top_k", "top_p", "seed",
+               "unknown")
 SAMPLE_FIELDS = ("prime", "length", "temperature", "top_k", "top_p", "greedy", "seed", "stop", "num_samples",
                  "unknown", "stream")
 
@@ -168,8 +174,9 @@ def sample_request(data: dict, vocab, limits: Limits):
 class Server:
     """Holds the engine, the model's description and the limits; its methods are the route handlers."""
 
-    def __init__(self, engine: Engine, info: dict, limits: Limits, page: str):
+    def __init__(self, engine: Engine, info: dict, limits: Limits, page: str, items=None):
         self.engine, self.info, self.limits, self.page = engine, info, limits, page
+        self.items = items  # runs.ItemList of a model of a list whose training list was found, else None
         self.vocab = engine.vocab
         self.loop: Optional[asyncio.AbstractEventLoop] = None
 
@@ -264,6 +271,48 @@ class Server:
         kind, (chunks, summary) = await _until_result(request, job, queue)
         return JSONResponse({**summary, "top": top, "characters": score_json(chunks, vocab)})
 
+    async def items_(self, request: Request) -> Response:
+        from charlm.items import draw_items
+
+        data = await read_json(request, self.limits.max_body)
+        corpus = self.info.get("corpus", {})
+        if not corpus.get("items"):
+            raise ApiError(400, None, "this model was not trained on a list of things, so it has no items; "
+                                      "use POST /v1/sample for text")
+        f = Fields(data, ITEM_FIELDS)
+        count = f.int("count", 10, 1, self.limits.max_items)
+        unknown = f.str("unknown", "error", 5, ("error", "skip"))
+        end = corpus.get("item_end", "\n")
+        prime = known_text(self.vocab, f.str("prime", "", self.limits.max_prime), "prime", unknown)
+        if end == "\n" and "\n" in prime:
+            raise ApiError(400, "prime", "an item prime is the start of one item: it cannot hold a line break")
+        new_only = f.bool("new_only", True)
+        if new_only and self.items is None:
+            raise ApiError(422, "new_only", "the training list is not on this server's disk, so a copy cannot "
+                                            "be told from a new item; send \"new_only\": false")
+        min_length = f.int("min_length", 1, 1, self.limits.max_length)
+        longest = self.items.max_length(min_length) if self.items else 64
+        max_length = f.int("max_length", min(longest, self.limits.max_length), min_length, self.limits.max_length)
+        temperature = f.float("temperature", 0.8, lambda t: 0 < t <= 100, "a number above 0 (at most 100)")
+        top_k = f.int("top_k", 0, 0)
+        top_p = f.float("top_p", 1.0, lambda p: 0 < p <= 1, "in (0, 1]")
+        seed = f.int("seed", None, 0, 2**63 - 1)
+        known = self.items.known if self.items else frozenset()
+        engine = self.engine
+
+        def task():  # one model step of every drawn row per engine turn, between the other requests' steps
+            return (yield from draw_items(
+                engine.model, self.vocab, count, known, prime, temperature=temperature,
+                top_k=min(top_k, self.vocab.size), top_p=top_p, min_length=max(min_length, len(prime) + 1),
+                max_length=max_length, allow_copies=not new_only, seed=seed, device=engine.device, end=end))
+
+        job, queue = self._job(task=task())
+        kind, result = await _until_result(request, job, queue)
+        return JSONResponse({"items": [{"text": i.text, "logprob": round(i.logprob, 4), "new": i.new}
+                                       for i in result["items"]],
+                             "copies_skipped": result["copies"], "rejected": result["rejected"],
+                             "drawn": result["drawn"], "complete": result["complete"], "seed": seed})
+
     async def model(self, request: Request) -> Response:
         return JSONResponse(self.info)
 
@@ -352,13 +401,14 @@ def score_json(chunks: list, vocab) -> list:
     return out
 
 
-def create_app(engine: Engine, info: dict, limits: Limits = Limits()) -> Starlette:
-    """The ASGI app. The engine starts with the app and stops with it (uvicorn's lifespan)."""
+def create_app(engine: Engine, info: dict, limits: Limits = Limits(), items=None) -> Starlette:
+    """The ASGI app. The engine starts with the app and stops with it (uvicorn's lifespan). `items`: the
+    runs.ItemList of a model of a list, for /v1/items to tell new items from copies."""
     from contextlib import asynccontextmanager
 
     from charlm.server.page import PAGE
 
-    server = Server(engine, info, limits, PAGE)
+    server = Server(engine, info, limits, PAGE, items)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -383,6 +433,7 @@ def create_app(engine: Engine, info: dict, limits: Limits = Limits()) -> Starlet
         Route("/v1/model", server.model, methods=["GET"]),
         Route("/v1/sample", server.sample, methods=["POST"]),
         Route("/v1/score", server.score, methods=["POST"]),
+        Route("/v1/items", server.items_, methods=["POST"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan,
                      exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: internal})

@@ -29,15 +29,18 @@ PAGE = """<!doctype html>
   #out .prime { font-weight: bold; }
   #status { color: #666; font-size: .85rem; min-height: 1.2em; }
   #status.error { color: #b00; }
+  #out ol { margin: 0; padding-left: 2.2rem; }
+  #out .copy { color: #888; }
+  #out .lp { color: #999; font-size: .8rem; margin-left: .8rem; }
 </style>
 </head>
 <body>
 <h1>charlm</h1>
 <p id="model">loading the model's description...</p>
-<label for="prime">Prime (the text the model continues)</label>
+<label for="prime" id="prime-label">Prime (the text the model continues)</label>
 <textarea id="prime" spellcheck="false"></textarea>
 <div class="row">
-  <label>length <input id="length" type="number" value="500" min="1"></label>
+  <label><span id="length-label">length</span> <input id="length" type="number" value="500" min="1"></label>
   <label>temperature <input id="temperature" type="number" value="0.8" step="0.1" min="0.05"></label>
   <label>top-k <input id="top_k" type="number" value="0" min="0"></label>
   <label>seed <input id="seed" type="number" placeholder="random"></label>
@@ -49,13 +52,26 @@ PAGE = """<!doctype html>
 <script>
 "use strict";
 const $ = (id) => document.getElementById(id);
+// A link can fill the form and start: /?prime=ROMEO:&seed=1&length=200&go (it starts once the model's
+// description has said whether it generates text or items)
+const query = new URLSearchParams(location.search);
 let controller = null;
+let itemMode = false;  // a model of a list of things: the page asks /v1/items for new items
 
 fetch("/v1/model").then((r) => r.json()).then((m) => {
   const c = m.model_config;
   $("model").textContent = `${m.checkpoint}: ${c.layers} x ${c.hidden} ${c.cell}, ` +
     `${m.parameters.toLocaleString()} parameters, ${m.vocab_size} characters`;
-}).catch(() => { $("model").textContent = ""; });
+  if (m.corpus && m.corpus.items) {
+    itemMode = true;
+    $("model").textContent += ": a model of a list; it gives new items";
+    $("prime-label").textContent = "Start of each item (optional)";
+    $("prime").style.height = "2.2rem";
+    $("length-label").textContent = "items";
+    if (!query.has("length")) $("length").value = "10";
+  }
+  if (query.has("go")) generate();
+}).catch(() => { $("model").textContent = ""; if (query.has("go")) generate(); });
 
 function status(text, isError) {
   $("status").textContent = text;
@@ -69,7 +85,40 @@ function body() {
   return b;
 }
 
+async function drawItems() {
+  const out = $("out");
+  out.textContent = "";
+  $("go").disabled = true;
+  status("drawing items...");
+  const b = { prime: $("prime").value, count: Number($("length").value),
+              temperature: Number($("temperature").value), top_k: Number($("top_k").value) };
+  if ($("seed").value !== "") b.seed = Number($("seed").value);
+  try {
+    const response = await fetch("/v1/items", { method: "POST", body: JSON.stringify(b),
+      headers: { "Content-Type": "application/json" } });
+    const d = await response.json();
+    if (!response.ok) { status(d.error, true); return; }
+    const list = document.createElement("ol");
+    for (const item of d.items) {
+      const li = document.createElement("li");
+      li.textContent = item.text;
+      if (!item.new) { li.className = "copy"; li.title = "already in the training list"; }
+      const lp = document.createElement("span");
+      lp.className = "lp"; lp.textContent = `${item.logprob.toFixed(2)} nats`;
+      li.appendChild(lp);
+      list.appendChild(li);
+    }
+    out.appendChild(list);
+    status(`${d.items.length} new items from ${d.drawn} drawn; ${d.copies_skipped} copies of the list skipped`);
+  } catch (err) {
+    status(String(err), true);
+  } finally {
+    $("go").disabled = false;
+  }
+}
+
 async function generate() {
+  if (itemMode) return drawItems();
   if (controller) controller.abort();
   controller = new AbortController();
   const out = $("out");
@@ -133,12 +182,9 @@ $("halt").addEventListener("click", () => controller && controller.abort());
 $("prime").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) generate();
 });
-// A link can fill the form and start: /?prime=ROMEO:&seed=1&length=200&go
-const query = new URLSearchParams(location.search);
 for (const name of ["prime", "length", "temperature", "top_k", "seed"]) {
   if (query.has(name)) $(name).value = query.get(name);
 }
-if (query.has("go")) generate();
 </script>
 </body>
 </html>
