@@ -253,6 +253,7 @@ class Trainer:
             self._last_rate = rate
             self.callback("step", {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr,
                                    "chars_per_s": rate, "elapsed_s": now - started, "progress": self._progress(),
+                                   "grad_norm": self._last_norm,
                                    "limits": self._limits()})
             if now - last_report > 2.0:
                 last_report, chars_since = now, 0
@@ -281,7 +282,7 @@ class Trainer:
         self.train_streams = make_streams(self.reshuffle(self.epoch), self.config.batch_size)
         self.my_streams = self.train_streams.select(self.my_rows)
 
-    _last_loss, _last_lr, _last_rate = math.nan, math.nan, 0.0
+    _last_loss, _last_lr, _last_rate, _last_norm = math.nan, math.nan, 0.0, math.nan
     # Stops that every process must agree on (a signal, a failure, rank 0's clock), in the step's reduce.
     _AGREED = ("interrupt", "error", "max_time")
 
@@ -309,9 +310,13 @@ class Trainer:
         loss = loss_sum * (self.dist.world / max(scored, 1))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        # the norm before clipping (what clip_grad_norm_ returns): metrics.jsonl reports it, since a norm far
+        # above --clip step after step tells a diverging run from a learning one; DDP's gradients, and so the
+        # norm, are the same on every process, hence the division before the sum
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip)
         bad = (~torch.isfinite(norm)).float()
-        packed = torch.stack([loss.detach().float() / self.dist.world, bad])  # (2,)
+        packed = torch.stack([loss.detach().float() / self.dist.world, bad,
+                              norm.detach().float() / self.dist.world])  # (3,)
         agreed = None
         if self.dist.enabled:
             flags = [float(local_stop == reason) for reason in self._AGREED]
@@ -324,7 +329,7 @@ class Trainer:
         value, nonfinite = values[0], values[1] > 0
         if self.dist.enabled:
             self.elapsed = values[-1]
-            agreed = next((reason for reason, flag in zip(self._AGREED, values[2:5]) if flag > 0), None)
+            agreed = next((reason for reason, flag in zip(self._AGREED, values[3:6]) if flag > 0), None)
         if agreed:
             return value, agreed
         if nonfinite or not math.isfinite(value):
@@ -332,6 +337,7 @@ class Trainer:
         self.optimizer.step()
         self.state = st.detach(state)  # truncated BPTT: the values carry on, the graph stops here
         self._last_loss, self._last_lr = value, self.optimizer.param_groups[0]["lr"]
+        self._last_norm = values[2]
         return value, None
 
     def _agreed_error(self) -> str:
@@ -382,7 +388,8 @@ class Trainer:
         record = {"step": self.step, "epoch": round(self.epoch + self.cursor / self.n_chunks, 4),
                   "chars": self.chars_seen,
                   "train_loss": train_loss, "val_loss": val, "bpc": val / math.log(2), "lr": lr,
-                  "chars_per_s": round(rate, 1), "elapsed_s": round(elapsed, 2), "val_chars": scored}
+                  "chars_per_s": round(rate, 1), "elapsed_s": round(elapsed, 2), "val_chars": scored,
+                  "grad_norm": self._last_norm}  # the latest step's, before clipping
         improved = val < self.best_val
         if improved:
             self.best_val, self.best_step, self.bad_evals = val, self.step, 0
@@ -403,7 +410,8 @@ class Trainer:
                 if not self.dist.enabled:
                     raise
                 self.error = str(exc)  # every process stops at the next step, with this message
-        self.callback("eval", {**record, "model": self.model})
+        # eval_s: this session's seconds evaluating and saving, this evaluation's included (trackers plot the share)
+        self.callback("eval", {**record, "model": self.model, "eval_s": self.eval_s + time.perf_counter() - began})
         self.model.train()  # a callback may have sampled from the model in eval mode
         cost = time.perf_counter() - began
         self.eval_s += cost
