@@ -11,14 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 from rich.console import Console
 from rich.markup import escape
 
 from charlm.cli.common import check
 from charlm.corpus import read_file
 from charlm.errors import CharlmError
-from charlm.runs import load_model, text_reading, training_corpus
+from charlm.runs import item_list, load_model, text_reading, training_corpus
 from charlm.vocab import describe_chars, unknown_message
 
 
@@ -47,7 +46,7 @@ class SampleRequest:
 
 
 def run_sample(r: SampleRequest, console: Console) -> None:
-    from charlm.sample import SampleConfig, Sampler
+    from charlm.sample import SampleConfig, stream_text
 
     check(r.length >= 1, f"--length must be at least 1, got {r.length}")
     check(r.greedy or (r.temperature > 0 and math.isfinite(r.temperature)),
@@ -96,15 +95,13 @@ def run_sample(r: SampleRequest, console: Console) -> None:
         if r.interactive:
             _interactive(model, vocab, prime, cfg, device, console)
             return
-        sampler = Sampler(model, vocab, cfg.num_samples, device, cfg.seed)
-        if prime:
-            sampler.feed(vocab.encode(prime))
         texts = [[prime] for _ in range(cfg.num_samples)]
         stream = cfg.num_samples == 1 and not r.as_json
         if stream:
             out.write(prime)
             out.flush()
-        for i, step in enumerate(sampler.generate(cfg)):
+        # The library samples (charlm.sample: the same text as sample_text, seed for seed); this writes it.
+        for i, step in enumerate(stream_text(model, vocab, prime, cfg, device)):
             for b, ch in enumerate(step):
                 texts[b].append(ch)
             if stream:
@@ -132,23 +129,19 @@ def run_sample(r: SampleRequest, console: Console) -> None:
 def _sample_items(r: SampleRequest, payload, model, vocab, prime, top_k, count, device, console) -> None:
     """An item model's answer: new items, one per line (or JSON; items of a list of files are separated by
     --separator), each starting with the prime."""
-    from charlm.items import Items, sample_items
+    from charlm.items import sample_items
 
     end = payload.get("corpus", {}).get("item_end", "\n")
     check(not r.greedy, "--greedy would give the same item every time; lower --temperature instead")
     check(end != "\n" or "\n" not in prime, "an item prime is the start of one item: it cannot hold a line break")
     try:
-        corpus = training_corpus(payload)
-        items = Items.from_ids(corpus.ids, vocab.chars.index(end))
-        longest = int(np.percentile(items.lengths_chars(), 99)) if len(items) else 0
-        known = set(items.strings(vocab.decode))
+        listed = item_list(payload, vocab)
+        known, max_length = listed.known, r.max_length or listed.max_length(r.min_length)
     except CharlmError as exc:
         if not r.allow_copies:
             raise CharlmError(f"{exc}: it is needed to leave out items already in the list; add "
                               "--allow-copies to sample without that check")
-        known, longest = set(), 0
-    # Unless given, the longest item kept: half again the length of 99% of the list's items (64 at least).
-    max_length = r.max_length or max(64, longest * 3 // 2, r.min_length)
+        known, max_length = set(), r.max_length or max(64, r.min_length)
     result = sample_items(model, vocab, count, known, prime, temperature=r.temperature, top_k=top_k, top_p=r.top_p,
                           min_length=max(r.min_length, len(prime) + 1 if prime else 1), max_length=max_length,
                           allow_copies=r.allow_copies, seed=r.seed, device=device, end=end)
