@@ -121,35 +121,58 @@ class Sampler:
         if self.logits is None:
             self.feed(self.vocab.encode(default_context(self.vocab)))
         chars = self.vocab.chars
-        done = [False] * self.batch
-        tails = [""] * self.batch
-        stop = cfg.stop or ""
+        stops = StopMatcher(cfg.stop, self.batch)
         for _ in range(cfg.length):
             ids = pick(self.logits, cfg, self.generator)  # (batch,)
             self.logits, self.state = self.model.step(ids, self.state)
-            out = []
-            for b, i in enumerate(ids.tolist()):
-                if done[b]:
-                    out.append("")
-                    continue
-                ch = chars[i]
-                out.append(ch)
-                if stop:
-                    tails[b] = (tails[b] + ch)[-len(stop):]
-                    done[b] = tails[b] == stop
-            yield out
-            if stop and all(done):
+            yield stops.add([chars[i] for i in ids.tolist()])
+            if stops.finished:
                 return
+
+
+class StopMatcher:
+    """Which of `rows` samples have produced the stop string: the one rule for `charlm sample`, the library's
+    sampler and the server's engine. Only generated characters count (a stop string in the prime ends
+    nothing), and a stop string may arrive across any number of steps: each row keeps its last len(stop)
+    characters. A row that has stopped shows "" from then on; the stop string itself is kept."""
+
+    def __init__(self, stop: Optional[str], rows: int):
+        self.stop = stop or ""
+        self.done = [False] * rows
+        self._tails = [""] * rows
+
+    def add(self, chars: List[str]) -> List[str]:
+        """One step's character per row -> what each row shows: its character, or "" once it has stopped."""
+        shown = []
+        for r, ch in enumerate(chars):
+            if self.done[r]:
+                shown.append("")
+                continue
+            shown.append(ch)
+            if self.stop:
+                self._tails[r] = (self._tails[r] + ch)[-len(self.stop):]
+                self.done[r] = self._tails[r] == self.stop
+        return shown
+
+    @property
+    def finished(self) -> bool:
+        """Every row has produced the stop string (never, without one)."""
+        return bool(self.stop) and all(self.done)
+
+
+def stream_text(model: CharRNN, vocab: Vocabulary, prime: str, cfg: SampleConfig, device="cpu") -> Iterator[List[str]]:
+    """sample_text a step at a time: each step's new character per sample ("" for a sample that has
+    stopped), the prime not included. What `charlm sample` streams to stdout as it is written."""
+    sampler = Sampler(model, vocab, cfg.num_samples, device, cfg.seed)
+    if prime:
+        sampler.feed(vocab.encode(prime))
+    yield from sampler.generate(cfg)
 
 
 def sample_text(model: CharRNN, vocab: Vocabulary, prime: str, cfg: SampleConfig, device="cpu") -> List[str]:
     """Whole samples, each starting with the prime: the library form of `charlm sample`."""
-    sampler = Sampler(model, vocab, cfg.num_samples, device, cfg.seed)
-    if prime:
-        sampler.feed(vocab.encode(prime))
     texts = [[prime] for _ in range(cfg.num_samples)]
-    for step in sampler.generate(cfg):
+    for step in stream_text(model, vocab, prime, cfg, device):
         for b, ch in enumerate(step):
             texts[b].append(ch)
     return ["".join(t) for t in texts]
-

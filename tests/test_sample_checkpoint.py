@@ -1,5 +1,6 @@
 """Sampling and checkpoints: primes lead, seeds repeat, files are safe to load and hard to damage."""
 
+import json
 import os
 import pickle
 import stat
@@ -71,6 +72,42 @@ def test_stop_string_ends_sample_early():
         model.decoder.weight.zero_()
     text = sample_text(model, vocab, "b", SampleConfig(length=100, stop="aa", seed=0))[0]
     assert text == "baa"
+
+
+def test_a_stop_string_arriving_over_several_steps_ends_that_row_and_shows_nothing_after():
+    from charlm.sample import StopMatcher
+
+    stops = StopMatcher("ab", rows=2)
+    assert stops.add(["a", "a"]) == ["a", "a"] and not stops.finished  # half of it, in both rows
+    assert stops.add(["b", "x"]) == ["b", "x"]  # row 0 completes it across two steps; row 1 broke it
+    assert stops.done == [True, False] and not stops.finished
+    assert stops.add(["a", "a"]) == ["", "a"]  # a stopped row shows nothing more
+    assert stops.add(["b", "b"]) == ["", "b"] and stops.finished
+    never = StopMatcher(None, rows=1)
+    assert [never.add(["a"]) for _ in range(3)] == [["a"]] * 3 and not never.finished
+
+
+def test_a_stop_string_in_the_prime_does_not_stop_the_sample():
+    model, vocab = tiny_model("ab")
+    with torch.no_grad():  # always "a": only generated characters count, so "aa" must be generated afresh
+        model.decoder.bias.copy_(torch.tensor([10.0, -10.0]))
+        model.decoder.weight.zero_()
+    assert sample_text(model, vocab, "baa", SampleConfig(length=100, stop="aa", seed=0)) == ["baaaa"]
+    assert sample_text(model, vocab, "ba", SampleConfig(length=100, stop="aa", seed=0)) == ["baaa"]
+
+
+def test_the_command_line_samples_what_the_library_samples_stop_included(runner, trained_run):
+    from charlm.runs import load_model
+    from conftest import invoke
+
+    _, model, vocab, _ = load_model(trained_run, "cpu")
+    for args, cfg in ((["--num-samples", "3", "--json"], dict(num_samples=3)), ([], {})):
+        want = sample_text(model, vocab, "the ", SampleConfig(length=150, seed=5, stop="fox", **cfg))
+        assert any(len(s) < len("the ") + 150 for s in want)  # the stop string did end a sample early
+        got = invoke(runner, "sample", "-c", trained_run, "--prime", "the ", "-n", "150", "--seed", "5",
+                     "--stop", "fox", *args)
+        assert got.exit_code == 0, got.stderr
+        assert (json.loads(got.stdout)["samples"] if args else [got.stdout.removesuffix("\n")]) == want
 
 
 def payload_for(model, vocab):

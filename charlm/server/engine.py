@@ -36,7 +36,7 @@ import torch
 
 from charlm import state as st
 from charlm.model import CharRNN
-from charlm.sample import SampleConfig, default_context, distribution, pick
+from charlm.sample import SampleConfig, StopMatcher, default_context, distribution, pick
 from charlm.vocab import Vocabulary
 
 # Text events are handed over at most this often (plus at once for a request's first characters and its
@@ -72,8 +72,7 @@ class Job:
     logits: Optional[torch.Tensor] = None  # (rows, V)
     warmed: int = 0  # prime characters read so far
     steps: int = 0
-    done: List[bool] = field(default_factory=list)
-    tails: List[str] = field(default_factory=list)
+    stops: Optional[StopMatcher] = None  # which rows have produced cfg.stop (the rule `charlm sample` uses)
     chars: int = 0
 
     def cancel(self) -> None:
@@ -207,7 +206,7 @@ class Engine:
                 job.state = self.model.init_state(job.rows, self.device)
                 if len(job.prime_ids) == 0:  # no prime: start after the default context, as `charlm sample`
                     job.prime_ids = self._context
-                job.done, job.tails = [False] * job.rows, [""] * job.rows
+                job.stops = StopMatcher(job.cfg.stop, job.rows)
                 self._warming.append(job)
 
     def _advance_warming(self) -> None:
@@ -301,22 +300,12 @@ class Engine:
         chars = self.vocab.chars
         flat, at, finished = ids.tolist(), 0, []
         for job in self._active:
-            deltas = []
-            stop = job.cfg.stop or ""
-            for r, i in enumerate(flat[at: at + job.rows]):
-                if job.done[r]:
-                    deltas.append("")
-                    continue
-                ch = chars[i]
-                deltas.append(ch)
-                job.chars += 1
-                if stop:
-                    job.tails[r] = (job.tails[r] + ch)[-len(stop):]
-                    job.done[r] = job.tails[r] == stop
+            deltas = job.stops.add([chars[i] for i in flat[at: at + job.rows]])
+            job.chars += sum(1 for d in deltas if d)
             at += job.rows
             job.steps += 1
             self._emit(job, "text", deltas)
-            if job.steps >= job.cfg.length or all(job.done):
+            if job.steps >= job.cfg.length or job.stops.finished:
                 finished.append(job)
         if finished:
             for job in finished:
@@ -387,7 +376,7 @@ class Engine:
         return torch.cat(kept_ids)
 
     def _finish(self, job: Job) -> None:
-        reason = "stop" if job.cfg.stop and all(job.done) else "length"
+        reason = "stop" if job.stops is not None and job.stops.finished else "length"
         self._emit(job, "done", {"finish_reason": reason, "chars": job.chars})
 
 
