@@ -444,6 +444,15 @@ def load_corpus(paths, vocab: Optional[Vocabulary] = None, encoding: str = "utf-
                         separator, progress=progress)
 
 
+def read_vocab(paths, encoding: str = "utf-8", keep_crlf: bool = False,
+               separator: str = DOC_SEPARATOR) -> Vocabulary:
+    """The vocabulary load_corpus would find in these files (a read, nothing written): what --init-from
+    compares with the model's own before encoding the text under one or the other (grow.py)."""
+    inputs = list(paths) if isinstance(paths, (list, tuple)) else [paths]
+    sources = [_Source(str(f), path=f) for f in expand_inputs(inputs)]
+    return _collect_vocab(sources, encoding, keep_crlf, separator)[0]
+
+
 def decode_corpus(raw: bytes, path, vocab: Optional[Vocabulary] = None, encoding: str = "utf-8",
                   keep_crlf: bool = False, unknown: str = "error", sha: Optional[str] = None) -> CorpusText:
     """Bytes already in memory -> ids in memory (no files): the same decoding and checks as load_corpus."""

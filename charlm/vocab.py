@@ -60,6 +60,11 @@ class Vocabulary:
     def __eq__(self, other) -> bool:
         return isinstance(other, Vocabulary) and other.chars == self.chars
 
+    def with_chars(self, extra) -> "Vocabulary":
+        """This vocabulary and the characters of `extra`, sorted: what a fine-tuned model grows into
+        (grow.py moves each old character's weights to its position here)."""
+        return Vocabulary("".join(sorted(set(self.chars) | set(extra))))
+
     def id_dtype(self):
         """The narrowest integer type that holds every id: 1 byte per character for most corpora, 2 for
         nearly all others (65,536 distinct characters), 4 beyond."""
