@@ -190,7 +190,7 @@ def _screen_lines(console) -> list:
 def test_previews_show_tabs_as_symbols_within_the_terminal(width):
     from rich.cells import cell_len
 
-    from charlm.cli.train import preview_fn
+    from charlm.cli.train_report import preview_fn
     from charlm.cli.display import TrainDisplay
 
     vocab = Vocabulary("\t\n\x0b ab")  # an untrained model over tab-heavy text: its samples are full of tabs
@@ -216,7 +216,7 @@ def testend_summary_fits_the_terminal_and_keeps_the_command_whole(width, tmp_pat
 
     from rich.cells import cell_len
 
-    from charlm.cli.train import end_summary
+    from charlm.cli.train_report import end_summary
 
     corpus = "/home/someone/Documents/manuals/the software manual, second edition (2024)/full text.txt"
     monkeypatch.chdir(tmp_path)
