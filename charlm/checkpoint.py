@@ -4,7 +4,8 @@ Contents (FORMAT 1): format, charlm_version, model_config, train_config, vocab (
 string), model (state_dict), optimizer (state_dict), step, epoch, cursor (next chunk), carried_state (list of
 tensors), rng (torch generator states), elapsed_s, best_val_loss, best_step, bad_evals, metrics (one dict
 per evaluation) and corpus (path, sha256, chars). Loading uses torch.load(weights_only=True), which refuses
-anything that would run code when unpickled.
+anything that would run code when unpickled. `load` also reads a model exported as a safetensors folder
+(hub.py), so that every command taking a checkpoint takes one.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from charlm import __version__
+from charlm import __version__, hub
 from charlm.errors import CharlmError
 from charlm.files import replacing
 
@@ -42,7 +43,8 @@ def resolve(path, prefer: str = BEST) -> Path:
         for name in (prefer, LAST if prefer == BEST else BEST):
             if (p / name).is_file():
                 return p / name
-        raise CharlmError(f"{p} holds no checkpoint ({BEST} or {LAST}); train into it first, or pick a run dir")
+        raise CharlmError(f"{p} holds no checkpoint ({BEST} or {LAST}) or exported model (config.json, "
+                          "model.safetensors); train into it first, or pick a run dir")
     if not p.exists():
         raise CharlmError(f"{p}: no such checkpoint file or run directory")
     return p
@@ -60,7 +62,12 @@ def latest_run(root="checkpoints") -> Path:
 
 
 def load(path, prefer: str = BEST, map_location="cpu") -> dict:
-    """Read and validate a checkpoint; a CharlmError for anything missing, torn, foreign or unsafe."""
+    """Read and validate a checkpoint, or an exported safetensors folder (hub.py: the same entries but the
+    training state); a CharlmError for anything missing, torn, foreign or unsafe."""
+    p = Path(path)
+    # every command taking -c reads a folder through here; a run directory's own checkpoints come first
+    if hub.is_folder(p) and not (p / BEST).is_file() and not (p / LAST).is_file():
+        return hub.read_folder(p)
     file = resolve(path, prefer)
     try:
         payload = torch.load(file, map_location=map_location, weights_only=True)

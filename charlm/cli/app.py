@@ -421,23 +421,32 @@ def serve(
 def export(
     run: Annotated[Optional[Path], typer.Argument(help="A checkpoint file or run directory \\[default: the newest "
                                                   "run].", show_default=False)] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="The file to write: .onnx (ONNX, needs pip "
-                                         "install 'charlm\\[export]') or .pt2 (torch.export).",
-                                         rich_help_panel=OUTPUT)] = Path("model.onnx"),
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="The file to write: .onnx (ONNX, needs "
+                                                   "pip install 'charlm\\[export]') or .pt2 (torch.export); the "
+                                                   "folder for --format safetensors \\[default: model.onnx; model/].",
+                                                   rich_help_panel=OUTPUT, show_default=False)] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="onnx, pt2 or safetensors (a folder others load: "
+                                               "model.safetensors, config.json, README.md; needs pip install "
+                                               "'charlm\\[hub]') \\[default: from the -o suffix].",
+                                               rich_help_panel=OUTPUT, show_default=False)] = None,
     check: Annotated[bool, typer.Option("--check", help="Run the file (onnxruntime for .onnx) and compare "
-                                        "sampled steps with the model's own.", rich_help_panel=OUTPUT)] = False,
+                                        "sampled steps with the model's own; a folder: read its weights back "
+                                        "and compare them bit for bit.", rich_help_panel=OUTPUT)] = False,
     steps: Annotated[int, typer.Option(help="Sampled steps --check compares.", rich_help_panel=OUTPUT)] = 200,
 ):
     """Write the model's one-step cell (state as explicit inputs and outputs, vocabulary in the metadata)
-    for use without charlm: ONNX for onnxruntime in any language, or a torch.export program.
+    for use without charlm: ONNX for onnxruntime in any language, or a torch.export program. Or share the
+    model: --format safetensors writes the weights, config.json and a model card into a folder that every
+    command's -c loads.
 
     [bold]Examples[/bold]:
       charlm export checkpoints/corpus -o model.onnx --check
       charlm export checkpoints/corpus -o model.pt2
+      charlm export checkpoints/corpus -o corpus-gru --format safetensors
     """
     from charlm.cli.export import run_export
 
-    run_export(run, output, check, steps, "cpu", err)
+    run_export(run, output, check, steps, "cpu", err, fmt)
 
 
 def _usage_errors() -> tuple:

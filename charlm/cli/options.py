@@ -10,7 +10,8 @@ import typer
 DATA, MODEL, TRAIN, SAMPLING, OUTPUT, RUN = "Data", "Model", "Training", "Sampling", "Output", "Runtime"
 
 CheckpointOpt = Annotated[Optional[Path], typer.Option(
-    "--checkpoint", "-c", help="A checkpoint file or run directory \\[default: the newest run under ./checkpoints].",
+    "--checkpoint", "-c", help="A checkpoint file, run directory or exported safetensors folder \\[default: the "
+    "newest run under ./checkpoints].",
     rich_help_panel=DATA)]
 DeviceOpt = Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.", rich_help_panel=RUN)]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed: the same seed gives the same result.",
