@@ -17,7 +17,7 @@ window of every length. The answer is checked character by character at the end.
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
@@ -64,19 +64,28 @@ def _member(hashes: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     return maybe[np.isin(hashes[maybe], wanted)]
 
 
-def longest_copies(corpus: np.ndarray, samples: List[np.ndarray]) -> List[Tuple[int, int]]:
+def longest_copies(corpus: np.ndarray, samples: List[np.ndarray],
+                   progress: Optional[Callable[[int, int], None]] = None) -> List[Tuple[int, int]]:
     """For each sample (ids under the corpus's vocabulary), (start in the sample, length) of its longest
-    stretch that appears verbatim in corpus. Length 0 when not even one character does."""
+    stretch that appears verbatim in corpus. Length 0 when not even one character does. progress(done, total)
+    is called after each chunk of the corpus, in corpus characters scanned; a sample that shares no stretch
+    of _SEED characters with the corpus needs another scan per shorter length, which adds to the total."""
     longest = max((len(s) for s in samples), default=0)
     if longest == 0 or len(corpus) == 0:
         return [(0, 0) for _ in samples]
+    scans = [0]  # passes over the corpus begun so far
+
+    def scanned(at: int) -> None:
+        if progress is not None:
+            progress((scans[0] - 1) * len(corpus) + at, scans[0] * len(corpus))
+
     span = _CHUNK + longest + 1
     inv_pows, pows = _powers(_INV, span), _powers(_BASE, span)
     hashers = [_Hasher(np.asarray(s), inv_pows, pows) for s in samples]
     # First look only for stretches of at least _SEED characters (short ones match nearly everywhere, which
     # would make every position a candidate); only a sample with none at all is scanned again from 1.
     best = [(0, min(_SEED, len(s)) - 1, 0) if len(s) else (0, 0, 0) for s in samples]
-    best = _scan(corpus, samples, hashers, best, inv_pows, pows, longest)
+    best = _scan(corpus, samples, hashers, best, inv_pows, pows, longest, scans, scanned)
     best = [b if b[1] >= min(_SEED, len(s)) else (0, 0, 0) for b, s in zip(best, samples)]  # found nothing
     # A sample with none at all: look for each shorter length in turn, longest first (one scan each).
     done = [b[1] > 0 for b in best]
@@ -85,7 +94,7 @@ def longest_copies(corpus: np.ndarray, samples: List[np.ndarray]) -> List[Tuple[
         if not again:
             continue
         redo = _scan(corpus, [samples[k] for k in again], [hashers[k] for k in again],
-                     [(0, length - 1, 0)] * len(again), inv_pows, pows, longest)
+                     [(0, length - 1, 0)] * len(again), inv_pows, pows, longest, scans, scanned)
         for k, b in zip(again, redo):
             if b[1] >= length:
                 best[k], done[k] = b, True
@@ -96,14 +105,16 @@ def longest_copies(corpus: np.ndarray, samples: List[np.ndarray]) -> List[Tuple[
     return out
 
 
-def _scan(corpus, samples, hashers, best, inv_pows, pows, longest) -> list:
+def _scan(corpus, samples, hashers, best, inv_pows, pows, longest, scans, scanned) -> list:
     best = list(best)
+    scans[0] += 1
     for a in range(0, len(corpus), _CHUNK):
         piece = np.asarray(corpus[a : a + _CHUNK + longest])  # the overlap lets any window start in the chunk
         starts_here = min(_CHUNK, len(piece))
         chunk = _Hasher(piece, inv_pows, pows)
         for k, (h, s) in enumerate(zip(hashers, samples)):
             best[k] = _grow(chunk, a, starts_here, h, len(s), best[k])
+        scanned(a + starts_here)
     return best
 
 

@@ -56,12 +56,15 @@ def test_score_summary_of_a_large_file_says_what_it_scores_on_stderr_only(runner
 
 
 def test_score_summary_on_a_terminal_draws_a_bar_that_reaches_the_end(runner, trained_run, tmp_path, monkeypatch):
+    import importlib
+
     from rich.console import Console
 
-    from charlm.cli import app, display
+    from charlm.cli import display
 
+    commands = importlib.import_module("charlm.cli.app")  # the module (charlm.cli.app is also the Typer app)
     screen = io.StringIO()
-    monkeypatch.setattr(app, "err", Console(file=screen, force_terminal=True, width=100))
+    monkeypatch.setattr(commands, "err", Console(file=screen, force_terminal=True, width=100))
     monkeypatch.setattr(display, "ANNOUNCE_CHARS", 1000)
     result = invoke(runner, "score", _held_out(tmp_path), "-c", trained_run, "--summary")
     assert result.exit_code == 0, screen.getvalue()

@@ -258,9 +258,9 @@ def evaluate(
 
     [bold]Example[/bold]: charlm eval held_out.txt --checkpoint checkpoints/corpus --json
     """
-    from charlm.cli.eval import run_eval
+    from charlm.cli.eval import EvalRequest, run_eval
 
-    run_eval(corpus, checkpoint, encoding, unknown, streams, as_json, device, err, keep_crlf, max_chars)
+    run_eval(EvalRequest(**{k: v for k, v in locals().items() if k in EvalRequest.__dataclass_fields__}), err)
 
 
 @app.command()
@@ -343,13 +343,10 @@ def score(
       cat notes.txt | charlm score - --summary
       charlm score candidates.txt -c checkpoints/names --rank
     """
-    if rank:
-        from charlm.cli.score import run_rank
+    from charlm.cli.score import ScoreRequest, run_rank, run_score
 
-        return run_rank(path, checkpoint, encoding, keep_crlf, unknown, as_json, device, err)
-    from charlm.cli.score import run_score
-
-    run_score(path, checkpoint, encoding, keep_crlf, unknown, streams, top, summary, as_json, device, err)
+    request = ScoreRequest(**{k: v for k, v in locals().items() if k in ScoreRequest.__dataclass_fields__})
+    (run_rank if rank else run_score)(request, err)
 
 
 @app.command()
@@ -382,9 +379,10 @@ def explain(
       charlm explain --file code.py --neurons
       charlm explain --file code.py --unit 37
     """
-    from charlm.cli.explain import run_explain
+    from charlm.cli.explain import ExplainRequest, run_explain
 
-    run_explain(text, file, checkpoint, encoding, keep_crlf, unknown, html, neurons, list(unit or []), device, err)
+    units = list(unit or [])
+    run_explain(ExplainRequest(**{k: v for k, v in locals().items() if k in ExplainRequest.__dataclass_fields__}), err)
 
 
 

@@ -226,15 +226,16 @@ ANNOUNCE_CHARS = 1_000_000
 
 
 @contextlib.contextmanager
-def pass_progress(console: Console, what: str, chars: int):
+def pass_progress(console: Console, what: str, chars: int, unit: str = "characters"):
     """progress(done, total) for a long pass: a permanent line saying what is scored (piped too), and a
-    transient bar with its rate and ETA on a terminal. Short passes say nothing."""
+    transient bar with its rate and ETA on a terminal. Short passes say nothing. `unit` names what chars
+    counts (a file read as it is scored is measured in bytes: its characters are not known in advance)."""
     if chars < ANNOUNCE_CHARS:
         yield None
         return
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    console.print(f"{what}: {chars:,} characters", highlight=False)
+    console.print(f"{what}: {chars:,} {unit}", highlight=False)
     if not console.is_terminal:
         yield None
         return

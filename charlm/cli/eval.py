@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -19,18 +20,32 @@ from charlm.errors import CharlmError
 from charlm.runs import load_model, text_reading
 
 
-def run_eval(corpus: Path, checkpoint, encoding, unknown, streams, as_json, device_name, console: Console,
-             keep_crlf: Optional[bool] = None, max_chars: Optional[int] = None) -> None:
+@dataclass
+class EvalRequest:
+    """`charlm eval` as typed: cli/app.py builds one from the options."""
+    corpus: Path
+    checkpoint: Optional[Path]
+    encoding: Optional[str]  # None: as the model's training text was read
+    unknown: str  # "error" or "skip"
+    streams: int
+    as_json: bool
+    device: str
+    keep_crlf: Optional[bool] = None  # None: as the model's training text was read
+    max_chars: Optional[int] = None  # score an even sample of this many characters
+
+
+def run_eval(r: EvalRequest, console: Console) -> None:
     from charlm.corpus import load_corpus
     from charlm.evaluation import evaluate_text
 
+    corpus, unknown, streams, max_chars = r.corpus, r.unknown, r.streams, r.max_chars
     check(unknown in ("error", "skip"), f"--unknown must be error or skip, got {unknown!r}")
     check(streams >= 1, f"--streams must be at least 1, got {streams}")
     check(max_chars is None or max_chars >= 1, f"--max-chars must be at least 1, got {max_chars}")
-    payload, model, vocab, device = load_model(checkpoint, device_name)
+    payload, model, vocab, device = load_model(r.checkpoint, r.device)
     info = payload.get("corpus", {})
     end = info.get("item_end", "\n")  # an item model: each line an item, or each file of a list of files
-    encoding, keep_crlf = text_reading(payload, encoding, keep_crlf)
+    encoding, keep_crlf = text_reading(payload, r.encoding, r.keep_crlf)
     text = load_corpus(corpus, vocab, encoding, keep_crlf, unknown=unknown,
                        separator=info.get("separator", DOC_SEPARATOR))
     if text.chars < 2:
@@ -50,7 +65,7 @@ def run_eval(corpus: Path, checkpoint, encoding, unknown, streams, as_json, devi
         chars = sum(len(x) + 1 for x in lines)
         report["items"] = {"count": len(lines), "nats_per_item": float(-scores.mean()) if len(lines) else None,
                            "nats_per_char": float(-scores.sum() / max(chars, 1))}
-    if as_json:
+    if r.as_json:
         sys.stdout.write(json.dumps(report) + "\n")
         return
     table = Table(show_header=False, box=None)

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 from rich.console import Console
@@ -30,16 +31,30 @@ UNIT_EXCERPT = 400
 ONE_UNIT_EXCERPT = 2000
 
 
-def run_explain(text: Optional[str], file: Optional[Path], checkpoint, encoding: Optional[str],
-                keep_crlf: Optional[bool], unknown: str, html: Optional[Path], neurons: bool, units: list,
-                device_name: str, console: Console) -> None:
+@dataclass
+class ExplainRequest:
+    """`charlm explain` as typed: cli/app.py builds one from the options."""
+    text: Optional[str]  # the text itself, or
+    file: Optional[Path]  # a file to read it from
+    checkpoint: Optional[Path]
+    encoding: Optional[str]  # None: as the model's training text was read
+    keep_crlf: Optional[bool]  # None: as the model's training text was read
+    unknown: str  # "error" or "skip"
+    html: Optional[Path]  # write a page instead of printing
+    neurons: bool
+    units: List[int] = field(default_factory=list)  # --unit, in the order given
+    device: str = "auto"
+
+
+def run_explain(r: ExplainRequest, console: Console) -> None:
     from charlm import neurons as nr
     from charlm.score import ScoreChunk, Summary, default_context_id, score_ids
 
+    text, file, unknown, html, neurons, units = r.text, r.file, r.unknown, r.html, r.neurons, list(r.units)
     check((text is None) != (file is None), "give the text to explain as an argument or --file F (one of them)")
     check(unknown in ("error", "skip"), f"--unknown must be error or skip, got {unknown!r}")
-    payload, model, vocab, device = load_model(checkpoint, device_name)
-    encoding, keep_crlf = text_reading(payload, encoding, keep_crlf)
+    payload, model, vocab, device = load_model(r.checkpoint, r.device)
+    encoding, keep_crlf = text_reading(payload, r.encoding, r.keep_crlf)
     if file is not None:
         source, name = open_source(str(file))
         text = "".join(read_text(source, name, encoding, keep_crlf))

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from charlm.cli.common import check
+from charlm.cli.display import pass_progress
 from charlm.corpus import read_file
 from charlm.errors import CharlmError
 from charlm.runs import item_list, load_model, text_reading, training_corpus
@@ -176,8 +177,9 @@ def _report_novelty(payload, samples, prime, console, vocab) -> None:
     except CharlmError as exc:
         raise CharlmError(f"--novelty cannot say what was copied: {exc}")
     generated = [text[len(prime):] for text in samples]
-    found = longest_copies(corpus.ids, [vocab.encode(g) for g in generated])
     name = Path(info.get("path", "corpus")).name
+    with pass_progress(console, f"novelty: searching {name}", len(corpus.ids)) as bar:
+        found = longest_copies(corpus.ids, [vocab.encode(g) for g in generated], progress=bar)
     for i, (text, (start, length)) in enumerate(zip(generated, found)):
         copied = text[start : start + length]
         label = f"sample {i + 1}: " if len(samples) > 1 else ""

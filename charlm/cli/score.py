@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -18,11 +19,26 @@ from rich.table import Table
 
 from charlm.cli.common import check
 from charlm.corpus import read_text
-from charlm.cli.display import visible
+from charlm.cli.display import pass_progress, visible
 from charlm.errors import CharlmError
 from charlm.runs import load_model, text_reading
 from charlm.vocab import unknown_message
 
+
+@dataclass
+class ScoreRequest:
+    """`charlm score` as typed: cli/app.py builds one from the options; --rank reads the fields it needs."""
+    path: str  # a file, or "-" for stdin
+    checkpoint: Optional[Path]
+    encoding: Optional[str]  # None: as the model's training text was read
+    keep_crlf: Optional[bool]  # None: as the model's training text was read
+    unknown: str  # "error" or "skip"
+    summary: bool
+    top: int
+    streams: int
+    as_json: bool
+    device: str
+    rank: bool = False
 
 
 # ============================================================================================== reading
@@ -58,17 +74,17 @@ def open_source(path: str):
 
 
 # ============================================================================================== score
-def run_score(path: str, checkpoint, encoding: Optional[str], keep_crlf: Optional[bool], unknown: str, streams: int,
-              top: int, summary: bool, as_json: bool, device_name: str, console: Console) -> None:
+def run_score(r: ScoreRequest, console: Console) -> None:
     from charlm.score import Summary, default_context_id, score_ids
 
+    path, unknown, streams, top, summary = r.path, r.unknown, r.streams, r.top, r.summary
     check(unknown in ("error", "skip"), f"--unknown must be error or skip, got {unknown!r}")
     check(streams >= 1, f"--streams must be at least 1, got {streams}")
     check(top >= 0, f"--top must be 0 or more, got {top}")
-    check(not (as_json and not summary), "--json goes with --summary (the per-character output is JSON lines "
+    check(not (r.as_json and not summary), "--json goes with --summary (the per-character output is JSON lines "
            "already)")
-    payload, model, vocab, device = load_model(checkpoint, device_name)
-    encoding, keep_crlf = text_reading(payload, encoding, keep_crlf)
+    payload, model, vocab, device = load_model(r.checkpoint, r.device)
+    encoding, keep_crlf = text_reading(payload, r.encoding, r.keep_crlf)
     source, name = open_source(path)
     # stdin is scored in one stream, as it arrives (a pipe's reader sees results before the input ends);
     # a file in parallel warmed streams like eval's.
@@ -78,37 +94,43 @@ def run_score(path: str, checkpoint, encoding: Optional[str], keep_crlf: Optiona
     tally = Summary(vocab)
     out = sys.stdout
     quoted = [json.dumps(c, ensure_ascii=False) for c in vocab.chars]  # each character as a JSON string, once
+    # --summary on a large file: nothing reaches stdout until the end, so stderr says what is being scored
+    # (in bytes: the characters are counted as they are read). Per-character output shows its own progress.
+    size = Path(path).stat().st_size if summary and path != "-" else 0
     try:
-        for chunk in chunks:
-            tally.update(chunk)
-            if not summary:
-                out.write(json_lines(chunk, quoted))
+        with pass_progress(console, "scoring", size, unit="bytes") as bar:
+            for chunk in chunks:
+                tally.update(chunk)
+                if not summary:
+                    out.write(json_lines(chunk, quoted))
+                elif bar is not None:
+                    bar(source.tell(), size)
         if source is not sys.stdin.buffer:
             source.close()
         if tally.chars == 0:
             raise CharlmError(f"{name} has no characters the model knows; nothing to score")
         if summary:
-            _print_summary(tally.result(), payload["path"], as_json, out)
+            _print_summary(tally.result(), payload["path"], r.as_json, out)
         out.flush()
     except BrokenPipeError:  # `charlm score f | head`: the reader left; nothing more to say
         sys.stderr.close()
         raise SystemExit(0)
 
 
-def run_rank(path: str, checkpoint, encoding: Optional[str], keep_crlf: Optional[bool], unknown: str, as_json: bool,
-             device_name: str, console: Console) -> None:
+def run_rank(r: ScoreRequest, console: Console) -> None:
     """Candidate items, one per line, from the most to the least likely under the model: each scored as
     sampling writes an item, from the start of an item through its closing line break (charlm.items), and
     ordered by nats per character so that long and short candidates compare fairly."""
     from charlm.items import score_items
 
+    unknown = r.unknown
     check(unknown in ("error", "skip"), f"--unknown must be error or skip, got {unknown!r}")
-    payload, model, vocab, device = load_model(checkpoint, device_name)
+    payload, model, vocab, device = load_model(r.checkpoint, r.device)
     check("\n" in vocab, "this model has never seen a line break, so it has no items to rank")
     check("item_end" not in payload.get("corpus", {}), "this model's items are whole files; --rank ranks "
            "candidates one per line, so it needs a model of a list of lines")
-    encoding, keep_crlf = text_reading(payload, encoding, keep_crlf)
-    source, name = open_source(path)
+    encoding, keep_crlf = text_reading(payload, r.encoding, r.keep_crlf)
+    source, name = open_source(r.path)
     text = "".join(read_text(source, name, encoding, keep_crlf))
     if source is not sys.stdin.buffer:
         source.close()
@@ -126,7 +148,7 @@ def run_rank(path: str, checkpoint, encoding: Optional[str], keep_crlf: Optional
     per_char = [-s / (len(x) + 1) for s, x in zip(scores, lines)]
     order = sorted(range(len(lines)), key=lambda i: per_char[i])
     out = sys.stdout
-    if as_json:
+    if r.as_json:
         out.write(json.dumps([{"item": lines[i], "logprob": round(float(scores[i]), 4),
                                "nats_per_char": round(per_char[i], 4)} for i in order], ensure_ascii=False) + "\n")
     else:
