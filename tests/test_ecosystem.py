@@ -141,3 +141,97 @@ def test_export_to_a_file_name_with_format_safetensors_is_refused(runner, traine
     pytest.importorskip("safetensors", reason="safetensors folders need the hub extra")
     result = invoke(runner, "export", trained_run, "-o", tmp_path / "model.onnx", "--format", "safetensors")
     assert result.exit_code == 2 and "folder" in result.stderr and not (tmp_path / "model.onnx").exists()
+
+
+# ------------------------------------------------------------------------------------------ TensorBoard
+def events(run):
+    """What TensorBoard shows for the run, {tag: [(step, value)]} (a float, or the text), and the hparams plugin's
+    content: its one event directory read by TensorBoard's own reader (the one its plugins use, which applies
+    a resumed writer's purge_step to every kind of data)."""
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
+
+    found = EventAccumulator(str(run / "tensorboard"), size_guidance={"tensors": 0})
+    found.Reload()
+    out = {}
+    for tag in found.Tags()["tensors"]:
+        if tag.startswith("_hparams_/"):  # the HParams tab's entries: plugin content, no values
+            continue
+        values = [(e.step, tensor_util.make_ndarray(e.tensor_proto)) for e in found.Tensors(tag)]
+        out[tag] = [(step, v.item() if v.dtype.kind == "f" else v.reshape(-1)[0].decode()) for step, v in values]
+    return out, found.PluginTagToContent("hparams")
+
+
+def tb_train(runner, corpus, out, *extra):
+    pytest.importorskip("tensorboard", reason="--log tensorboard needs the extra: pip install 'charlm[tensorboard]'")
+    args = [a for a in TINY if a != "--no-preview"]  # the previews go in as text
+    result = invoke(runner, "train", corpus, "--out", out, "--eval-every", "20", "--no-items", "--log", "tensorboard",
+                    *args, *extra)
+    assert result.exit_code == 0, result.stderr
+    return result
+
+
+def test_tensorboard_shows_the_run(runner, tmp_path, one_thread):
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    corpus = tmp_path / "words.txt"
+    corpus.write_text(word_text(300), encoding="utf-8")
+    run = tmp_path / "checkpoints" / "words"
+    tb_train(runner, corpus, run, "--max-steps", "40")
+    assert [p.name for p in run.iterdir() if p.is_dir()] == ["tensorboard"]
+    assert all(p.is_file() for p in (run / "tensorboard").iterdir())  # one run, no sub-runs for hparams
+    found, hparams = events(run)
+    for tag in ("train/loss", "train/grad_norm", "train/lr", "train/chars_per_s", "val/loss", "val/bpc",
+                "time/eval_share", "val/final_loss", "preview/text_summary", "config/text_summary"):
+        assert tag in found, tag
+    records = metrics(run)  # the source of truth: the event files show the same evaluations
+    assert [step for step, _ in found["val/loss"]] == [r["step"] for r in records] == [20, 40]
+    assert [v for _, v in found["val/loss"]] == pytest.approx([r["val_loss"] for r in records], rel=1e-6)
+    assert [v for _, v in found["val/bpc"]] == pytest.approx([r["bpc"] for r in records], rel=1e-6)
+    train = [step for step, _ in found["train/loss"]]
+    assert train == sorted(set(train)) and train[-1] == 40 and 0 < len(train) <= 40
+    assert all(math.isfinite(v) and v > 0 for _, v in found["train/grad_norm"])
+    assert all(0 < v < 1 for _, v in found["time/eval_share"])
+    assert [step for step, _ in found["preview/text_summary"]] == [20, 40] and "T=0.5:" in found["preview/text_summary"][0][1]
+    config = found["config/text_summary"][0][1]
+    assert "| model/hidden | 48 |" in config and "| corpus/name | words.txt |" in config
+    start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["model/hidden"].number_value == 48 and start.hparams["train/batch_size"].number_value == 16
+    # --force trains a new run in its place: the old run's curves go with its checkpoints
+    tb_train(runner, corpus, run, "--max-steps", "20", "--force", "--lr", "1e-2")
+    found, _ = events(run)
+    assert [step for step, _ in found["val/loss"]] == [20] and max(s for s, _ in found["train/loss"]) == 20
+    assert found["val/loss"][0][1] == pytest.approx(metrics(run)[0]["val_loss"], rel=1e-6)
+
+
+def test_a_resumed_run_appends_without_a_duplicated_step(runner, tmp_path, one_thread):
+    corpus = tmp_path / "words.txt"
+    corpus.write_text(word_text(300), encoding="utf-8")
+    run = tmp_path / "run"
+    tb_train(runner, corpus, run, "--max-steps", "40")
+    at_40 = (run / "last.pt").read_bytes()
+    tb_train(runner, corpus, run, "--max-steps", "60", "--resume")
+    # as after a crash at step 60 that lost the steps since the checkpoint at 40: they were logged already
+    (run / "last.pt").write_bytes(at_40)
+    tb_train(runner, corpus, run, "--max-steps", "60", "--resume")
+    found, _ = events(run)
+    for tag in ("train/loss", "train/grad_norm", "val/loss", "val/bpc", "preview/text_summary"):
+        steps = [step for step, _ in found[tag]]
+        assert steps == sorted(set(steps)), f"{tag}: a step twice or out of order: {steps}"
+    assert [step for step, _ in found["val/loss"]] == [r["step"] for r in metrics(run)] == [20, 40, 60]
+    assert [step for step, _ in found["preview/text_summary"]] == [20, 40, 60]
+    assert max(step for step, _ in found["train/loss"]) == 60
+
+
+def test_tensorboard_missing_is_one_line_before_anything_is_written(runner, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as where the package is not installed
+    corpus = tmp_path / "words.txt"
+    corpus.write_text(word_text(100), encoding="utf-8")
+    result = invoke(runner, "train", corpus, "--out", tmp_path / "run", "--max-steps", "5", "--log", "tensorboard",
+                    *TINY)
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert "pip install 'charlm[tensorboard]'" in result.stderr and not (tmp_path / "run").exists()
+    result = invoke(runner, "train", corpus, "--out", tmp_path / "run", "--log", "wandb", *TINY)
+    assert result.exit_code == 2 and "--log must be tensorboard" in result.stderr

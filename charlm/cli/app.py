@@ -158,6 +158,10 @@ def train(
                                         rich_help_panel=OUTPUT)] = False,
     preview: Annotated[bool, typer.Option(help="Show a short sample at every evaluation.",
                                           rich_help_panel=OUTPUT)] = True,
+    log: Annotated[Optional[str], typer.Option(help="tensorboard: also write TensorBoard event files into "
+                                               "RUN/tensorboard/ (needs pip install 'charlm\\[tensorboard]'); "
+                                               "`tensorboard --logdir checkpoints` shows every run.",
+                                               rich_help_panel=OUTPUT, show_default=False)] = None,
 ):
     """Train a model on a text file; checkpoints go to checkpoints/<name>/{best.pt,last.pt,metrics.jsonl}.
 

@@ -4,6 +4,7 @@ command-line layer (it prints; the library does not)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ class TrainRequest:
     # or refuse (unknown "error", --no-grow-vocab). A resumed run reads its text as it started (its checkpoint).
     grow_vocab: bool = True
     unknown: Optional[str] = None
+    log: Optional[str] = None  # "tensorboard": event files in RUN/tensorboard/ too (charlm/tracking.py)
 
 
 # The options that shape a run, with where a checkpoint keeps each and its default for a new run (None: chosen
@@ -90,6 +92,7 @@ def validate_train(r: TrainRequest) -> None:
     check(r.epochs is None or r.epochs > 0, f"--epochs must be positive, got {r.epochs}")
     check(r.max_steps is None or r.max_steps > 0, f"--max-steps must be positive, got {r.max_steps}")
     check(r.unknown in (None, "error", "skip"), f"--unknown must be error or skip, got {r.unknown!r}")
+    check(r.log in (None, "tensorboard"), f"--log must be tensorboard, got {r.log!r}")
     check(not (r.resume and r.init_from), "--resume and --init-from do not mix: resume continues a run, "
            "--init-from starts a new one from a trained model")
 
@@ -99,6 +102,10 @@ def run_train(r: TrainRequest, console: Console) -> None:
     from charlm.units import parse_duration
 
     validate_train(r)
+    if r.log:  # a missing package is refused before anything is read, probed or written
+        from charlm.tracking import require
+
+        require(r.log)
     max_time = parse_duration(r.max_time) if r.max_time else None
     if max_time is None and r.epochs is None and r.max_steps is None:
         max_time = 600.0  # the default budget: ten minutes, good text on a 2-core CPU
@@ -118,9 +125,17 @@ def run_plan(plan: TrainPlan, console: Console, dinfo, device) -> None:
     from charlm.train import Trainer
 
     r, out = plan.request, plan.out
-    display = TrainDisplay(console, preview_fn(plan.corpus.vocab, device) if r.preview else None)
+    # (the lambda reads the trainer built below when an evaluation calls it)
+    preview = _once_per_step(preview_fn(plan.corpus.vocab, device), lambda: trainer.step) if r.preview else None
+    display = TrainDisplay(console, preview)
+    callbacks = [display]  # and the tracker, once the Trainer is built (it knows the step)
+
+    def each(event: str, data: dict) -> None:
+        for callback in callbacks:
+            callback(event, data)
+
     trainer = Trainer(plan.model, plan.train_ids, plan.val_ids, plan.train_config, out, device, plan.meta,
-                      callback=display, dist_info=dinfo, resume=plan.payload if r.resume else None,
+                      callback=each, dist_info=dinfo, resume=plan.payload if r.resume else None,
                       compile_model=r.compile_model, spent=plan.sizing.get("probe_s", 0.0) if not r.resume else 0.0,
                       reshuffle=plan.reshuffle)
     run_summary(console, start_summary(plan, trainer, device, dinfo))
@@ -133,8 +148,10 @@ def run_plan(plan: TrainPlan, console: Console, dinfo, device) -> None:
             raise KeyboardInterrupt
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    tracker = _tracker(plan, trainer, preview, device) if r.log and dinfo.is_main else None
+    callbacks += [tracker] if tracker else []
     try:
-        with display:
+        with display, (tracker or contextlib.nullcontext()):
             result = trainer.run()
     except KeyboardInterrupt:
         if not trainer.finishing:
@@ -148,3 +165,26 @@ def run_plan(plan: TrainPlan, console: Console, dinfo, device) -> None:
         signal.signal(s, signal.SIG_IGN if received else handler)
     end_summary(console, result, out, r, received)
     finish_distributed(device)  # every process ends here together: settle gloo's threads before the exit
+
+
+def _once_per_step(preview, step):
+    """The preview sampled once per evaluation, however many callbacks show it (the display, a tracker)."""
+    last = {}
+
+    def shared(model) -> list:
+        if last.get("step") != step():
+            last.update(step=step(), lines=preview(model))
+        return last["lines"]
+
+    return shared
+
+
+def _tracker(plan: TrainPlan, trainer, preview, device):
+    """--log tensorboard: charlm/tracking.py's logger, fed by the Trainer's events like the display."""
+    from charlm.tracking import TensorBoardLogger
+
+    corpus = plan.corpus
+    config = {"model": plan.meta["model_config"], "train": plan.train_config.to_dict(),
+              "corpus": {"name": Path(str(corpus.path)).name, "chars": int(len(corpus.ids)), "sha256": corpus.sha256},
+              "run": {"device": str(device), "out": str(plan.out)}}
+    return TensorBoardLogger(plan.out, config, start_step=trainer.step if plan.request.resume else 0, preview=preview)
