@@ -235,3 +235,13 @@ def test_tensorboard_missing_is_one_line_before_anything_is_written(runner, tmp_
     assert "pip install 'charlm[tensorboard]'" in result.stderr and not (tmp_path / "run").exists()
     result = invoke(runner, "train", corpus, "--out", tmp_path / "run", "--log", "wandb", *TINY)
     assert result.exit_code == 2 and "--log must be tensorboard" in result.stderr
+
+
+def test_safetensors_missing_is_one_line_naming_the_extra(runner, trained_run, tmp_path, monkeypatch):
+    import sys
+
+    for name in ("safetensors", "safetensors.torch"):  # as where the package is not installed
+        monkeypatch.setitem(sys.modules, name, None)
+    result = invoke(runner, "export", trained_run, "-o", tmp_path / "shared", "--format", "safetensors")
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert "pip install 'charlm[hub]'" in result.stderr and not (tmp_path / "shared").exists()
