@@ -453,6 +453,28 @@ def read_vocab(paths, encoding: str = "utf-8", keep_crlf: bool = False,
     return _collect_vocab(sources, encoding, keep_crlf, separator)[0]
 
 
+def peek_text(paths, encoding: str = "utf-8", keep_crlf: bool = False, separator: str = DOC_SEPARATOR,
+              chars: int = 2_000_000) -> str:
+    """The first `chars` characters of the files joined by separator, decoded as load_corpus decodes them,
+    reading no further: a look at the text before deciding how to encode it (items.files_are_items_likely)."""
+    inputs = list(paths) if isinstance(paths, (list, tuple)) else [paths]
+    parts, have = [], 0
+    for i, f in enumerate(expand_inputs(inputs)):
+        if have >= chars:
+            break
+        if i:
+            parts.append(separator)
+            have += len(separator)
+        src = _Source(str(f), path=f)
+        with src.open() as stream:
+            for piece in read_text(stream, src.name, encoding, keep_crlf):
+                parts.append(piece)
+                have += len(piece)
+                if have >= chars:
+                    break
+    return "".join(parts)[:chars]
+
+
 def decode_corpus(raw: bytes, path, vocab: Optional[Vocabulary] = None, encoding: str = "utf-8",
                   keep_crlf: bool = False, unknown: str = "error", sha: Optional[str] = None) -> CorpusText:
     """Bytes already in memory -> ids in memory (no files): the same decoding and checks as load_corpus."""

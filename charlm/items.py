@@ -33,6 +33,8 @@ from typing import Iterator, List, Optional
 import numpy as np
 import torch
 
+from charlm.errors import CharlmError
+
 MIN_ITEMS = 50
 MAX_LINES = 200_000
 MAX_ROUNDS = 25  # batches of samples drawn before giving up on finding enough new items
@@ -68,6 +70,55 @@ def looks_like_items(text: str) -> tuple:
     if indented > 0.05:
         return False, f"{indented:.0%} of the lines are indented: code or verse"
     return True, f"{len(filled):,} lines, one item per line"
+
+
+# The list rule reads this much of a text, and never takes a text longer than LIST_MAX_CHARS for a list.
+LIST_READ_CHARS = 2_000_000
+LIST_MAX_CHARS = 50_000_000
+
+
+def files_are_items_likely(paths, encoding: str = "utf-8", keep_crlf: bool = False) -> bool:
+    """Whether `--items` on these inputs will make each file an item: there are several files, and their lines
+    do not pass the list rule (which would make each line an item). Judged from the first LIST_READ_CHARS
+    characters without encoding the files, so that they are encoded once, joined the way they will be
+    trained. A guess: the rule itself is applied to the encoded corpus (joined_view), and a wrong guess only
+    costs a second read."""
+    from charlm.corpus import DOC_SEPARATOR, expand_inputs, peek_text
+
+    try:
+        files = expand_inputs(list(paths))
+        if len(files) < 2:
+            return False
+        if sum(f.stat().st_size for f in files) > LIST_MAX_CHARS:
+            return True  # most likely too long for a list
+        return not looks_like_items(peek_text(files, encoding, keep_crlf, DOC_SEPARATOR, LIST_READ_CHARS))[0]
+    except (CharlmError, OSError):
+        return False  # the real read says what is wrong
+
+
+def joined_view(corpus, separator: str) -> Optional[tuple]:
+    """What the list rule reads of a corpus of several files as if they were joined by a blank line
+    (corpus.DOC_SEPARATOR), whichever way they were encoded: (its first LIST_READ_CHARS characters, or None
+    for a text over LIST_MAX_CHARS; whether it has a line break; whether a file holds ITEM_END itself).
+    None when a corpus joined by ITEM_END cannot tell: a file holds ITEM_END, or a fixed vocabulary dropped
+    separators' characters; the caller then reads the files joined by a blank line."""
+    from charlm.corpus import DOC_SEPARATOR
+
+    vocab = corpus.vocab
+    if separator != ITEM_END:
+        text = vocab.decode(corpus.ids[:LIST_READ_CHARS]) if corpus.chars <= LIST_MAX_CHARS else None
+        return text, "\n" in vocab, ITEM_END in vocab
+    joins = len(corpus.files) - 1
+    if ITEM_END not in vocab or not all(c in vocab for c in DOC_SEPARATOR):
+        return None
+    end = vocab.chars.index(ITEM_END)
+    if int(np.count_nonzero(np.asarray(corpus.ids) == end)) != joins:
+        return None  # a file holds U+001E itself (or the separators were dropped)
+    chars = corpus.chars + joins * (len(DOC_SEPARATOR) - len(ITEM_END))
+    text = None
+    if chars <= LIST_MAX_CHARS:  # each separator is one character here and len(DOC_SEPARATOR) there
+        text = vocab.decode(corpus.ids[:LIST_READ_CHARS]).replace(ITEM_END, DOC_SEPARATOR)[:LIST_READ_CHARS]
+    return text, True, False
 
 
 @dataclass(frozen=True)

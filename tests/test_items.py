@@ -5,8 +5,6 @@ from __future__ import annotations
 import builtins
 import json
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -218,3 +216,51 @@ def test_a_last_item_without_its_line_break_never_runs_into_the_next():
     items = Items.from_ids(vocab.encode("ab\ncd\nda"), vocab.chars.index("\n"))  # no final line break
     assert items.strings(vocab.decode) == ["ab", "cd", "da"]
     assert vocab.decode(items.text_ids(np.array([2, 0, 1]))) == "da\nab\ncd\n"
+
+
+def test_a_folder_trained_as_items_is_read_once_whichever_way_it_is_joined(runner, tmp_path, monkeypatch):
+    """--items on a folder: the files are encoded once, joined as they will be trained (by U+001E for one item
+    per file, by a blank line for one item per line), so the cache holds one entry per run, none unused."""
+    from conftest import TINY, invoke
+
+    monkeypatch.chdir(tmp_path)
+    cache = tmp_path / ".charlm-cache"
+    entries = lambda: sorted(p.name for p in cache.glob("ids-*.bin"))  # noqa: E731
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    pool = names(400, seed=3)
+    for k in range(60):
+        (pairs / f"{k:03d}.txt").write_text(f"{pool[2 * k]}\n{pool[2 * k + 1]}\n", encoding="utf-8")
+    first = invoke(runner, "train", pairs, "--items", "--out", tmp_path / "run", "--max-steps", "2", *TINY)
+    assert first.exit_code == 0, first.stderr
+    assert "60 files, one item per file" in first.stderr
+    assert len(entries()) == 1
+    resumed = invoke(runner, "train", pairs, "--out", tmp_path / "run", "--resume", "--max-steps", "3", *TINY)
+    assert resumed.exit_code == 0, resumed.stderr
+    assert len(entries()) == 2  # its own entry: the vocabulary is fixed now
+
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    for k in range(3):
+        (lists / f"{k}.txt").write_text("\n".join(names(200, seed=10 + k)) + "\n", encoding="utf-8")
+    as_lines = invoke(runner, "train", lists, "--items", "--out", tmp_path / "lines", "--max-steps", "2", *TINY)
+    assert as_lines.exit_code == 0, as_lines.stderr
+    assert "one item per line" in as_lines.stderr
+    assert len(entries()) == 3
+
+
+def test_the_list_rule_reads_a_folder_joined_by_item_ends_as_if_by_blank_lines(tmp_path):
+    from charlm.corpus import DOC_SEPARATOR, load_corpus
+    from charlm.items import ITEM_END, joined_view
+
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for k, text in enumerate(["ab\ncd\n", "ef", "gh\n\n"]):
+        (folder / f"{k}.txt").write_text(text, encoding="utf-8")
+    blank = load_corpus(folder, separator=DOC_SEPARATOR)
+    ends = load_corpus(folder, separator=ITEM_END)
+    assert joined_view(ends, ITEM_END) == joined_view(blank, DOC_SEPARATOR) == ("ab\ncd\n\n\nef\n\ngh\n\n", True,
+                                                                               False)
+    (folder / "1.txt").write_text("e\x1ef", encoding="utf-8")  # a file holding the item end itself
+    assert joined_view(load_corpus(folder, separator=ITEM_END), ITEM_END) is None
+    assert joined_view(load_corpus(folder, separator=DOC_SEPARATOR), DOC_SEPARATOR)[2] is True

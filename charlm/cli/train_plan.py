@@ -16,7 +16,7 @@ from charlm import checkpoint as ckpt
 from charlm.cli.train_report import CorpusProgress
 from charlm.corpus import DOC_SEPARATOR
 from charlm.errors import CharlmError
-from charlm.items import ITEM_END
+from charlm.items import ITEM_END, files_are_items_likely
 from charlm.grow import grow_state_dict
 from charlm.model import CharRNN, ModelConfig
 from charlm.train import TrainConfig
@@ -183,7 +183,14 @@ def plan_train(r: TrainRequest, max_time: Optional[float], console: Console, din
         vocab, r = vplan.vocab, replace(r, unknown=vplan.unknown)
     elif r.resume:  # read the text as the run did (a run that dropped new characters drops them again)
         r = replace(r, unknown=payload.get("corpus", {}).get("unknown", "error"))
-    corpus = _training_corpus(inputs, vocab, r, out.parent / ".charlm-cache", dinfo, console)
+    # Encoded once, joined as it will be trained: a folder that becomes one item per file by ITEM_END, other
+    # text by a blank line. Guessed before encoding (a resumed run knows; items.files_are_items_likely) and
+    # decided on the encoded text below; a wrong guess, or a text the guess cannot be checked on, reads again.
+    saved_end = (payload or {}).get("corpus", {}).get("item_end") if r.resume else None
+    separator = ITEM_END if saved_end == ITEM_END or (not r.resume and r.items and
+                                                      files_are_items_likely(inputs, r.encoding, r.keep_crlf)) \
+        else DOC_SEPARATOR
+    corpus = _training_corpus(inputs, vocab, r, out.parent / ".charlm-cache", dinfo, console, separator)
     if r.resume:
         saved = payload.get("corpus", {})
         if saved.get("sha256") not in (None, corpus.sha256) and not r.force:
@@ -191,11 +198,16 @@ def plan_train(r: TrainRequest, max_time: Optional[float], console: Console, din
                 else f"{corpus.path} is not the corpus"
             raise CharlmError(f"{what} this run was trained on (SHA-256 differs from {saved.get('path')}); "
                               "resume with the same text, or add --force")
-    items_unit, items_reason = _items_mode(r, payload, corpus)
-    reshuffle, items_meta, read = None, {"items": False}, {}
-    if items_unit == "files":  # the same files joined by ITEM_END instead of a blank line
-        read = {"separator": ITEM_END}
-        corpus = _training_corpus(inputs, vocab, r, out.parent / ".charlm-cache", dinfo, console, ITEM_END)
+    items_unit, items_reason = _items_mode(r, payload, corpus, separator)
+    if items_reason is None:  # joined by ITEM_END the text cannot tell (a file holds U+001E): by a blank line
+        separator = DOC_SEPARATOR
+        corpus = _training_corpus(inputs, vocab, r, out.parent / ".charlm-cache", dinfo, console, separator)
+        items_unit, items_reason = _items_mode(r, payload, corpus, separator)
+    if (items_unit == "files") != (separator == ITEM_END):  # the guess was wrong: the files joined the other way
+        separator = ITEM_END if items_unit == "files" else DOC_SEPARATOR
+        corpus = _training_corpus(inputs, vocab, r, out.parent / ".charlm-cache", dinfo, console, separator)
+    reshuffle, items_meta = None, {"items": False}
+    read = {"separator": ITEM_END} if separator == ITEM_END else {}
     if items_unit:
         train_ids, val_ids, reshuffle, items_meta = _item_split(corpus, r, items_reason,
                                                                 ITEM_END if items_unit == "files" else "\n")
@@ -231,11 +243,12 @@ def plan_train(r: TrainRequest, max_time: Optional[float], console: Console, din
                      meta, vplan)
 
 
-def _items_mode(r: TrainRequest, payload, corpus) -> tuple:
+def _items_mode(r: TrainRequest, payload, corpus, separator: str = DOC_SEPARATOR) -> tuple:
     """(None, "lines" or "files"; why). A resumed run keeps its mode; --items/--no-items force it (--items on
     several files makes each file an item, unless their lines pass the rule of a list); otherwise the rule in
-    items.py decides from the text (corpora beyond 50M characters are never taken for lists)."""
-    from charlm.items import looks_like_items
+    items.py decides from the text (corpora beyond 50M characters are never taken for lists). The corpus may be
+    joined by `separator`; why is None when, joined by ITEM_END, it cannot tell (items.joined_view)."""
+    from charlm.items import joined_view, looks_like_items
 
     if r.resume and payload is not None:
         saved = payload.get("corpus", {})
@@ -247,10 +260,14 @@ def _items_mode(r: TrainRequest, payload, corpus) -> tuple:
         return None, "--no-items"
     text = (lambda: corpus.vocab.decode(corpus.ids[:2_000_000])) if corpus.chars <= 50_000_000 else None
     if r.items and len(corpus.files) > 1:
-        is_list, why = looks_like_items(text()) if text and "\n" in corpus.vocab else (False, "")
+        view = joined_view(corpus, separator)  # the text as if joined by a blank line, however it was encoded
+        if view is None:
+            return None, None
+        head, newline, item_end = view
+        is_list, why = looks_like_items(head) if head is not None and newline else (False, "")
         if is_list:
             return "lines", f"{why} (--items)"
-        if ITEM_END in corpus.vocab:
+        if item_end:
             raise CharlmError(f"a file of {corpus.path} holds the character U+001E, which ends each item of a "
                               "list of files; remove it, or leave out --items")
         return "files", f"{len(corpus.files):,} files, one item per file (--items)"
