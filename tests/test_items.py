@@ -264,3 +264,41 @@ def test_the_list_rule_reads_a_folder_joined_by_item_ends_as_if_by_blank_lines(t
     (folder / "1.txt").write_text("e\x1ef", encoding="utf-8")  # a file holding the item end itself
     assert joined_view(load_corpus(folder, separator=ITEM_END), ITEM_END) is None
     assert joined_view(load_corpus(folder, separator=DOC_SEPARATOR), DOC_SEPARATOR)[2] is True
+
+
+def test_a_wrong_guess_of_how_to_join_a_folder_still_trains_it_as_the_rule_says(runner, tmp_path, monkeypatch):
+    """The guess made before encoding only saves a read: the list rule decides on the encoded text, so a guess
+    the text contradicts reads the files again the right way, and a file holding U+001E is refused."""
+    import importlib
+
+    from conftest import TINY, invoke
+
+    from charlm import checkpoint as ckpt
+
+    plan = importlib.import_module("charlm.cli.train_plan")
+    monkeypatch.chdir(tmp_path)
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    for k in range(3):
+        (lists / f"{k}.txt").write_text("\n".join(names(200, seed=10 + k)) + "\n", encoding="utf-8")
+    monkeypatch.setattr(plan, "files_are_items_likely", lambda *a: True)  # guessed: one item per file
+    as_lines = invoke(runner, "train", lists, "--items", "--out", tmp_path / "lines", "--max-steps", "2", *TINY)
+    assert as_lines.exit_code == 0, as_lines.stderr
+    assert "one item per line" in as_lines.stderr and "per file" not in as_lines.stderr
+    lines_run = ckpt.load(tmp_path / "lines")
+    assert "\x1e" not in lines_run["vocab"] and "separator" not in lines_run["corpus"]  # joined by blank lines
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    pool = names(400, seed=3)
+    for k in range(60):
+        (pairs / f"{k:03d}.txt").write_text(f"{pool[2 * k]}\n{pool[2 * k + 1]}\n", encoding="utf-8")
+    monkeypatch.setattr(plan, "files_are_items_likely", lambda *a: False)  # guessed: one item per line
+    as_files = invoke(runner, "train", pairs, "--items", "--out", tmp_path / "files", "--max-steps", "2", *TINY)
+    assert as_files.exit_code == 0, as_files.stderr
+    assert "60 files, one item per file" in as_files.stderr
+    assert ckpt.load(tmp_path / "files")["corpus"]["separator"] == "\x1e"
+    monkeypatch.setattr(plan, "files_are_items_likely", lambda *a: True)
+    (pairs / "007.txt").write_text("ann\x1ebob\n", encoding="utf-8")  # the item end inside a file
+    held = invoke(runner, "train", pairs, "--items", "--out", tmp_path / "held", "--max-steps", "2", *TINY)
+    assert held.exit_code == 1 and "holds the character U+001E" in held.stderr and "Traceback" not in held.stderr
+    assert not (tmp_path / "held").exists()
