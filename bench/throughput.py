@@ -2,7 +2,7 @@
 
 Both do the same work per step: forward over a (64, 128) chunk, cross-entropy, backward, clip at 1.0, AdamW.
 The plain loop is what one writes from the PyTorch docs: nn.Embedding(V, H) -> nn.RNN/GRU/LSTM(H, H, 2) ->
-nn.Linear(H, V), fp32, default settings. charlm runs `Trainer._train_step` (one-hot input, its oneDNN
+nn.Linear(H, V), fp32, default settings. charlm runs `Trainer.train_step` (one-hot input, its oneDNN
 choice per cell) in fp32 and in bf16 autocast. The three are timed alternately, step by step, so they share
 the machine's noise; the figure is the median of the timed steps.
 
@@ -76,7 +76,7 @@ class CharlmStep:
         self.trainer = Trainer(model, ids, ids[:1000], config, out_dir, torch.device("cpu"), meta)
 
     def step(self):
-        self.trainer._train_step()
+        self.trainer.train_step(None, 0.0)  # no stop asked, clock 0
 
 
 def main():

@@ -18,8 +18,11 @@ from there on the two runs follow the same curve (README, "Training longer"; BEN
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Optional
+
+# Periodic evaluations by time come at most once per this many times their own cost: ~3% of the run at most.
+EVAL_SPACING = 30
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,7 @@ class EvalCadence:
     """When periodic evaluations by time fall due: the first once 15 s and 10% of the budget have passed
     (the later), then every 10% of the budget, never more often than `spacing` times an evaluation's own cost
     (so they stay under ~1/spacing of the run), and none that close to the end, where the final evaluation
-    comes anyway. The Trainer asks `due` at every step and tells `record` after each evaluation."""
+    comes anyway. Schedule asks `due` at every step and tells `record` after each evaluation."""
 
     spacing: float  # evaluations are at least this many times their own cost apart
     first_s: float = 15.0  # no evaluation before this many seconds: the first line is worth waiting for
@@ -133,3 +136,40 @@ class EvalCadence:
 
     def record(self, elapsed: float, cost_s: float) -> None:
         self.last_s, self.cost_s = elapsed, cost_s
+
+
+@dataclass
+class Schedule:
+    """One run's schedule: the functions above for its config, the Restart a longer budget took over at, and
+    its evaluation cadence. The Trainer asks it at every step, with the run's Position; tests drive it alone."""
+
+    config: object  # a TrainConfig: the limits, lr, warmup_steps, min_lr_frac, eval_every
+    restart: Optional[Restart] = None
+    cadence: EvalCadence = field(default_factory=lambda: EvalCadence(EVAL_SPACING))
+
+    def limits(self) -> dict:
+        return limits(self.config)
+
+    def progress(self, pos: Position) -> float:
+        return progress(self.config, pos)
+
+    def limit_reached(self, pos: Position) -> Optional[str]:
+        return limit_reached(self.config, pos)
+
+    def learning_rate(self, pos: Position) -> float:
+        return learning_rate(self.config, pos.step, self.progress(pos), self.restart)
+
+    def start(self, pos: Position, last_eval_s: Optional[float]) -> None:
+        """Training (re)starts at `pos`; the latest evaluation was at `last_eval_s` on the run's clock (None: none)."""
+        self.cadence.resume(self.progress(pos), last_eval_s)
+
+    def eval_due(self, pos: Position) -> bool:
+        """Whether an evaluation falls due after the step that brought the run to `pos`: every eval_every
+        steps when set, else by the cadence (which then counts it as done: ask once per step)."""
+        if self.config.eval_every:
+            return pos.step % self.config.eval_every == 0
+        return self.cadence.due(self.progress(pos), pos.elapsed)
+
+    def evaluated(self, elapsed: float, cost_s: float) -> None:
+        """An evaluation ended at `elapsed` on the run's clock and took `cost_s` seconds (0: not measured)."""
+        self.cadence.record(elapsed, cost_s)

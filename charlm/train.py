@@ -1,15 +1,16 @@
-"""The training loop: teacher forcing over carried-state streams, clipping, schedule, evaluation, checkpoints.
+"""The training loop: teacher forcing over carried-state streams, clipping, evaluation, the final report.
 
 The Trainer knows nothing about the command line. It reports through `callback(event, data)` with events
 "step" (every optimizer step), "eval" (every evaluation), "save" (a checkpoint written), and for the final
-report "final_start", "final_progress" (each chunk) and "final", and returns a TrainResult. The limits, the
-learning rate and the evaluation cadence are plain functions and a small object in schedule.py. Under torchrun each process owns a contiguous block of the B streams and carries their states;
-DistributedDataParallel averages the gradients.
+report "final_start", "final_progress" (each chunk) and "final"; it returns a TrainResult. Around it:
+schedule.py (the limits, progress, learning rate and evaluation cadence, as a Schedule), persist.py (what a
+checkpoint holds and how a run resumes from it; metrics.jsonl), streams.py (the stream layout, validation
+burn-in). Under torchrun each process owns a contiguous block of the B streams and carries their states;
+DistributedDataParallel averages the gradients, and one all-reduce per step agrees on the loss and the stops.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,11 +23,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from charlm import checkpoint as ckpt
-from charlm import schedule
+from charlm import persist, schedule
 from charlm import state as st
 from charlm.autosize import EVAL_CHARS
 from charlm.errors import CharlmError
-from charlm.files import write_atomic
 from charlm.evaluation import EVAL_SEQ_LEN, autocast, evaluate, evaluate_rows, full_pass_streams, standard_error
 from charlm.model import CharRNN
 from charlm.optim import AdamW
@@ -43,8 +43,8 @@ FINAL_MIN_CHARS = 262_144
 # characters of a 2 x 256 GRU on one thread of the bf16 CPU; BENCHMARKS.md 9): the final pass is timed from
 # the periodic ones, which run in the training precision.
 FP32_OVER_BF16 = 1.8
-# Periodic evaluations by time come at most once per this many times their own cost: ~3% of the run at most.
-EVAL_SPACING = 30
+# Stops that every process must agree on (a signal, a failure, rank 0's clock), voted in the step's all-reduce.
+AGREED_STOPS = ("interrupt", "error", "max_time")
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class TrainConfig:
 class TrainResult:
     step: int
     epoch: int
-    stopped_by: str  # "max_steps", "epochs", "max_time", "patience", "interrupt", "nonfinite", "error"
+    stopped_by: str  # "max_steps", "epochs", "max_time", "patience", "interrupt" or "nonfinite" (an error raises)
     best_val_loss: float
     best_step: int
     metrics: list = field(default_factory=list)
@@ -176,7 +176,7 @@ class Trainer:
         self.needs_full_pass = c.full_final_eval is not False and (full.scored() > sample.scored()
                                                                    or c.precision != "fp32")
         self.val_ids = val_ids
-        self._val_rate = 0.0  # validation characters per second of the latest periodic pass (this process)
+        self.val_rate = 0.0  # validation characters per second of the latest periodic pass (this process)
         self.val_sample_chars, self.val_full_chars = sample.scored(), full.scored()
         self.val_streams, self.val_full = sample.select(share), full  # the final pass selects its own share
         self.n_chunks = self.train_streams.num_chunks(c.seq_len)
@@ -201,9 +201,11 @@ class Trainer:
         self.state = self.model.init_state(per_rank, device)
         self.best_weights: Optional[dict] = None  # a CPU copy of the best model, for the final full pass
         self.error: Optional[str] = None  # a failure on this process that every process must stop for
-        # Where a longer budget took over the schedule of a resumed run (schedule.py), else None.
-        self.restart: Optional[schedule.Restart] = None
-        self.cadence = schedule.EvalCadence(EVAL_SPACING)  # when evaluations by time fall due
+        # The latest applied step's loss, learning rate and gradient norm (before clipping), and the latest
+        # training speed (characters per second): the evaluation that ends a run at its limit records them.
+        self.last_loss, self.last_lr, self.last_norm, self.last_rate = math.nan, math.nan, math.nan, 0.0
+        # the limits, the learning rate (with the Restart of a resumed, longer run) and when to evaluate
+        self.schedule = schedule.Schedule(config)
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         if resume is not None:
@@ -220,19 +222,20 @@ class Trainer:
         last_report, chars_since = time.perf_counter(), 0
         stopped_by = None
         self.model.train()
-        self.cadence.resume(self._progress(), self.metrics[-1]["elapsed_s"] if self.metrics else None)
+        self.schedule.start(self.position(), self.metrics[-1]["elapsed_s"] if self.metrics else None)
         while stopped_by is None:
             if not self.dist.enabled:  # under torchrun the clock is rank 0's, agreed in each step's reduce
                 self.elapsed = time.perf_counter() - started
-            stopped_by = self._limit_reached()  # the same on every process: steps, epochs, agreed clock
+            # the same on every process: steps, epochs, the agreed clock
+            stopped_by = self.schedule.limit_reached(self.position())
             local = self.stop_request or ("error" if self.error else None)
             if stopped_by or (local and not self.dist.enabled):
                 stopped_by = stopped_by or local
                 break
-            lr = schedule.learning_rate(c, self.step, self._progress(), self.restart)
+            lr = self.schedule.learning_rate(self.position())
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            loss, agreed = self._train_step(local, time.perf_counter() - started)
+            loss, agreed = self.train_step(local, time.perf_counter() - started)
             if agreed:  # a process asked to stop: no process applied this step
                 stopped_by = agreed
                 break
@@ -250,14 +253,14 @@ class Trainer:
                 self._lay_out_epoch()
             now = time.perf_counter()
             rate = chars_since / max(now - last_report, 1e-9)
-            self._last_rate = rate
+            self.last_rate = rate
             self.callback("step", {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr,
-                                   "chars_per_s": rate, "elapsed_s": now - started, "progress": self._progress(),
-                                   "grad_norm": self._last_norm,
-                                   "limits": self._limits()})
+                                   "chars_per_s": rate, "elapsed_s": now - started,
+                                   "progress": self.schedule.progress(self.position()), "grad_norm": self.last_norm,
+                                   "limits": self.schedule.limits()})
             if now - last_report > 2.0:
                 last_report, chars_since = now, 0
-            if self._eval_due():
+            if self.schedule.eval_due(self.position()):
                 self._evaluate_and_save(loss, lr, rate, self.elapsed if self.dist.enabled else now - started)
                 if c.patience and self.bad_evals >= c.patience:
                     stopped_by = "patience"
@@ -268,7 +271,7 @@ class Trainer:
         full_val = None
         if stopped_by in ("max_steps", "epochs", "max_time", "patience"):
             if not self.metrics or self.metrics[-1]["step"] != self.step:
-                self._evaluate_and_save(self._last_loss, self._last_lr, self._last_rate, self.elapsed)
+                self._evaluate_and_save(self.last_loss, self.last_lr, self.last_rate, self.elapsed)
             full_val = self._final_full_pass()
         elif stopped_by == "interrupt":
             self._save(ckpt.LAST)
@@ -282,11 +285,7 @@ class Trainer:
         self.train_streams = make_streams(self.reshuffle(self.epoch), self.config.batch_size)
         self.my_streams = self.train_streams.select(self.my_rows)
 
-    _last_loss, _last_lr, _last_rate, _last_norm = math.nan, math.nan, 0.0, math.nan
-    # Stops that every process must agree on (a signal, a failure, rank 0's clock), in the step's reduce.
-    _AGREED = ("interrupt", "error", "max_time")
-
-    def _train_step(self, local_stop: Optional[str], clock: float) -> tuple:
+    def train_step(self, local_stop: Optional[str], clock: float) -> tuple:
         """One optimizer step. Returns (global mean loss, agreed stop reason or None).
 
         Host syncs: one per step (the packed values below), and under torchrun one extra all-reduce, which
@@ -319,25 +318,26 @@ class Trainer:
                               norm.detach().float() / self.dist.world])  # (3,)
         agreed = None
         if self.dist.enabled:
-            flags = [float(local_stop == reason) for reason in self._AGREED]
+            votes = {reason: float(local_stop == reason) for reason in AGREED_STOPS}
             if self.dist.is_main:  # rank 0's clock decides the time limit and the schedule for everyone
-                flags[2] = float(bool(c.max_time) and clock >= c.max_time)
-            extra = torch.tensor(flags + [clock if self.dist.is_main else 0.0], device=self.device)
+                votes["max_time"] = float(bool(c.max_time) and clock >= c.max_time)
+            extra = torch.tensor([*votes.values(), clock if self.dist.is_main else 0.0], device=self.device)
             packed = torch.cat([packed, extra])
             dist.all_reduce(packed)
         values = packed.tolist()  # the one host sync of the step
         value, nonfinite = values[0], values[1] > 0
         if self.dist.enabled:
             self.elapsed = values[-1]
-            agreed = next((reason for reason, flag in zip(self._AGREED, values[3:6]) if flag > 0), None)
+            summed = dict(zip(AGREED_STOPS, values[3:3 + len(AGREED_STOPS)]))  # votes of all processes
+            agreed = next((reason for reason, votes in summed.items() if votes > 0), None)
         if agreed:
             return value, agreed
         if nonfinite or not math.isfinite(value):
             return math.nan, None
         self.optimizer.step()
         self.state = st.detach(state)  # truncated BPTT: the values carry on, the graph stops here
-        self._last_loss, self._last_lr = value, self.optimizer.param_groups[0]["lr"]
-        self._last_norm = values[2]
+        self.last_loss, self.last_lr = value, self.optimizer.param_groups[0]["lr"]
+        self.last_norm = values[2]
         return value, None
 
     def _agreed_error(self) -> str:
@@ -348,24 +348,9 @@ class Trainer:
         dist.all_gather_object(messages, self.error)
         return next((m for m in messages if m), "another process failed")
 
-    # ------------------------------------------------------------------ evaluation cadence
-    def _eval_due(self) -> bool:
-        if self.config.eval_every:
-            return self.step % self.config.eval_every == 0
-        return self.cadence.due(self._progress(), self.elapsed)
-
-    # ------------------------------------------------------------------ stop limits and schedule
     def position(self) -> schedule.Position:
+        """Where the run stands, for its Schedule."""
         return schedule.Position(self.step, self.epoch + self.cursor / self.n_chunks, self.elapsed)
-
-    def _limits(self) -> dict:
-        return schedule.limits(self.config)
-
-    def _progress(self) -> float:
-        return schedule.progress(self.config, self.position())
-
-    def _limit_reached(self) -> Optional[str]:
-        return schedule.limit_reached(self.config, self.position())
 
     # ------------------------------------------------------------------ evaluation and checkpoints
     def _validate(self, streams=None, precision: Optional[str] = None) -> tuple:
@@ -384,12 +369,12 @@ class Trainer:
         began = time.perf_counter()
         val, scored = self._validate()
         # the fastest pass so far: the first ones pay one-time costs (allocation, warm caches)
-        self._val_rate = max(self._val_rate, scored / max(time.perf_counter() - began, 1e-9))
+        self.val_rate = max(self.val_rate, scored / max(time.perf_counter() - began, 1e-9))
         record = {"step": self.step, "epoch": round(self.epoch + self.cursor / self.n_chunks, 4),
                   "chars": self.chars_seen,
                   "train_loss": train_loss, "val_loss": val, "bpc": val / math.log(2), "lr": lr,
                   "chars_per_s": round(rate, 1), "elapsed_s": round(elapsed, 2), "val_chars": scored,
-                  "grad_norm": self._last_norm}  # the latest step's, before clipping
+                  "grad_norm": self.last_norm}  # the latest step's, before clipping
         improved = val < self.best_val
         if improved:
             self.best_val, self.best_step, self.bad_evals = val, self.step, 0
@@ -402,7 +387,7 @@ class Trainer:
         carried = self._gather_state()
         if self.dist.is_main:
             try:
-                self._write_metric(record)
+                persist.append_metric(self.out_dir, record)
                 if improved:
                     self._save(ckpt.BEST, carried)
                 self._save(ckpt.LAST, carried)
@@ -416,11 +401,12 @@ class Trainer:
         cost = time.perf_counter() - began
         self.eval_s += cost
         # Spacing by an evaluation's cost needs a local clock: not under DDP, where all processes must agree.
-        self.cadence.record(record["elapsed_s"], 0.0 if self.dist.enabled else cost)
+        self.schedule.evaluated(record["elapsed_s"], 0.0 if self.dist.enabled else cost)
 
     def _final_full_pass(self) -> Optional[dict]:
         """The best model's float32 loss on the validation text (all of it, or the sample _final_chars
-        affords, with its standard error), when the periodic passes read less or in bf16. Every checkpoint is written before it starts, so an interrupt here (self.finishing) loses nothing."""
+        affords, with its standard error), when the periodic passes read less or in bf16. Every checkpoint is
+        written before it starts, so an interrupt here (self.finishing) loses nothing."""
         if not self.needs_full_pass or not math.isfinite(self.best_val):
             return None
         self.finishing = True
@@ -443,7 +429,7 @@ class Trainer:
             streams = eval_streams(self.val_ids, rows, self.config.burn_in, chars)
         mine = streams.select(slice(self.dist.rank, None, self.dist.world))
         self.callback("final_start", {"chars": streams.scored(), "of": self.val_full_chars, "step": self.best_step,
-                                      "estimate_s": streams.scored() / self._fp32_rate() if self._val_rate else None})
+                                      "estimate_s": streams.scored() / self._fp32_rate() if self.val_rate else None})
 
         def progress(done, total):
             self.callback("final_progress", {"done": done, "total": total})
@@ -463,14 +449,14 @@ class Trainer:
         return report
 
     def _fp32_rate(self) -> float:
-        return self._val_rate / (FP32_OVER_BF16 if self.config.precision == "bf16" else 1.0)
+        return self.val_rate / (FP32_OVER_BF16 if self.config.precision == "bf16" else 1.0)
 
     def _final_chars(self) -> int:
         """How many validation characters the final report scores: all of them when asked (or when no
         periodic pass timed the model), else as many as fit in final_share of the budget (the time limit, or
         the time the run took), and never fewer than a periodic pass scored or FINAL_MIN_CHARS."""
         c = self.config
-        if c.full_final_eval or not self._val_rate:
+        if c.full_final_eval or not self.val_rate:
             return self.val_full_chars
         budget = c.max_time or self.elapsed
         affordable = int(self._fp32_rate() * max(c.final_share * budget, FINAL_MIN_S))
@@ -488,66 +474,27 @@ class Trainer:
             out.append(torch.cat([p.cpu() for p in parts], dim=1))
         return out
 
-    def payload(self, carried: Optional[list] = None) -> dict:
-        rng = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {**self.meta, "train_config": self.config.to_dict(),
-                "model": ckpt.clean_state_dict(self.model.state_dict()),
-                "optimizer": self.optimizer.state_dict(), "step": self.step, "epoch": self.epoch,
-                "cursor": self.cursor, "carried_state": carried if carried is not None else st.to_list(self.state),
-                "rng": rng, "elapsed_s": self.elapsed, "best_val_loss": self.best_val, "best_step": self.best_step,
-                "bad_evals": self.bad_evals, "chars_seen": self.chars_seen, "metrics": list(self.metrics),
-                "schedule_restart": self.restart.to_dict() if self.restart else None}
-
     def _save(self, name: str, carried: Optional[list] = None) -> None:
         if carried is None:
             carried = self._gather_state()
         if not self.dist.is_main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.save(self.payload(carried), self.out_dir / name)
+        ckpt.save(persist.payload(self, carried), self.out_dir / name)
         self.callback("save", {"path": str(self.out_dir / name), "step": self.step})
 
-    def _write_metric(self, record: dict) -> None:
-        try:
-            with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-                f.flush()
-        except OSError as exc:
-            raise CharlmError(f"could not append to {self.out_dir / 'metrics.jsonl'} ({exc.strerror or exc})")
-
     def _restore(self, payload: dict) -> None:
-        saved = payload.get("train_config", {})
-        for key in ("batch_size", "seq_len"):
-            if key in saved and saved[key] != getattr(self.config, key):
-                flag = "--" + key.replace("_", "-")
-                raise CharlmError(f"{flag} {getattr(self.config, key)} differs from the run's {saved[key]}; "
-                                  f"resume with {flag} {saved[key]}")
-        self.model.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.step, self.epoch, self.cursor = int(payload["step"]), int(payload["epoch"]), int(payload["cursor"])
+        saved = persist.resumed(payload, self.config)
+        self.model.load_state_dict(saved.model)
+        self.optimizer.load_state_dict(saved.optimizer)
+        self.step, self.epoch, self.cursor = saved.step, saved.epoch, saved.cursor
         self._lay_out_epoch()
-        self.elapsed = float(payload.get("elapsed_s", 0.0))
-        self.best_val = float(payload.get("best_val_loss", math.inf))
-        self.best_step = int(payload.get("best_step", 0))
-        self.bad_evals = int(payload.get("bad_evals", 0))
-        self.chars_seen = int(payload.get("chars_seen", 0))
-        self.metrics = list(payload.get("metrics", []))
+        self.elapsed, self.best_val, self.best_step = saved.elapsed, saved.best_val, saved.best_step
+        self.bad_evals, self.chars_seen, self.metrics = saved.bad_evals, saved.chars_seen, saved.metrics
         # Limits moved further (training longer): warm up from the rate the run had reached instead of
         # jumping to the higher rate of the stretched curve (schedule.py).
-        saved_restart = payload.get("schedule_restart")
-        saved_restart = schedule.Restart(**saved_restart) if saved_restart else None
-        old = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}) \
-            if saved else self.config
-        self.restart = schedule.restart_for(old, self.config, self.position(), saved_restart)
-        carried = st.from_list(payload["carried_state"], self.device)
-        self.state = st.select_rows(carried, self.my_rows)
-        rng = payload.get("rng", {})
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self.schedule.restart = schedule.restart_for(saved.config, self.config, self.position(), saved.restart)
+        self.state = st.select_rows(st.from_list(saved.carried, self.device), self.my_rows)
+        persist.restore_rng(saved.rng, self.device)
         if self.dist.is_main:  # metrics.jsonl holds exactly the evaluations the resumed state has seen
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.metrics))
+            persist.rewrite_metrics(self.out_dir, self.metrics)

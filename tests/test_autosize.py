@@ -13,7 +13,7 @@ import torch
 from charlm import autosize, schedule
 from charlm.autosize import DeviceSpeed, choose
 from charlm.cli.display import human_count
-from charlm.train import EVAL_SPACING
+from charlm.train import TrainConfig
 from conftest import run_cli, word_text
 
 # Two devices described by the cost model: seconds per step = step_s + flop_s x FLOPs. The slow one is
@@ -140,15 +140,15 @@ def test_explicit_flags_skip_the_probe_and_win(tmp_path):
 
 
 def _cadence(max_time: float, seconds: np.ndarray, cost: float = 0.0) -> list:
-    """When a run with this time budget evaluates (charlm.schedule.EvalCadence, which the Trainer asks at every
+    """When a run with this time budget evaluates (charlm.schedule.Schedule, which the Trainer asks after every
     step), given the run's clock at each step and the seconds each evaluation took."""
-    cadence = schedule.EvalCadence(EVAL_SPACING)
-    cadence.resume(0.0, None)
+    plan = schedule.Schedule(TrainConfig(max_time=max_time))
+    plan.start(schedule.Position(0, 0.0, 0.0), None)
     due = []
-    for now in seconds:
-        if cadence.due(float(now) / max_time, float(now)):
+    for step, now in enumerate(seconds, 1):
+        if plan.eval_due(schedule.Position(step, 0.0, float(now))):
             due.append(float(now))
-            cadence.record(float(now), cost)
+            plan.evaluated(float(now), cost)
     return due
 
 

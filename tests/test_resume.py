@@ -146,7 +146,7 @@ def test_training_longer_warms_up_from_where_the_rate_had_decayed_instead_of_jum
     reached = schedule.cosine_rate(short.config, 60, 1.0)  # where the short run's schedule stood at its end
     assert reached == pytest.approx(1e-2 * 0.05, rel=0.05)  # the short run ended near the floor
     longer, rates = _trainer(tmp_path, "run", 120, resume=ckpt.load(tmp_path / "run", prefer=ckpt.LAST))
-    assert longer.restart is not None and longer.restart.step == 60
+    assert longer.schedule.restart is not None and longer.schedule.restart.step == 60
     longer.run()
     unbroken_rate = lambda step: schedule.cosine_rate(longer.config, step, step / 120)  # noqa: E731
     # No jump: the first resumed step is within one warm-up increment of the rate reached, far below the
@@ -168,7 +168,7 @@ def test_resuming_an_interrupted_run_with_the_same_limits_keeps_its_schedule_exa
     cut, cut_rates = _trainer(tmp_path, "cut", 80, stop_at=37)
     assert cut.run().stopped_by == "interrupt"
     rest, rest_rates = _trainer(tmp_path, "cut", 80, resume=ckpt.load(tmp_path / "cut", prefer=ckpt.LAST))
-    assert rest.restart is None
+    assert rest.schedule.restart is None
     result = rest.run()
     assert result.step == 80
     for step in range(37, 80):

@@ -80,7 +80,7 @@ def start_summary(plan: TrainPlan, trainer, device, dinfo) -> dict:
 
     r, corpus, train_ids, val_ids, out = plan.request, plan.corpus, plan.train_ids, plan.val_ids, plan.out
     model, tconf, sizing, items_meta, kept = plan.model, plan.train_config, plan.sizing, plan.items_meta, plan.kept
-    path = corpus.path
+    path, restart = corpus.path, trainer.schedule.restart
     mc = model.config
     params = model.num_parameters()
     rows = [
@@ -106,8 +106,8 @@ def start_summary(plan: TrainPlan, trainer, device, dinfo) -> dict:
                     + (" ".join(kept) + "; the rest at their defaults" if kept else "all at their defaults"))]
           if r.resume else []),
         *([("schedule", f"training longer: the rate warms up over {tconf.warmup_steps} steps from "
-                        f"{trainer.restart.lr:.1e}, where the run had decayed to, to the curve of the new limits")]
-          if trainer.restart is not None and trainer.restart.step == trainer.step else []),
+                        f"{restart.lr:.1e}, where the run had decayed to, to the curve of the new limits")]
+          if restart is not None and restart.step == trainer.step else []),
     ]
     warnings = []
     if r.batch_size and r.seq_len and (tconf.batch_size, tconf.seq_len) != (r.batch_size, r.seq_len):
