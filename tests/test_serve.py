@@ -520,6 +520,11 @@ def test_a_link_fills_the_page_and_starts(server, page):
     assert "not in the model's vocabulary" in _until(page, "status", "vocabulary")
 
 
+def test_a_text_model_has_no_items(server):
+    status, _, body = server.post("/v1/items", {"count": 3})
+    assert status == 400 and "/v1/sample" in body["error"]
+
+
 # ---------------------------------------------------------------------------------------------- stopping
 def test_a_taken_port_is_one_line_of_error(server, trained_run):
     result = run_cli("serve", "-c", trained_run, "--port", server.port, timeout=60)
@@ -598,11 +603,6 @@ def test_bad_item_requests_get_a_4xx_naming_the_field(item_server, body, status,
     code, ctype, answer = served.post("/v1/items", body)
     assert (code, answer["field"]) == (status, field), answer
     assert ctype == "application/json" and answer["error"]
-
-
-def test_a_text_model_has_no_items(server):
-    status, _, body = server.post("/v1/items", {"count": 3})
-    assert status == 400 and "/v1/sample" in body["error"]
 
 
 def test_the_page_of_a_list_model_shows_new_items(item_server, tmp_path):
