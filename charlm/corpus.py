@@ -324,7 +324,8 @@ def _encode_into(sink: BinaryIO, sources, vocab, encoding, keep_crlf, separator,
     return total, crlf[0]
 
 
-def _map(path: Path, dtype, length: int) -> np.ndarray:
+def _memmap_ids(path: Path, dtype, length: int) -> np.ndarray:
+    """The cached ids in `path`, mapped read-only (numpy cannot map an empty file)."""
     if length == 0:
         return np.zeros(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r", shape=(length,))
@@ -366,7 +367,7 @@ def build_corpus(sources: Sequence[_Source], name: str, vocab: Optional[Vocabula
                 cached_vocab = Vocabulary(meta["vocab"])
                 n = int(meta["chars"])
                 if ids_file.stat().st_size == n * np.dtype(cached_vocab.id_dtype()).itemsize:
-                    return CorpusText(_map(ids_file, cached_vocab.id_dtype(), n), cached_vocab, name, total_sha,
+                    return CorpusText(_memmap_ids(ids_file, cached_vocab.id_dtype(), n), cached_vocab, name, total_sha,
                                       int(meta["crlf"]), per_file, str(ids_file))
             except (OSError, ValueError, KeyError):
                 pass  # a damaged cache entry is rebuilt below
@@ -384,7 +385,7 @@ def build_corpus(sources: Sequence[_Source], name: str, vocab: Optional[Vocabula
     try:
         with os.fdopen(fd, "wb", buffering=1 << 20) as sink:
             n, crlf = _encode_into(sink, sources, vocab, encoding, keep_crlf, separator, unknown)
-        ids = _map(Path(tmp), vocab.id_dtype(), n)  # mapped before any rename or unlink: stays valid
+        ids = _memmap_ids(Path(tmp), vocab.id_dtype(), n)  # mapped before any rename or unlink: stays valid
         if directory is not None:
             os.replace(tmp, ids_file)
             meta = {"vocab": vocab.chars, "chars": n, "crlf": crlf, "files": per_file}
@@ -427,7 +428,7 @@ def describe_mapped(corpus: CorpusText) -> dict:
 
 def open_mapped(described: dict) -> CorpusText:
     vocab = Vocabulary(described["vocab"])
-    ids = _map(Path(described["ids_file"]), vocab.id_dtype(), int(described["chars"]))
+    ids = _memmap_ids(Path(described["ids_file"]), vocab.id_dtype(), int(described["chars"]))
     return CorpusText(ids, vocab, described["path"], described["sha256"], int(described["crlf"]), described["files"],
                       described["ids_file"])
 

@@ -169,9 +169,10 @@ def finish_distributed(device: torch.device) -> None:
 
 
 def agreed(dinfo: Dist, fn, here: bool = True):
-    """Run fn (where `here`), and under torchrun make every process learn of a CharlmError raised on any of
-    them: each raises the same one-line message, instead of leaving the others waiting in a collective
-    until it times out. Returns fn's result (None where it did not run)."""
+    """Run fn (where `here`), then agree across a torchrun job on whether it failed: every process learns of
+    a CharlmError raised on any of them and raises the same one-line message (the lowest failing rank's), instead
+    of the others waiting in their next collective until it times out. Without torchrun the error is simply
+    raised. Returns fn's result (None where it did not run)."""
     result, message = None, None
     if here:
         try:

@@ -18,26 +18,23 @@ def zeros(cell: str, layers: int, batch: int, hidden: int, device=None) -> State
     return (h, torch.zeros_like(h)) if cell == "lstm" else h
 
 
-def _map(fn, state: State) -> State:
+def _each_tensor(fn, state: State) -> State:
+    """fn applied to the state's tensor, or to each tensor of an LSTM's (h, c)."""
     return tuple(fn(t) for t in state) if isinstance(state, tuple) else fn(state)
 
 
 def detach(state: State) -> State:
     """Cut the graph at a chunk boundary: the values carry on, the gradients stop (truncated BPTT)."""
-    return _map(torch.Tensor.detach, state)
+    return _each_tensor(torch.Tensor.detach, state)
 
 
 def to(state: State, device) -> State:
-    return _map(lambda t: t.to(device), state)
+    return _each_tensor(lambda t: t.to(device), state)
 
 
 def select_rows(state: State, rows) -> State:
     """The state of a subset of streams (dimension 1 is the batch)."""
-    return _map(lambda t: t[:, rows], state)
-
-
-def repeat_rows(state: State, times: int) -> State:
-    return _map(lambda t: t.repeat(1, times, 1), state)
+    return _each_tensor(lambda t: t[:, rows], state)
 
 
 def to_list(state: State) -> list:
@@ -61,7 +58,7 @@ def dtype(state: Optional[State]) -> torch.dtype:
 
 def cast(state: Optional[State], dtype: torch.dtype) -> Optional[State]:
     """The state in `dtype` (the same tensors when they already are)."""
-    return None if state is None else _map(lambda t: t.to(dtype), state)
+    return None if state is None else _each_tensor(lambda t: t.to(dtype), state)
 
 
 def concat_rows(states: Sequence[State]) -> State:
