@@ -1,7 +1,8 @@
-"""What a training run keeps in its directory, beside checkpoint.py (which writes and reads one file safely):
-the payload of a checkpoint (the weights, the optimizer, where the run stands, every stream's carried state,
-the random generators), reading one back to resume exactly where it stopped, and metrics.jsonl (one JSON
-line per evaluation). The Trainer decides when to save; this module knows what a save holds.
+"""A training run's directory, beside checkpoint.py (which writes and reads one file safely): which directory a
+run trains into, what a checkpoint of the run holds (the weights, the optimizer, where the run stands, every
+stream's carried state, the random generators), reading one back to resume exactly where it stopped, and
+metrics.jsonl (one JSON line per evaluation). The Trainer decides when to save; this module knows what a
+save holds.
 """
 
 from __future__ import annotations
@@ -103,3 +104,58 @@ def rewrite_metrics(out_dir: Path, records: list) -> None:
     """metrics.jsonl holding exactly `records`: on resume, the evaluations the resumed state has seen."""
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / METRICS, "".join(json.dumps(m) + "\n" for m in records))
+
+
+def run_name(inputs: list) -> str:
+    """The run's name: the file's stem, the folder's name, or the folder several files share."""
+    first = Path(inputs[0])
+    if len(inputs) == 1:
+        return (first.name if first.is_dir() else first.stem) or "corpus"
+    parents = {Path(p).resolve().parent for p in inputs}
+    return (parents.pop().name if len(parents) == 1 else "") or first.stem or "corpus"
+
+
+def runs_of(root: Path, stem: str) -> list:
+    """The run directories of `stem` under `root` that hold a checkpoint: root/stem, root/stem-2, ..."""
+    dirs = [root / stem] + sorted(root.glob(f"{stem}-*"))
+    return [d for d in dirs if (d / ckpt.LAST).is_file() or (d / ckpt.BEST).is_file()]
+
+
+def run_dir(stem: str, out: Optional[Path], resume: bool, force: bool, root: Path = Path("checkpoints")) -> Path:
+    """The directory a run of `stem` trains into: --out if given (refusing to start over a run in it without
+    --force), else a new root/stem-N, or with --resume the latest run of stem there."""
+    if resume:
+        if out is not None:
+            if not (out / ckpt.LAST).is_file():
+                raise CharlmError(f"--resume: {out} holds no last.pt to resume; train without --resume first")
+            return out
+        runs = [d for d in runs_of(root, stem) if (d / ckpt.LAST).is_file()]
+        if not runs:
+            raise CharlmError(f"--resume: no previous run of {stem!r} under {root}/; train without --resume first "
+                              "(or pass --out RUN_DIR)")
+        return max(runs, key=lambda d: (d / ckpt.LAST).stat().st_mtime)
+    if out is not None:
+        if ((out / ckpt.LAST).is_file() or (out / ckpt.BEST).is_file()) and not force:
+            raise CharlmError(f"{out} already holds a run; add --resume to continue it, --force to start over "
+                              "in it, or choose another --out")
+        return out
+    taken = {d.name for d in runs_of(root, stem)}
+    name, n = stem, 1
+    while name in taken:
+        n += 1
+        name = f"{stem}-{n}"
+    return root / name
+
+
+def prepare_run_dir(out: Path, fresh: bool) -> None:
+    """Make `out` and check it takes a file; `fresh` (a new run, not resumed): remove an old run's files."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".charlm-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CharlmError(f"cannot write to {out} ({exc.strerror or exc}); choose a writable --out")
+    if fresh:
+        for name in (ckpt.BEST, ckpt.LAST, METRICS):
+            (out / name).unlink(missing_ok=True)

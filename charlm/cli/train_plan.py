@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, List, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 from rich.console import Console
 
 from charlm import checkpoint as ckpt
+from charlm import persist
 from charlm.cli.train_report import CorpusProgress
 from charlm.corpus import DOC_SEPARATOR
 from charlm.errors import CharlmError
@@ -92,49 +93,6 @@ def settle_options(r: TrainRequest, payload: Optional[dict], source: Optional[Pa
     return replace(r, **values), kept
 
 
-def _runs_of(root: Path, stem: str) -> list:
-    dirs = [root / stem] + sorted(root.glob(f"{stem}-*"))
-    return [d for d in dirs if (d / ckpt.LAST).is_file() or (d / ckpt.BEST).is_file()]
-
-
-def _out_dir(r: TrainRequest, stem: str) -> Path:
-    root = Path("checkpoints")
-    if r.resume:
-        if r.out is not None:
-            if not (r.out / ckpt.LAST).is_file():
-                raise CharlmError(f"--resume: {r.out} holds no last.pt to resume; train without --resume first")
-            return r.out
-        runs = [d for d in _runs_of(root, stem) if (d / ckpt.LAST).is_file()]
-        if not runs:
-            raise CharlmError(f"--resume: no previous run of {stem!r} under {root}/; train without --resume first "
-                              "(or pass --out RUN_DIR)")
-        return max(runs, key=lambda d: (d / ckpt.LAST).stat().st_mtime)
-    if r.out is not None:
-        if ((r.out / ckpt.LAST).is_file() or (r.out / ckpt.BEST).is_file()) and not r.force:
-            raise CharlmError(f"{r.out} already holds a run; add --resume to continue it, --force to start over "
-                              "in it, or choose another --out")
-        return r.out
-    taken = {d.name for d in _runs_of(root, stem)}
-    name, n = stem, 1
-    while name in taken:
-        n += 1
-        name = f"{stem}-{n}"
-    return root / name
-
-
-def _prepare_out(out: Path, fresh: bool) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".charlm-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise CharlmError(f"cannot write to {out} ({exc.strerror or exc}); choose a writable --out")
-    if fresh:
-        for name in (ckpt.BEST, ckpt.LAST, "metrics.jsonl"):
-            (out / name).unlink(missing_ok=True)
-
-
 @dataclass
 class TrainPlan:
     """What `charlm train` decided before training; nothing here has trained yet."""
@@ -165,10 +123,10 @@ def plan_train(r: TrainRequest, max_time: Optional[float], console: Console, din
 
     precision = resolve_precision(r.precision, device)
     inputs = [_named_corpus(r.named, console, dinfo)] if r.named else list(r.corpus)
-    stem = r.named or _stem(inputs)
+    stem = r.named or persist.run_name(inputs)
     # Rank 0 decides the run directory and reads the checkpoint; under torchrun every process receives
     # them, so machines that do not share a disk agree on both (or stop on the same error).
-    out = from_main(dinfo, lambda: _out_dir(r, stem))
+    out = from_main(dinfo, lambda: persist.run_dir(stem, r.out, r.resume, r.force))
     source = (out / ckpt.LAST) if r.resume else r.init_from
     payload = None
     if r.resume:
@@ -215,7 +173,7 @@ def plan_train(r: TrainRequest, max_time: Optional[float], console: Console, din
         train_ids, val_ids = split_train_val(corpus.ids, r.val_frac, corpus.path)
     # Only once the corpus is known good (bad input leaves no directory behind); a failure here ends every
     # process of a torchrun job with the same message.
-    agreed(dinfo, lambda: _prepare_out(out, fresh=not r.resume), here=dinfo.is_main)
+    agreed(dinfo, lambda: persist.prepare_run_dir(out, fresh=not r.resume), here=dinfo.is_main)
     mconf, batch, seq_len, sizing = _sizes(r, payload, corpus, train_ids, device, precision, dinfo, max_time)
     batch, seq_len = fit_layout(len(train_ids) - 1, batch, seq_len)
     eval_chars = _eval_chars(r, payload, sizing)
@@ -360,15 +318,6 @@ def _agreed_speed(speed, dinfo):
     box = [speed]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def _stem(inputs: List) -> str:
-    """The run's name: the file's stem, the folder's name, or the folder several files share."""
-    first = Path(inputs[0])
-    if len(inputs) == 1:
-        return (first.name if first.is_dir() else first.stem) or "corpus"
-    parents = {Path(p).resolve().parent for p in inputs}
-    return (parents.pop().name if len(parents) == 1 else "") or first.stem or "corpus"
 
 
 def _training_corpus(inputs, vocab, r: TrainRequest, cache: Path, dinfo, console: Console,
