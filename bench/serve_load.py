@@ -193,7 +193,7 @@ def main() -> None:
     print("| --- |" + " ---: |" * len(steps))
     print("| ms per step | " + " | ".join(f"{ms:.2f}" for _, _, ms in steps) + " |")
     print()
-    print(f"| configuration | total chars/s | per-client chars/s | TTFC p50 | TTFC p99 | x 1 client |")
+    print("| configuration | total chars/s | per-client chars/s | TTFC p50 | TTFC p99 | x 1 client |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, row in summary.items():
         print(f"| {name} | {row['total_chars_per_s']:,.0f} | {row['per_client_chars_per_s']:,.0f} | "

@@ -1,6 +1,6 @@
 """Checkpoints: one self-contained file of plain tensors and primitives, written atomically, read safely.
 
-Contents (FORMAT 1): format, charlm_version, model_config, train_config, vocab (the characters as one
+Contents (FORMAT 1; persist.payload builds them): format, charlm_version, model_config, train_config, vocab (the characters as one
 string), model (state_dict), optimizer (state_dict), step, epoch, cursor (next chunk), carried_state (list of
 tensors), rng (torch generator states), elapsed_s, best_val_loss, best_step, bad_evals, metrics (one dict
 per evaluation) and corpus (path, sha256, chars). Loading uses torch.load(weights_only=True), which refuses

@@ -6,7 +6,6 @@ import re
 import urllib.error
 import urllib.request
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,7 +15,7 @@ from charlm.model import CharRNN, ModelConfig
 from charlm.sample import Sampler
 from charlm.vocab import Vocabulary
 
-from conftest import TINY, invoke, run_cli, word_text
+from conftest import TINY, invoke, word_text
 
 METRIC_KEYS = {"step", "epoch", "chars", "train_loss", "val_loss", "bpc", "lr", "chars_per_s", "elapsed_s"}
 

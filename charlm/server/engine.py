@@ -319,8 +319,10 @@ class Engine:
         charlm.sample.pick, for a fraction of the calls. The temperature's overflow guard is decided per row,
         so one request's extreme value never changes another's numbers."""
         width = self._logits.shape[-1]
-        plain = lambda cfg: not cfg.greedy and not (cfg.top_k and cfg.top_k < width) \
-            and cfg.top_p >= 1.0  # noqa: E731
+
+        def plain(cfg) -> bool:  # temperature only: no truncation, no greedy pick
+            return not cfg.greedy and not (cfg.top_k and cfg.top_k < width) and cfg.top_p >= 1.0
+
         shared = {}
         for job in self._active:
             if plain(job.cfg):
