@@ -78,7 +78,7 @@ def training_corpus(payload: dict):
     cache = Path(payload["path"]).resolve().parent.parent / ".charlm-cache"
     corpus = load_corpus(files, Vocabulary(payload["vocab"]) if info.get("fixed_vocab") else None,
                          info.get("encoding", "utf-8"), info.get("keep_crlf", False), cache_dir=cache,
-                         separator=info.get("separator", DOC_SEPARATOR))
+                         separator=info.get("separator", DOC_SEPARATOR), unknown=info.get("unknown", "error"))
     if corpus.sha256 != info.get("sha256") or corpus.vocab.chars != payload["vocab"]:
         raise CharlmError(f"{info.get('path')} has changed since training")
     return corpus

@@ -152,8 +152,16 @@ def train(
                                          "exactly where it stopped, with its own options; a larger limit trains "
                                          "it longer.", rich_help_panel=OUTPUT)] = False,
     init_from: Annotated[Optional[Path], typer.Option(help="Fine-tune an existing checkpoint on this corpus "
-                                                      "(keeps its vocabulary and architecture).",
+                                                      "(keeps its architecture and every character it knows; "
+                                                      "characters it never saw are added: --grow-vocab).",
                                                       rich_help_panel=OUTPUT)] = None,
+    grow_vocab: Annotated[bool, typer.Option(
+        "--grow-vocab/--no-grow-vocab", help="--init-from on a text with characters the model never saw: add "
+        "them (the old characters' predictions start unchanged; --no-...: refuse the text, naming them).",
+        rich_help_panel=DATA)] = True,
+    unknown: Annotated[Optional[str], typer.Option(
+        help="--init-from: characters the model never saw: error (refuse) or skip (drop them from the text) "
+             "\\[default: add them, see --grow-vocab].", rich_help_panel=DATA, show_default=False)] = None,
     force: Annotated[bool, typer.Option(help="Overwrite an existing run in --out; resume on a changed corpus.",
                                         rich_help_panel=OUTPUT)] = False,
     preview: Annotated[bool, typer.Option(help="Show a short sample at every evaluation.",
