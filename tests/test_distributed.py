@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -98,3 +100,47 @@ def test_two_machines_on_loopback_train_resume_and_finish_without_a_shared_disk(
     refused = two_nodes("train", *args, "--max-steps", "50", "--resume", "--seed", "9", roots=roots)
     assert all(r.returncode != 0 for r in refused)
     assert "--seed 9 differs" in refused[0].stderr and "--seed 9 differs" in refused[1].stderr
+
+
+@pytest.mark.slow
+def test_two_machines_interrupted_on_one_stop_together_and_resume_to_the_end(tmp_path, words_file):
+    """Ctrl-C on the first machine's torchrun: every process stops at the same step (the stop is agreed),
+    the run is saved on the first machine's disk only, nobody hangs; the same command plus --resume and a
+    limit then finishes the run on both."""
+    import torch
+
+    roots = [tmp_path / "node0", tmp_path / "node1"]
+    for root in roots:
+        root.mkdir()
+        (root / "words.txt").write_bytes(words_file.read_bytes())
+    args = ["train", "words.txt", "--hidden", "32", "--layers", "1", "--batch-size", "8", "--seq-len", "32",
+            "--no-preview", "--device", "cpu", "--no-items", "--eval-every", "10", "--warmup", "5",
+            "--eval-chars", "2000"]
+    port = _free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={rank}",
+                               "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                               "--rdzv-id=charlm-interrupt", "-m", "charlm", *args, "--max-steps", "100000"],
+                              cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank, root in enumerate(roots)]
+    try:
+        deadline = time.monotonic() + 180
+        for line in procs[0].stderr:  # the first evaluation line: training is under way on both machines
+            if line.lstrip().startswith("step") and " val " in line:
+                break
+            assert time.monotonic() < deadline, "no evaluation within 180 s"
+        procs[0].send_signal(signal.SIGINT)
+        for proc in procs:
+            proc.communicate(timeout=60)  # a hang raises TimeoutExpired: a failure, not a stuck suite
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert all(proc.returncode != 0 for proc in procs)  # interrupted, not finished
+    run = roots[0] / "checkpoints" / "words"
+    stopped = torch.load(run / "last.pt", weights_only=True)["step"]
+    assert 10 <= stopped < 100000 and not (roots[1] / "checkpoints" / "words").exists()
+    finish = two_nodes(*args, "--max-steps", str(stopped + 20), "--resume", roots=roots)
+    assert [r.returncode for r in finish] == [0, 0], finish[0].stderr[-1500:] + finish[1].stderr[-1500:]
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == stopped + 20
+    assert "best:" in finish[0].stderr and "Traceback" not in finish[0].stderr + finish[1].stderr
