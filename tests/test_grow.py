@@ -109,6 +109,8 @@ def test_a_grown_model_trains_and_samples_the_new_characters(runner, trained_run
     assert tuned["vocab"] == "".join(sorted(source["vocab"] + NEW))
     assert tuned["model_config"] == {**source["model_config"], "vocab_size": old + 3}
     assert tuned["corpus"]["added_chars"] == "".join(sorted(NEW))
+    shown = invoke(runner, "info", out)
+    assert "grown: 3 character(s) added on --init-from: C é —" in " ".join(shown.stdout.split())
     sampled = invoke(runner, "sample", "-c", out, "--length", "3000", "--temperature", "1", "--seed", "1")
     assert sampled.exit_code == 0, sampled.stderr
     for ch in NEW:

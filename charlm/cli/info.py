@@ -50,6 +50,14 @@ def run_info(path: Optional[Path], as_json: bool, console: Console) -> None:
         f"corpus: {summary['corpus'].get('path')} ({summary['corpus'].get('chars', 0):,} characters, "
         f"sha256 {str(summary['corpus'].get('sha256', ''))[:12]}...)",
     ]
+    corpus = summary["corpus"]
+    if corpus.get("added_chars"):  # a fine-tune whose vocabulary grew (--init-from)
+        added = corpus["added_chars"]
+        lines.append(f"grown: {len(added)} character(s) added on --init-from: {describe_chars(added[:40])}"
+                     + (" ..." if len(added) > 40 else ""))
+    if corpus.get("dropped_chars"):
+        lines.append(f"dropped: {len(corpus['dropped_chars'])} character(s) left out of the text "
+                     f"(--unknown skip): {describe_chars(corpus['dropped_chars'][:40])}")
     for line in lines:
         out.print(line, highlight=False, soft_wrap=True)
 
