@@ -39,6 +39,7 @@ def export_folder(runner, run, out, *extra):
 
 
 def test_folder_weights_round_trip_bit_for_bit(runner, trained_run, tmp_path):
+    pytest.importorskip("safetensors", reason="safetensors folders need the hub extra: pip install 'charlm[hub]'")
     from safetensors.torch import load_file
 
     out = tmp_path / "words-gru"
@@ -172,6 +173,7 @@ def tb_train(runner, corpus, out, *extra):
 
 
 def test_tensorboard_shows_the_run(runner, tmp_path, one_thread):
+    pytest.importorskip("tensorboard", reason="--log tensorboard needs the extra: pip install 'charlm[tensorboard]'")
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     corpus = tmp_path / "words.txt"
