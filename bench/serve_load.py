@@ -40,9 +40,9 @@ from charlm.model import CharRNN, ModelConfig
 SHAKESPEARE_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # Tiny Shakespeare's 65
 
 
-def write_model(folder: Path) -> Path:
+def write_model(folder: Path, hidden: int = 512) -> Path:
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=len(SHAKESPEARE_CHARS))  # the defaults: 2 x 512 GRU, one-hot
+    config = ModelConfig(vocab_size=len(SHAKESPEARE_CHARS), hidden=hidden)  # 2 layers, GRU, one-hot
     model = CharRNN(config)
     path = folder / "best.pt"
     ckpt.save({"model_config": config.to_dict(), "vocab": SHAKESPEARE_CHARS, "model": model.state_dict(),
@@ -157,11 +157,13 @@ def main() -> None:
     parser.add_argument("--all-cores", action="store_true", help="also serve with --threads = every core "
                         "(the model's threads then compete with the event loop)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--hidden", type=int, default=512, help="units per layer of the 2-layer GRU served "
+                        "(512: the default model; 128: a small one, where per-request work weighs most)")
     args = parser.parse_args()
     levels = [int(x) for x in args.clients.split(",")]
     torch.set_num_threads(1)  # while the servers run, this process (the clients) leaves them the cores
     with tempfile.TemporaryDirectory() as tmp:
-        model = write_model(Path(tmp))
+        model = write_model(Path(tmp), args.hidden)
         steps = step_costs(model)
         servers = [start_server(model, 64), start_server(model, 1)]
         (_, bport), (_, pport) = servers
