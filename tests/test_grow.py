@@ -205,3 +205,25 @@ def test_a_text_with_nothing_new_fine_tunes_the_model_unchanged(runner, trained_
     source = torch.load(trained_run / "best.pt", weights_only=True)
     assert tuned["vocab"] == source["vocab"] and "added_chars" not in tuned["corpus"]
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["val_loss"] < 2.0
+
+
+def test_a_text_model_fine_tunes_onto_a_folder_of_items(runner, trained_run, tmp_path):
+    """A folder trained one item per file joins its files by ITEM_END, a character a model of running text has
+    never seen: it is added like any other new character (it was a traceback)."""
+    from charlm.items import ITEM_END
+
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    words = word_text(3000, seed=5).split()
+    for i in range(40):
+        (folder / f"note{i:02d}.txt").write_text(" ".join(words[i * 20: i * 20 + 20]) + "\n", encoding="utf-8")
+    out = tmp_path / "ft"
+    result = invoke(runner, "train", folder, "--init-from", trained_run, "--out", out, "--max-steps", "20",
+                    *TINY, "--items")
+    assert result.exit_code == 0, result.stderr
+    tuned = torch.load(out / "best.pt", weights_only=True)
+    assert ITEM_END in tuned["vocab"] and tuned["corpus"]["item_end"] == ITEM_END
+    assert ITEM_END not in torch.load(trained_run / "best.pt", weights_only=True)["vocab"]
+    scored = invoke(runner, "eval", folder, "-c", out, "--json")  # each file scored as one item, its end too
+    assert scored.exit_code == 0, scored.stderr
+    assert json.loads(scored.stdout)["items"]["count"] == 40

@@ -135,12 +135,6 @@ def plan_train(r: TrainRequest, max_time: Optional[float], console: Console, din
         payload = from_main(dinfo, lambda: ckpt.load(r.init_from))
     r, kept = settle_options(r, payload, source)
     vocab = Vocabulary(payload["vocab"]) if payload else None
-    vplan = None
-    if r.init_from is not None:  # the text's characters against the model's: grow, drop or refuse (grow.py)
-        vplan = from_main(dinfo, lambda: _vocab_plan(r, inputs, vocab))
-        vocab, r = vplan.vocab, replace(r, unknown=vplan.unknown)
-    elif r.resume:  # read the text as the run did (a run that dropped new characters drops them again)
-        r = replace(r, unknown=payload.get("corpus", {}).get("unknown", "error"))
     # Encoded once, joined as it will be trained: a folder that becomes one item per file by ITEM_END, other
     # text by a blank line. Guessed before encoding (a resumed run knows; items.files_are_items_likely) and
     # decided on the encoded text below; a wrong guess, or a text the guess cannot be checked on, reads again.
@@ -148,6 +142,12 @@ def plan_train(r: TrainRequest, max_time: Optional[float], console: Console, din
     separator = ITEM_END if saved_end == ITEM_END or (not r.resume and r.items and
                                                       files_are_items_likely(inputs, r.encoding, r.keep_crlf)) \
         else DOC_SEPARATOR
+    vplan = None
+    if r.init_from is not None:  # the text's characters against the model's: grow, drop or refuse (grow.py)
+        vplan = from_main(dinfo, lambda: _vocab_plan(r, inputs, vocab, separator))
+        vocab, r = vplan.vocab, replace(r, unknown=vplan.unknown)
+    elif r.resume:  # read the text as the run did (a run that dropped new characters drops them again)
+        r = replace(r, unknown=payload.get("corpus", {}).get("unknown", "error"))
     corpus = _training_corpus(inputs, vocab, r, out.parent / ".charlm-cache", dinfo, console, separator)
     if r.resume:
         saved = payload.get("corpus", {})
@@ -348,14 +348,15 @@ def _training_corpus(inputs, vocab, r: TrainRequest, cache: Path, dinfo, console
     return agreed(dinfo, build)  # no shared cache (an unwritable folder): each process encodes its own
 
 
-def _vocab_plan(r: TrainRequest, inputs, vocab: Vocabulary):
-    """--init-from: the text's own characters (one read, nothing written), decided before the text is encoded
-    once under the vocabulary the run keeps (grow.decide: grow, drop or refuse)."""
+def _vocab_plan(r: TrainRequest, inputs, vocab: Vocabulary, separator: str):
+    """--init-from: the text's own characters (one read, nothing written), joined as they will be encoded (a
+    folder of items by ITEM_END, which then joins the vocabulary), decided before the text is encoded once
+    under the vocabulary the run keeps (grow.decide: grow, drop or refuse)."""
     from charlm.corpus import read_vocab
     from charlm.grow import decide
 
     where = str(inputs[0]) if len(inputs) == 1 else f"{inputs[0]} + {len(inputs) - 1} more"
-    return decide(vocab, read_vocab(inputs, r.encoding, r.keep_crlf), where, r.grow_vocab, r.unknown)
+    return decide(vocab, read_vocab(inputs, r.encoding, r.keep_crlf, separator), where, r.grow_vocab, r.unknown)
 
 
 def _named_corpus(name: str, console: Console, dinfo) -> Path:
