@@ -92,10 +92,12 @@ class ItemList:
     known: frozenset  # the training list's items: a sample equal to one is a copy, not new
     longest: int  # 99% of the list's items are at most this many characters
 
-    def max_length(self, min_length: int = 1) -> int:
-        """The longest item kept unless asked otherwise: half again the length of 99% of the list's items,
-        64 at least (a longer draw has wandered off; it is dropped, not cut)."""
-        return max(64, self.longest * 3 // 2, min_length)
+
+def longest_item_kept(listed: Optional[ItemList], min_length: int = 1) -> int:
+    """The longest item kept unless asked otherwise: half again the length of 99% of the list's items, 64 at
+    least (a longer draw has wandered off; it is dropped, not cut), and never below min_length. Without the
+    training list (listed None), 64 or min_length."""
+    return max(64, (listed.longest if listed else 0) * 3 // 2, min_length)
 
 
 def is_item_model(payload: dict) -> bool:

@@ -590,6 +590,14 @@ def test_items_with_copies_allowed_say_which_are_new(item_server):
     assert any(not i["new"] for i in body["items"])  # a model of 400 names at T=0.5 gives back some of them
 
 
+def test_items_without_a_seed_report_the_one_that_gives_them_again(item_server):
+    served = item_server[0]
+    status, _, first = served.post("/v1/items", {"count": 5})
+    assert status == 200 and isinstance(first["seed"], int)
+    _, _, again = served.post("/v1/items", {"count": 5, "seed": first["seed"]})
+    assert again["items"] == first["items"]
+
+
 @pytest.mark.parametrize("body,status,field", [
     ({"count": 0}, 400, "count"),
     ({"count": LIMITS.max_items + 1}, 400, "count"),

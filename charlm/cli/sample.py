@@ -18,7 +18,7 @@ from charlm.cli.common import check
 from charlm.cli.display import pass_progress
 from charlm.corpus import read_file
 from charlm.errors import CharlmError
-from charlm.runs import item_list, load_model, text_reading, training_corpus
+from charlm.runs import item_list, load_model, longest_item_kept, text_reading, training_corpus
 from charlm.vocab import describe_chars, unknown_message
 
 
@@ -137,12 +137,13 @@ def _sample_items(r: SampleRequest, payload, model, vocab, prime, top_k, count, 
     check(end != "\n" or "\n" not in prime, "an item prime is the start of one item: it cannot hold a line break")
     try:
         listed = item_list(payload, vocab)
-        known, max_length = listed.known, r.max_length or listed.max_length(r.min_length)
+        known = listed.known
     except CharlmError as exc:
         if not r.allow_copies:
             raise CharlmError(f"{exc}: it is needed to leave out items already in the list; add "
                               "--allow-copies to sample without that check")
-        known, max_length = set(), r.max_length or max(64, r.min_length)
+        listed, known = None, set()
+    max_length = r.max_length or longest_item_kept(listed, r.min_length)
     result = sample_items(model, vocab, count, known, prime, temperature=r.temperature, top_k=top_k, top_p=r.top_p,
                           min_length=max(r.min_length, len(prime) + 1 if prime else 1), max_length=max_length,
                           allow_copies=r.allow_copies, seed=r.seed, device=device, end=end)

@@ -148,20 +148,27 @@ SAMPLE_FIELDS = ("prime", "length", "temperature", "top_k", "top_p", "greedy", "
                  "unknown", "stream")
 
 
+def sampling_fields(f: Fields, vocab) -> tuple:
+    """(temperature, top_k, top_p, seed) of a /v1/sample or /v1/items body, with `charlm sample`'s defaults;
+    without a seed, one of the server's choosing, returned so the answer can be had again."""
+    temperature = f.float("temperature", 0.8, lambda t: 0 < t <= 100, "a number above 0 (at most 100)")
+    top_k = min(f.int("top_k", 0, 0), vocab.size)
+    top_p = f.float("top_p", 1.0, lambda p: 0 < p <= 1, "a number in (0, 1]")
+    seed = f.int("seed", None, 0, 2**63 - 1)
+    if seed is None:
+        seed = int.from_bytes(os.urandom(8), "little") >> 1
+    return temperature, top_k, top_p, seed
+
+
 def sample_request(data: dict, vocab, limits: Limits):
     """(prime, SampleConfig, stream) from a /v1/sample body; the defaults are `charlm sample`'s."""
     f = Fields(data, SAMPLE_FIELDS)
     unknown = f.str("unknown", "error", 5, ("error", "skip"))
     prime = f.str("prime", "", limits.max_prime)
     prime = known_text(vocab, prime, "prime", unknown)
-    seed = f.int("seed", None, 0, 2**63 - 1)
-    if seed is None:  # a seed of the server's choosing, returned so the text can be had again
-        seed = int.from_bytes(os.urandom(8), "little") >> 1
+    temperature, top_k, top_p, seed = sampling_fields(f, vocab)
     cfg = SampleConfig(
-        length=f.int("length", 500, 0, limits.max_length),
-        temperature=f.float("temperature", 0.8, lambda t: 0 < t <= 100, "a number above 0 (at most 100)"),
-        top_k=min(f.int("top_k", 0, 0), vocab.size),
-        top_p=f.float("top_p", 1.0, lambda p: 0 < p <= 1, "a number in (0, 1]"),
+        length=f.int("length", 500, 0, limits.max_length), temperature=temperature, top_k=top_k, top_p=top_p,
         greedy=f.bool("greedy", False),
         num_samples=f.int("num_samples", 1, 1, limits.max_num_samples),
         seed=seed,
@@ -273,6 +280,7 @@ class Server:
 
     async def items_(self, request: Request) -> Response:
         from charlm.items import draw_items
+        from charlm.runs import longest_item_kept
 
         data = await read_json(request, self.limits.max_body)
         corpus = self.info.get("corpus", {})
@@ -291,19 +299,16 @@ class Server:
             raise ApiError(422, "new_only", "the training list is not on this server's disk, so a copy cannot "
                                             "be told from a new item; send \"new_only\": false")
         min_length = f.int("min_length", 1, 1, self.limits.max_length)
-        longest = self.items.max_length(min_length) if self.items else 64
+        longest = longest_item_kept(self.items, min_length)
         max_length = f.int("max_length", min(longest, self.limits.max_length), min_length, self.limits.max_length)
-        temperature = f.float("temperature", 0.8, lambda t: 0 < t <= 100, "a number above 0 (at most 100)")
-        top_k = f.int("top_k", 0, 0)
-        top_p = f.float("top_p", 1.0, lambda p: 0 < p <= 1, "in (0, 1]")
-        seed = f.int("seed", None, 0, 2**63 - 1)
+        temperature, top_k, top_p, seed = sampling_fields(f, self.vocab)
         known = self.items.known if self.items else frozenset()
         engine = self.engine
 
         def task():  # one model step of every drawn row per engine turn, between the other requests' steps
             return (yield from draw_items(
                 engine.model, self.vocab, count, known, prime, temperature=temperature,
-                top_k=min(top_k, self.vocab.size), top_p=top_p, min_length=max(min_length, len(prime) + 1),
+                top_k=top_k, top_p=top_p, min_length=max(min_length, len(prime) + 1),
                 max_length=max_length, allow_copies=not new_only, seed=seed, device=engine.device, end=end))
 
         job, queue = self._job(task=task())
