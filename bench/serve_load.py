@@ -1,17 +1,20 @@
-"""Load test of `charlm serve`: 1, 8 and 32 concurrent streaming clients on loopback, against the same
+"""Load test of `charlm serve`: 1, 8 and 32 concurrent clients on loopback, against the same
 model served without batching (--max-batch 1: one request at a time, the others wait), in one run;
 with --all-cores also against a server whose model uses every core (--threads N).
 
 Each client POSTs /v1/sample with "stream": true and its own seed, and reads the server-sent events as they
-arrive. Reported per configuration: total characters per second (all clients' characters / the time from
-the first request to the last `done`), characters per second per client (its characters / its own time),
-and the time to the first character (request sent -> first text event), p50 and p99 over every client of
-every round. Rounds run the configurations interleaved (1, 8, 32, unbatched 8, then again), so the
-machine's drift and other people's jobs fall on all of them alike.
+arrive (with --no-stream: a plain JSON request, whose first character comes with the whole answer). Reported
+per configuration: total characters per second (all clients' characters / the time from the first request
+to the last `done`), characters per second per client (its characters / its own time), and the time to the
+first character (request sent -> first text event), p50 and p99 over every client of every round. Rounds
+run the configurations interleaved (1, 8, 32, unbatched 8, then again), so the machine's drift and other
+people's jobs fall on all of them alike.
 
 The model is the default size (2 x 512 GRU, one-hot input, 65 characters) with untrained weights: the cost
-of a step does not depend on what the weights are. Bounded: loopback only, at most --rounds x 4 batches of
-clients, each asking for --length characters, and a --timeout per batch.
+of a step does not depend on what the weights are (--hidden serves a smaller one). Before the servers, the
+script times a step with the picks, and the batching engine alone with no HTTP, in its own process.
+Bounded: loopback only, at most --rounds x 4 batches of clients, each asking for --length characters, and a
+--timeout per batch.
 
     .venv/bin/python bench/serve_load.py
     .venv/bin/python bench/serve_load.py --all-cores --length 300 --rounds 3 --json
@@ -51,9 +54,11 @@ def write_model(folder: Path, hidden: int = 512) -> Path:
 
 
 def step_costs(model: Path) -> list:
-    """(threads, batch, ms per CharRNN.step + picks) in this process: what bounds the server's rates."""
+    """(threads, batch, ms per CharRNN.step + picks) in this process: what bounds the server's rates. The
+    picks as the engine makes them: one distribution for the batch, one number per row from that row's own
+    generator, one batched draw."""
     from charlm.runs import load_model
-    from charlm.sample import SampleConfig, pick
+    from charlm.sample import SampleConfig, Uniforms, distribution, draw
 
     _, net, _, _ = load_model(model, "cpu")
     cfg, rows = SampleConfig(), []
@@ -61,17 +66,47 @@ def step_costs(model: Path) -> list:
         torch.set_num_threads(threads)
         for batch in (1, 8, 32):
             state, ids = net.init_state(batch), torch.zeros(batch, dtype=torch.long)
-            gens = [torch.Generator().manual_seed(i) for i in range(batch)]
+            numbers = [Uniforms(torch.Generator().manual_seed(i), 1) for i in range(batch)]
             best = float("inf")
             for _ in range(5):
                 start = time.perf_counter()
                 for _ in range(50):
                     logits, state = net.step(ids, state)
-                    ids = torch.cat([pick(logits[b: b + 1], cfg, gens[b]) for b in range(batch)])
+                    u = [x for n in numbers for x in n.take()]
+                    ids = draw(distribution(logits, cfg), torch.tensor(u, dtype=torch.float64))
                 best = min(best, (time.perf_counter() - start) / 50)
             rows.append((threads, batch, 1e3 * best))
     torch.set_num_threads(1)
     return rows
+
+
+def engine_rates(model: Path, levels: list, length: int) -> list:
+    """(clients, model steps per second) of the batching engine itself, in this process with no HTTP: n
+    jobs of `length` characters at once, best of 3. Its gap to the server's rate is the HTTP side's cost."""
+    from charlm.runs import load_model
+    from charlm.sample import SampleConfig
+    from charlm.server.engine import Engine, Job
+
+    _, net, vocab, _ = load_model(model, "cpu")
+    engine = Engine(net, vocab, "cpu", publish=lambda events: None).start()
+    out = []
+    try:
+        for n in levels:
+            best = float("inf")
+            for round_ in range(3):
+                jobs = [Job(deliver=None, cfg=SampleConfig(length=length, seed=round_ * 100 + i), stream=False,
+                            prime_ids=vocab.encode("ROMEO:")) for i in range(n)]
+                steps, start = engine.steps, time.perf_counter()
+                for job in jobs:
+                    engine.submit(job)
+                while engine.stats()["active_rows"] or engine.stats()["warming"] or engine.stats()["queued"] \
+                        or engine.steps - steps < length:
+                    time.sleep(0.001)
+                best = min(best, (time.perf_counter() - start) / (engine.steps - steps))
+            out.append((n, 1 / best))
+    finally:
+        engine.close()
+    return out
 
 
 def free_port() -> int:
@@ -98,8 +133,8 @@ def start_server(model: Path, max_batch: int, threads: int = 0) -> tuple:
     raise SystemExit(f"server did not start: {proc.stderr.read()}")
 
 
-def client(port: int, seed: int, length: int, timeout: float, out: list) -> None:
-    body = json.dumps({"prime": "ROMEO:", "length": length, "seed": seed, "stream": True})
+def client(port: int, seed: int, length: int, timeout: float, out: list, stream: bool = True) -> None:
+    body = json.dumps({"prime": "ROMEO:", "length": length, "seed": seed, "stream": stream})
     sent = time.perf_counter()
     first, chars = None, 0
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
@@ -107,7 +142,10 @@ def client(port: int, seed: int, length: int, timeout: float, out: list) -> None
         c.request("POST", "/v1/sample", body, {"Content-Type": "application/json"})
         r = c.getresponse()
         event = "message"
-        for raw in r:
+        if not stream:
+            chars = sum(len(t) - len("ROMEO:") for t in json.loads(r.read())["samples"])
+            first = time.perf_counter()
+        for raw in (r if stream else ()):
             line = raw.decode("utf-8")
             if line.startswith("event: "):
                 event = line[7:].strip()
@@ -125,9 +163,9 @@ def client(port: int, seed: int, length: int, timeout: float, out: list) -> None
                 "seconds": time.perf_counter() - sent, "start": sent, "end": time.perf_counter()})
 
 
-def run_batch(port: int, clients: int, length: int, timeout: float, seed0: int) -> list:
+def run_batch(port: int, clients: int, length: int, timeout: float, seed0: int, stream: bool = True) -> list:
     out: list = []
-    threads = [threading.Thread(target=client, args=(port, seed0 + i, length, timeout, out), daemon=True)
+    threads = [threading.Thread(target=client, args=(port, seed0 + i, length, timeout, out, stream), daemon=True)
                for i in range(clients)]
     for t in threads:
         t.start()
@@ -156,6 +194,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300, help="seconds one batch of clients may take")
     parser.add_argument("--all-cores", action="store_true", help="also serve with --threads = every core "
                         "(the model's threads then compete with the event loop)")
+    parser.add_argument("--no-stream", action="store_true", help="clients ask for a JSON answer instead of "
+                        "a stream (the time to the first character is then the time to the whole answer)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--hidden", type=int, default=512, help="units per layer of the 2-layer GRU served "
                         "(512: the default model; 128: a small one, where per-request work weighs most)")
@@ -165,6 +205,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = write_model(Path(tmp), args.hidden)
         steps = step_costs(model)
+        engine = engine_rates(model, levels, args.length)
         servers = [start_server(model, 64), start_server(model, 1)]
         (_, bport), (_, pport) = servers
         configs = [(f"batched, {n} clients", bport, n) for n in levels] + [("unbatched, 8 clients", pport, 8)]
@@ -177,7 +218,8 @@ def main() -> None:
                 run_batch(port, 2, 50, args.timeout, 10_000)  # warm up
             for round_ in range(args.rounds):
                 for name, port, n in configs:
-                    results[name].append(run_batch(port, n, args.length, args.timeout, 1000 * round_))
+                    results[name].append(run_batch(port, n, args.length, args.timeout, 1000 * round_,
+                                                   not args.no_stream))
                     print(f"round {round_ + 1}: {name} done", file=sys.stderr)
         finally:
             for proc, _ in servers:
@@ -188,12 +230,21 @@ def main() -> None:
     for row in summary.values():
         row["ratio_to_1_client"] = row["total_chars_per_s"] / one if one else None
     if args.json:
-        print(json.dumps({"length": args.length, "rounds": args.rounds, "cpus": os.cpu_count(), **summary,
-                          "step_ms": [{"threads": t, "batch": b, "ms": ms} for t, b, ms in steps]}, indent=1))
+        print(json.dumps({"length": args.length, "rounds": args.rounds, "cpus": os.cpu_count(),
+                          "stream": not args.no_stream, **summary,
+                          "step_ms": [{"threads": t, "batch": b, "ms": ms} for t, b, ms in steps],
+                          "engine_steps_per_s": [{"clients": n, "steps_per_s": r} for n, r in engine]}, indent=1))
         return
     print("| step + picks (in-process) | " + " | ".join(f"{t} thread(s), {b} rows" for t, b, _ in steps) + " |")
     print("| --- |" + " ---: |" * len(steps))
     print("| ms per step | " + " | ".join(f"{ms:.2f}" for _, _, ms in steps) + " |")
+    print()
+    one_engine = engine[0][1] if engine and engine[0][0] == 1 else None
+    print("| engine alone (in-process, no HTTP) | " + " | ".join(f"{n} clients" for n, _ in engine) + " |")
+    print("| --- |" + " ---: |" * len(engine))
+    print("| steps per second | " + " | ".join(f"{r:,.0f}" for _, r in engine) + " |")
+    if one_engine:
+        print("| chars/s x 1 client | " + " | ".join(f"{n * r / one_engine:.2f}" for n, r in engine) + " |")
     print()
     print("| configuration | total chars/s | per-client chars/s | TTFC p50 | TTFC p99 | x 1 client |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")

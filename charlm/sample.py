@@ -84,11 +84,55 @@ def distribution(logits: torch.Tensor, cfg: SampleConfig) -> torch.Tensor:
     return torch.softmax(logits, dim=-1)
 
 
-def pick(logits: torch.Tensor, cfg: SampleConfig, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """logits (B, V) -> ids (B,) under the sampling rules."""
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """probs (B, V), u (B,) float64 uniforms in [0, 1) -> ids (B,): row b's character is the first whose
+    cumulative probability exceeds u[b] x the row's total (inverse CDF). One batched call for every row,
+    whichever generator each row's number came from: the server's engine draws all its requests at once.
+    A zero-probability character adds nothing to the sum, so it is never the first to exceed it; and the
+    target stays below the total (u <= 1 - 2^-53 rounds u x total below it), so every row finds one."""
+    cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)  # (B, V)
+    target = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)  # (B, 1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
+
+
+class Uniforms:
+    """The uniform numbers one generator gives `rows` rows, one per row per step, drawn BLOCK steps at a
+    time: a call into the generator costs as much as the draw itself, so per step it is a slice of a list.
+    `charlm sample` and the server's engine both read their numbers through this, so a seed gives the same
+    numbers (and text) through either on any device (a CUDA generator's numbers depend on how they are cut
+    into calls, so both cut them the same way). A greedy pick reads none."""
+
+    BLOCK = 64
+
+    def __init__(self, generator: Optional[torch.Generator], rows: int, device="cpu"):
+        self.generator, self.rows, self.device = generator, rows, device
+        self._block: List[float] = []
+        self._at = 0
+
+    def take(self) -> List[float]:
+        """The next step's number per row, as Python floats (cheap to gather across requests)."""
+        if self._at >= len(self._block):
+            self._block = torch.rand(self.BLOCK * self.rows, generator=self.generator, dtype=torch.float64,
+                                     device=self.device).tolist()
+            self._at = 0
+        self._at += self.rows
+        return self._block[self._at - self.rows: self._at]
+
+
+def pick(logits: torch.Tensor, cfg: SampleConfig, generator, uniforms: Optional[Uniforms] = None) -> torch.Tensor:
+    """logits (B, V) -> ids (B,) under the sampling rules. Each row's draw is one uniform number from
+    `uniforms` (a Uniforms over `generator`), or, without one, from a fresh call into `generator`. A row whose
+    scores are not finite cannot be sampled: ValueError."""
     if cfg.greedy:
         return logits.argmax(dim=-1)
-    return torch.multinomial(distribution(logits, cfg), 1, generator=generator).squeeze(-1)
+    probs = distribution(logits, cfg)
+    if not torch.isfinite(probs.sum()):
+        raise ValueError("the model's scores for the next character are not finite (NaN or infinity)")
+    if uniforms is not None:
+        u = torch.tensor(uniforms.take(), dtype=torch.float64)
+    else:
+        u = torch.rand(len(probs), generator=generator, dtype=torch.float64, device=probs.device)
+    return draw(probs, u)
 
 
 class Sampler:
@@ -104,6 +148,7 @@ class Sampler:
         # A generator of its own: sampling never disturbs the global RNG (training previews rely on this).
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+        self.uniforms = Uniforms(self.generator, batch, self.device)
 
     @torch.no_grad()
     def feed(self, ids) -> None:
@@ -123,7 +168,7 @@ class Sampler:
         chars = self.vocab.chars
         stops = StopMatcher(cfg.stop, self.batch)
         for _ in range(cfg.length):
-            ids = pick(self.logits, cfg, self.generator)  # (batch,)
+            ids = pick(self.logits, cfg, self.generator, self.uniforms)  # (batch,)
             self.logits, self.state = self.model.step(ids, self.state)
             yield stops.add([chars[i] for i in ids.tolist()])
             if stops.finished:

@@ -300,7 +300,7 @@ def test_extreme_values_sample_as_the_command_line_does(server, loaded):
     # Sent at once, so the engine batches them: a temperature whose logits/T overflows fp32 (1e-38) must not
     # turn the shared softmax into NaN for its row or anyone else's.
     bodies = [{"temperature": 1e-38}, {"temperature": 1e-30}, {"temperature": 1e-6}, {"temperature": 100},
-              {"top_p": 1e-30}, {"top_k": 1}, {"temperature": 0.8}]
+              {"top_p": 1e-30}, {"top_k": 1}, {"temperature": 0.8}, {"greedy": True}]
     bodies = [{"prime": "the ", "length": 100, "seed": 13 + i, **b} for i, b in enumerate(bodies)]
     results = {}
 
@@ -318,8 +318,29 @@ def test_extreme_values_sample_as_the_command_line_does(server, loaded):
         assert status == 200, (body, got)
         cfg = SampleConfig(**{k: v for k, v in body.items() if k != "prime"})
         assert got["samples"] == sample_text(model, vocab, "the ", cfg), body
-        if body.get("temperature", 1) <= 1e-30 or body.get("top_p", 1) <= 1e-30 or body.get("top_k") == 1:
+        if (body.get("temperature", 1) <= 1e-30 or body.get("top_p", 1) <= 1e-30 or body.get("top_k") == 1
+                or body.get("greedy")):
             assert got["samples"] == [greedy], body  # T -> 0 (or one candidate left) is the most likely character
+
+
+def test_the_batched_draw_follows_each_rows_distribution_and_never_picks_an_excluded_character():
+    """charlm.sample.draw is how the engine (and `charlm sample`) turn one uniform number per row into a
+    character: its frequencies must be the probabilities, and a character top-k/top-p took out (probability
+    0) must never come, whatever the number, the extremes included."""
+    import torch
+
+    from charlm.sample import draw
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.2, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0, 0.0]])
+    n = 40_000
+    u = torch.rand(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ids = draw(probs[:1].expand(n, -1), u)
+    freq = torch.bincount(ids, minlength=6).double() / n
+    assert freq[[0, 2, 5]].sum() == 0
+    assert torch.allclose(freq, probs[0].double(), atol=0.01), freq  # 0.01 is > 4 standard errors here
+    edges = torch.tensor([0.0, 1 - 2**-53], dtype=torch.float64)  # the smallest and largest torch.rand gives
+    assert draw(probs[:1].expand(2, -1), edges).tolist() == [1, 4]  # the first and the last possible one
+    assert draw(probs[1:].expand(2, -1), edges).tolist() == [4, 4]
 
 
 def _poisoned_run(trained_run, root, char: str):

@@ -10,13 +10,14 @@ weights), so the engine packs every live sample of every request into one batch:
               newcomers' rows appended with concat_rows.
 
 A request's rows never mix with another's: each has its own slice of the state and its own
-torch.Generator seeded from its seed, and picks its characters with charlm.sample.pick exactly as
-`charlm sample` does, so the same seed gives the same text alone, among many clients, or on the command line
-(up to float rounding in the batched matrix product). A request never fails another: when one request's
-rows cannot go on (their scores are NaN, their pick or their share of the step raises), that request alone
-gets a "failed" event and leaves the batch; the others carry on. Work that is not a step (warming on a
-prime, scoring a text) is cut into pieces run between steps, so a long prime or text delays the others by
-one piece only.
+torch.Generator seeded from its seed, read through charlm.sample.Uniforms as `charlm sample` reads its own;
+every row's character is drawn from charlm.sample.distribution by charlm.sample.draw, as charlm.sample.pick
+does, so the same seed gives the same text alone, among many clients, or on the command line (up to float
+rounding in the batched matrix product). Only the uniform numbers are the requests' own: the draw is one
+batched call for all of them. A request never fails another: when one request's rows cannot go on (their
+scores are NaN, their sampling rule or their share of the step raises), that request alone gets a "failed"
+event and leaves the batch; the others carry on. Work that is not a step (warming on a prime, scoring a
+text) is cut into pieces run between steps, so a long prime or text delays the others by one piece only.
 
 Library code: the engine renders nothing; it hands each request's events to `publish`, which the server
 points at its event loop.
@@ -36,12 +37,14 @@ import torch
 
 from charlm import state as st
 from charlm.model import CharRNN
-from charlm.sample import SampleConfig, StopMatcher, default_context, distribution, pick
+from charlm.sample import SampleConfig, StopMatcher, Uniforms, default_context, distribution, draw
 from charlm.vocab import Vocabulary
 
-# Text events are handed over at most this often (plus at once for a request's first characters and its
-# end): at ~1000 steps per second, publishing every step would wake the server's event loop and write to
-# every socket 1000 times a second for a few characters each; 10 ms is still smooth to watch.
+# Text events are handed over at most this often (plus at once for a streaming request's first characters
+# and every request's end): at ~1000 steps per second, publishing every step would wake the server's event
+# loop and write to every socket 1000 times a second for a few characters each; 10 ms is still smooth to
+# watch. A job's characters since the last hand-over go as one event; a job that does not stream (a JSON
+# answer) gets all its text in one event at its end.
 PUBLISH_EVERY = 0.01
 # Prime characters warmed per request between two steps: ~5 ms of the default model's fused forward on a
 # 2-core CPU, so a 4000-character prime costs the other streams a few ms per step, not a stall.
@@ -56,7 +59,7 @@ class Busy(Exception):
 class Job:
     """One request: `rows` samples that share a prime, a sampling configuration and one generator (as the
     rows of `charlm sample --num-samples N` do). Events go to `deliver(kind, data)`:
-    ("text", [delta per row]), ("done", {...}); for a task: ("result", value); or at the end
+    ("text", [new text per row]) (one or more), ("done", {...}); for a task: ("result", value); or at the end
     ("failed", message) when computing this job went wrong (a NaN, an exception: the server's 500), or
     ("error", message) when the engine could not serve it (shutting down: the server's 503)."""
 
@@ -65,15 +68,20 @@ class Job:
     cfg: Optional[SampleConfig] = None
     prime_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     task: Optional[Iterator] = None  # a non-sampling job: a generator advanced one piece per engine turn
+    stream: bool = True  # text as it comes (every PUBLISH_EVERY); False: all of it just before "done"
     cancelled: bool = False  # set from any thread; the engine drops the job before its next step
     # Engine-side state:
     generator: Optional[torch.Generator] = None
+    uniforms: Optional[Uniforms] = None  # the generator's numbers, as `charlm sample` reads them
     state: Optional[st.State] = None  # this job's rows while it warms; then they live in the batch
     logits: Optional[torch.Tensor] = None  # (rows, V)
     warmed: int = 0  # prime characters read so far
     steps: int = 0
     stops: Optional[StopMatcher] = None  # which rows have produced cfg.stop (the rule `charlm sample` uses)
     chars: int = 0
+    # Steps not yet handed over: per step, each row's id (no stop string: every row shows its character) or
+    # each row's shown text (with one, from `stops`). Decoded once per hand-over, not once per step.
+    pending: list = field(default_factory=list)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -169,12 +177,28 @@ class Engine:
         self._flush()
 
     def _emit(self, job: Job, kind: str, data) -> None:
-        self._outbox.append((job, kind, data))
-        if kind != "text" or job.steps == 1:  # an end, or the first characters: hand over now
+        if kind != "text":  # an end: the job's text so far goes first, and everything goes now
+            self._take_text(job)
             self._urgent = True
+        self._outbox.append((job, kind, data))
+
+    def _take_text(self, job: Job) -> None:
+        """Queue one "text" event with the job's characters since the last one (per row, joined)."""
+        if not job.pending:
+            return
+        steps, job.pending = job.pending, []
+        if job.stops.stop:  # already per-row text
+            texts = ["".join(s[r] for s in steps) for r in range(job.rows)]
+        else:
+            chars = self.vocab.chars
+            texts = ["".join([chars[s[r]] for s in steps]) for r in range(job.rows)]
+        self._outbox.append((job, "text", texts))
 
     def _flush(self) -> None:
         self._published, self._urgent = time.perf_counter(), False
+        for job in self._active:
+            if job.stream:
+                self._take_text(job)
         if self._outbox:
             events, self._outbox = self._outbox, []
             self.publish(events)
@@ -203,6 +227,7 @@ class Engine:
                 rows += job.rows
                 seed = job.cfg.seed if job.cfg.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
                 job.generator = torch.Generator(device=self.device).manual_seed(seed)
+                job.uniforms = Uniforms(job.generator, job.rows, self.device)
                 job.state = self.model.init_state(job.rows, self.device)
                 if len(job.prime_ids) == 0:  # no prime: start after the default context, as `charlm sample`
                     job.prime_ids = self._context
@@ -279,17 +304,13 @@ class Engine:
             self._regroup(keep=live, joining=[])
             if not self._active:
                 return
-        picks = self._picks()  # per job: its ids (rows,), or the message it fails with
-        failed = [j for j, p in zip(self._active, picks) if isinstance(p, str)]
-        if failed:
-            for job, p in zip(self._active, picks):
-                if isinstance(p, str):
-                    self._emit(job, "failed", p)
-            picks = [p for p in picks if not isinstance(p, str)]
-            self._regroup(keep=[j for j in self._active if j not in failed], joining=[])
+        ids, failures = self._picks()  # (rows of the jobs that did not fail,), {job: message}
+        if failures:
+            for job, message in failures.items():
+                self._emit(job, "failed", message)
+            self._regroup(keep=[j for j in self._active if j not in failures], joining=[])
             if not self._active:
                 return
-        ids = torch.cat(picks)  # (B,)
         try:
             self._logits, self._state = self.model.step(ids, self._state)
         except Exception:
@@ -300,11 +321,18 @@ class Engine:
         chars = self.vocab.chars
         flat, at, finished = ids.tolist(), 0, []
         for job in self._active:
-            deltas = job.stops.add([chars[i] for i in flat[at: at + job.rows]])
-            job.chars += sum(1 for d in deltas if d)
+            block = flat[at: at + job.rows]
             at += job.rows
+            if job.stops.stop:  # the stop rule needs every row's character as it comes
+                shown = job.stops.add([chars[i] for i in block])
+                job.chars += sum(1 for d in shown if d)
+                job.pending.append(shown)
+            else:  # the ids alone: decoded when handed over
+                job.chars += job.rows
+                job.pending.append(block)
             job.steps += 1
-            self._emit(job, "text", deltas)
+            if job.steps == 1 and job.stream:  # the first characters: hand over now
+                self._urgent = True
             if job.steps >= job.cfg.length or job.stops.finished:
                 finished.append(job)
         if finished:
@@ -312,13 +340,15 @@ class Engine:
                 self._finish(job)
             self._regroup(keep=[j for j in self._active if j not in finished], joining=[])
 
-    def _picks(self) -> list:
-        """Each job's picks (rows,) in batch order, or the message it fails with. For the common case
-        (temperature only) charlm.sample.distribution runs once for every row sharing a temperature, and each
-        job draws from its own rows with its own generator: the same values and the same draw as
-        charlm.sample.pick, for a fraction of the calls. The temperature's overflow guard is decided per row,
-        so one request's extreme value never changes another's numbers."""
-        width = self._logits.shape[-1]
+    def _picks(self):
+        """Every row's next character, drawn in one batched call (charlm.sample.draw) from each row's
+        probabilities under its own job's rules and one uniform number from its job's generator: the same
+        numbers and the same draw as charlm.sample.pick. Returns (ids of the rows of the jobs that can go on,
+        in batch order; {job: the message it fails with}). For the common case (temperature only)
+        charlm.sample.distribution runs once for every row sharing a temperature. The temperature's overflow
+        guard is decided per row, so one request's extreme value never changes another's numbers."""
+        logits = self._logits
+        width = logits.shape[-1]
 
         def plain(cfg) -> bool:  # temperature only: no truncation, no greedy pick
             return not cfg.greedy and not (cfg.top_k and cfg.top_k < width) and cfg.top_p >= 1.0
@@ -330,29 +360,41 @@ class Engine:
         probs = {}
         if len(shared) <= 4:  # beyond a few distinct ones, per-job softmaxes are as cheap
             for t, cfg in shared.items():
-                probs[t] = distribution(self._logits, cfg)  # (B, V)
+                probs[t] = distribution(logits, cfg)  # (B, V)
         # One check for the whole batch (one sync): a row whose scores are not finite (the model's state has
         # gone NaN) cannot be sampled; its request fails, and only it.
         bad = set()
-        if not torch.isfinite(self._logits.sum()):  # finite unless some score is not (or the sum overflows)
-            bad = set(torch.nonzero(~torch.isfinite(self._logits).all(dim=-1)).flatten().tolist())
-        picks, at = [], 0
+        if not torch.isfinite(logits.sum()):  # finite unless some score is not (or the sum overflows)
+            bad = set(torch.nonzero(~torch.isfinite(logits).all(dim=-1)).flatten().tolist())
+        failures, pieces, u, at = {}, [], [], 0
         for job in self._active:
-            cfg = job.cfg
-            if bad.intersection(range(at, at + job.rows)):
-                picks.append("the model's scores for the next character are not finite (NaN or infinity): "
-                             "this checkpoint cannot continue this text")
-            else:
-                try:
-                    if plain(cfg) and cfg.temperature in probs:
-                        p = probs[cfg.temperature][at: at + job.rows]
-                        picks.append(torch.multinomial(p, 1, generator=job.generator).squeeze(-1))
-                    else:
-                        picks.append(pick(self._logits[at: at + job.rows], cfg, job.generator))  # (rows,)
-                except Exception as exc:
-                    picks.append(_internal(exc))
+            cfg, rows = job.cfg, slice(at, at + job.rows)
             at += job.rows
-        return picks
+            if bad.intersection(range(rows.start, rows.stop)):
+                failures[job] = ("the model's scores for the next character are not finite (NaN or infinity): "
+                                 "this checkpoint cannot continue this text")
+                continue
+            try:
+                if cfg.greedy:  # its most likely character as a certainty: any number draws it; none is read
+                    top = logits[rows].argmax(dim=-1)
+                    piece, numbers = torch.nn.functional.one_hot(top, width).float(), [0.0] * job.rows
+                else:
+                    piece = probs[cfg.temperature] if plain(cfg) and cfg.temperature in probs else None
+                    # A whole-batch tensor stands for its rows until the pieces are joined (see below).
+                    piece = (piece, rows) if piece is not None else distribution(logits[rows], cfg)
+                    numbers = job.uniforms.take()
+            except Exception as exc:
+                failures[job] = _internal(exc)
+                continue
+            pieces.append(piece)
+            u.extend(numbers)
+        if not pieces:
+            return None, failures
+        if not failures and all(isinstance(p, tuple) and p[0] is pieces[0][0] for p in pieces):
+            batch = pieces[0][0]  # every row from one shared distribution: no copy (the usual case)
+        else:
+            batch = torch.cat([p[0][p[1]] if isinstance(p, tuple) else p for p in pieces])
+        return draw(batch, torch.tensor(u, dtype=torch.float64)), failures
 
     def _step_apart(self, ids: torch.Tensor) -> Optional[torch.Tensor]:
         """The batched step raised: step each job's rows on their own, fail the jobs whose step still raises
