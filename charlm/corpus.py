@@ -40,7 +40,7 @@ _PIECE_BYTES = 1 << 22
 # Between the files of a multi-file corpus: a blank line, the way documents are usually set apart in text,
 # so the model learns where one ends and the next begins without a character of its own.
 DOC_SEPARATOR = "\n\n"
-CACHE_VERSION = 2  # bump when the cached file layout changes
+CACHE_VERSION = 3  # bump when the cached file layout changes
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,9 @@ class CorpusText:
     crlf_converted: int  # how many CRLF line ends became LF
     files: List[dict] = field(default_factory=list)  # [{"path", "sha256", "bytes"}] in order
     ids_file: Optional[str] = None  # the cached ids file that `ids` maps, if any (other processes map it too)
+    # where each file's text begins in `ids` (the separator after a file counts as that file's): what a tag per
+    # file or folder is laid over (tags.py)
+    file_starts: List[int] = field(default_factory=list)
 
     @property
     def chars(self) -> int:
@@ -299,8 +302,10 @@ def _encoder(vocab: Vocabulary, unknown: str, names) -> Callable[[np.ndarray], n
     return encode
 
 
-def _encode_into(sink: BinaryIO, sources, vocab, encoding, keep_crlf, separator, unknown) -> tuple:
-    """Pass 2: write the ids of every piece to sink. Returns (characters written, CRLFs converted)."""
+def _encode_into(sink: BinaryIO, sources, vocab, encoding, keep_crlf, separator, unknown,
+                 starts: Optional[List[int]] = None) -> tuple:
+    """Pass 2: write the ids of every piece to sink. Returns (characters written, CRLFs converted); `starts`
+    receives where each file's ids begin."""
     crlf = [0]
     current = [sources[0].name]
 
@@ -317,6 +322,8 @@ def _encode_into(sink: BinaryIO, sources, vocab, encoding, keep_crlf, separator,
         if i and sep_ids is not None and len(sep_ids):
             sink.write(sep_ids.tobytes())
             total += len(sep_ids)
+        if starts is not None:
+            starts.append(total)
         for codes in _file_codes(src, encoding, keep_crlf, crlf):
             ids = encode(codes)
             sink.write(ids.tobytes())
@@ -368,7 +375,7 @@ def build_corpus(sources: Sequence[_Source], name: str, vocab: Optional[Vocabula
                 n = int(meta["chars"])
                 if ids_file.stat().st_size == n * np.dtype(cached_vocab.id_dtype()).itemsize:
                     return CorpusText(_memmap_ids(ids_file, cached_vocab.id_dtype(), n), cached_vocab, name, total_sha,
-                                      int(meta["crlf"]), per_file, str(ids_file))
+                                      int(meta["crlf"]), per_file, str(ids_file), list(meta["file_starts"]))
             except (OSError, ValueError, KeyError):
                 pass  # a damaged cache entry is rebuilt below
     if vocab is None:
@@ -382,13 +389,14 @@ def build_corpus(sources: Sequence[_Source], name: str, vocab: Optional[Vocabula
         except OSError:
             directory = None  # the cache only saves time; a run without it is still correct
     fd, tmp = tempfile.mkstemp(prefix=".ids-", suffix=".tmp", dir=directory)
+    starts: List[int] = []
     try:
         with os.fdopen(fd, "wb", buffering=1 << 20) as sink:
-            n, crlf = _encode_into(sink, sources, vocab, encoding, keep_crlf, separator, unknown)
+            n, crlf = _encode_into(sink, sources, vocab, encoding, keep_crlf, separator, unknown, starts)
         ids = _memmap_ids(Path(tmp), vocab.id_dtype(), n)  # mapped before any rename or unlink: stays valid
         if directory is not None:
             os.replace(tmp, ids_file)
-            meta = {"vocab": vocab.chars, "chars": n, "crlf": crlf, "files": per_file}
+            meta = {"vocab": vocab.chars, "chars": n, "crlf": crlf, "files": per_file, "file_starts": starts}
             write_atomic(meta_file, json.dumps(meta))
         else:
             os.unlink(tmp)
@@ -406,7 +414,8 @@ def build_corpus(sources: Sequence[_Source], name: str, vocab: Optional[Vocabula
             pass
         raise
     _release_heap()
-    return CorpusText(ids, vocab, name, total_sha, crlf, per_file, str(ids_file) if directory is not None else None)
+    return CorpusText(ids, vocab, name, total_sha, crlf, per_file, str(ids_file) if directory is not None else None,
+                      starts)
 
 
 def _release_heap() -> None:
@@ -423,14 +432,15 @@ def _release_heap() -> None:
 def describe_mapped(corpus: CorpusText) -> dict:
     """What another process needs to map the same cached corpus without reading the text: plain data."""
     return {"ids_file": corpus.ids_file, "vocab": corpus.vocab.chars, "path": corpus.path, "sha256": corpus.sha256,
-            "crlf": corpus.crlf_converted, "files": corpus.files, "chars": corpus.chars}
+            "crlf": corpus.crlf_converted, "files": corpus.files, "chars": corpus.chars,
+            "file_starts": corpus.file_starts}
 
 
 def open_mapped(described: dict) -> CorpusText:
     vocab = Vocabulary(described["vocab"])
     ids = _memmap_ids(Path(described["ids_file"]), vocab.id_dtype(), int(described["chars"]))
     return CorpusText(ids, vocab, described["path"], described["sha256"], int(described["crlf"]), described["files"],
-                      described["ids_file"])
+                      described["ids_file"], list(described.get("file_starts", [])))
 
 
 def load_corpus(paths, vocab: Optional[Vocabulary] = None, encoding: str = "utf-8", keep_crlf: bool = False,
@@ -443,6 +453,17 @@ def load_corpus(paths, vocab: Optional[Vocabulary] = None, encoding: str = "utf-
     sources = [_Source(str(f), path=f) for f in files]
     return build_corpus(sources, describe_inputs(files, inputs), vocab, encoding, keep_crlf, unknown, cache_dir,
                         separator, progress=progress)
+
+
+def corpus_of_text(text: str, name: str, files: Sequence[Path], kind: str, vocab: Optional[Vocabulary] = None,
+                   unknown: str = "error", cache_dir=None) -> CorpusText:
+    """A corpus whose text was derived from `files` (already decoded; tags.py's TAG<TAB>TEXT lists keep only
+    the text): encoded and cached like any other, keyed by the files' SHA-256 and `kind`, so that it is
+    recognised again from the same files read the same way. Its sha256 is that key's digest, not the files'."""
+    total, per_file = _sha_of([_Source(str(f), path=f) for f in files])
+    total = hashlib.sha256(f"{total}|{kind}".encode()).hexdigest()
+    return build_corpus([_Source(name, data=text.encode("utf-8"))], name, vocab, "utf-8", True, unknown, cache_dir,
+                        separator="", sha=(total, per_file))
 
 
 def read_vocab(paths, encoding: str = "utf-8", keep_crlf: bool = False,
@@ -489,7 +510,8 @@ def decode_corpus(raw: bytes, path, vocab: Optional[Vocabulary] = None, encoding
     sink = io.BytesIO()
     n, crlf = _encode_into(sink, [src], vocab, encoding, keep_crlf, "", unknown)
     ids = np.frombuffer(sink.getbuffer(), dtype=vocab.id_dtype())[:n].copy()
-    return CorpusText(ids, vocab, str(path), digest, crlf, [{"path": str(path), "sha256": digest, "bytes": len(raw)}])
+    return CorpusText(ids, vocab, str(path), digest, crlf, [{"path": str(path), "sha256": digest, "bytes": len(raw)}],
+                      file_starts=[0])
 
 
 def split_train_val(ids: np.ndarray, val_frac: float, path="corpus") -> tuple:

@@ -42,11 +42,13 @@ def evaluate_rows(model: CharRNN, streams: Streams, seq_len: int, device, precis
     pin = device.type == "cuda"
     for k in range(n):
         x, y = streams.chunk(k, seq_len)
+        tags = streams.chunk_tags(k, seq_len)  # (rows, t) for a tagged text, else None
         if pin:
             x, y = x.pin_memory(), y.pin_memory()
         x, y = x.to(device, non_blocking=pin), y.to(device, non_blocking=pin)
+        tags = tags.to(device) if tags is not None else None
         with autocast(device, precision):
-            logits, state = model(x, state)  # (rows, t, V)
+            logits, state = model(x, state, tags) if tags is not None else model(x, state)  # (rows, t, V)
         sums[k] = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-1,
                                   reduction="none").view(y.shape).sum(1)
         if progress is not None:
@@ -77,10 +79,10 @@ def standard_error(row_sums: np.ndarray, row_counts: np.ndarray) -> float:
 
 def evaluate_text(model: CharRNN, ids: np.ndarray, device, seq_len: int = EVAL_SEQ_LEN, streams: int = 8,
                   burn_in: int = 256, precision: str = "fp32", max_chars: Optional[int] = None,
-                  progress: Optional[Callable[[int, int], None]] = None) -> dict:
+                  progress: Optional[Callable[[int, int], None]] = None, tags: Optional[np.ndarray] = None) -> dict:
     """Loss of the model on a text: nats/char, bits/char, perplexity, characters scored (every character
     after the first, or an evenly spread sample of max_chars of them, then with its standard error "se")."""
-    layout = eval_streams(ids, streams, burn_in=burn_in, max_chars=max_chars)
+    layout = eval_streams(ids, streams, burn_in=burn_in, max_chars=max_chars, tags=tags)
     sums = evaluate_rows(model, layout, seq_len, device, precision, progress)
     count = layout.scored()
     report = loss_report(float(sums.sum()) / max(count, 1), count)
@@ -98,3 +100,46 @@ def full_pass_streams(pairs: int, base: int = 32) -> int:
     """Streams for a whole-text pass: `base`, widened for long texts (each stream keeps >= 64k characters)
     so that a pass over tens of MB runs as wide batches instead of many small steps."""
     return int(max(base, min(1024, pairs // 65_536)))
+
+
+@torch.no_grad()
+def nats_under_tags(model: CharRNN, texts, tag_ids, device, context_id: Optional[int] = None,
+                    seq_len: int = EVAL_SEQ_LEN, rows: int = 256) -> np.ndarray:
+    """(P, K) total nats of each of P texts (id arrays) under each of K tags of a tagged model: what
+    `charlm classify` ranks. Batched: texts of similar length share a pass, one row per (text, tag), padded
+    and masked. With context_id, each row first reads that character (where sampling starts) and every
+    character of its text is scored; without it, a text's first character is read and the rest scored."""
+    device = torch.device(device)
+    tags = list(tag_ids)
+    seqs = [np.concatenate([[context_id], np.asarray(t, dtype=np.int64)]) if context_id is not None
+            else np.asarray(t, dtype=np.int64) for t in texts]
+    out = np.zeros((len(seqs), len(tags)), dtype=np.float64)
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    per_pass = max(1, rows // max(1, len(tags)))
+    for a in range(0, len(order), per_pass):
+        group = order[a : a + per_pass]
+        width = max(len(seqs[i]) for i in group)
+        if width < 2:
+            continue
+        ids = np.zeros((len(group), width), dtype=np.int64)
+        lengths = np.array([len(seqs[i]) for i in group])
+        for r, i in enumerate(group):
+            ids[r, : len(seqs[i])] = seqs[i]
+        # every text once per tag: row r * K + k is text group[r] under tags[k]
+        x = torch.from_numpy(np.repeat(ids, len(tags), axis=0)).to(device)  # (G*K, width)
+        valid = torch.from_numpy(np.repeat(np.arange(width)[None, 1:] < lengths[:, None], len(tags), axis=0))
+        row_tags = torch.as_tensor(tags * len(group), dtype=torch.long, device=device)  # (G*K,)
+        state = model.init_state(x.shape[0], device)
+        total = torch.zeros(x.shape[0], dtype=torch.float64, device=device)
+        step = max(8, min(seq_len, LOGITS_PER_CHUNK // max(1, x.shape[0] * model.config.vocab_size)))
+        for c in range(0, width - 1, step):
+            inputs, targets = x[:, c : c + step], x[:, c + 1 : c + step + 1]
+            inputs = inputs[:, : targets.shape[1]]
+            logits, state = model(inputs, state, row_tags)  # (G*K, t, V)
+            logp = F.log_softmax(logits.float(), -1).gather(2, targets.unsqueeze(2)).squeeze(2)
+            total -= (logp * valid[:, c : c + targets.shape[1]].to(device)).double().sum(1)
+        out[group] = total.cpu().numpy().reshape(len(group), len(tags))
+    model.train(was_training)
+    return out

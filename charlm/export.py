@@ -1,7 +1,10 @@
 """Portable model files: the one-step cell of a CharRNN with its state as explicit inputs and outputs.
 
-    inputs   ids (B,) int64, h (layers, B, hidden) float32 [, c (layers, B, hidden) for LSTM]
+    inputs   ids (B,) int64, [tag (B,) int64,] h (layers, B, hidden) float32 [, c (layers, B, hidden) for LSTM]
     outputs  logits (B, V) float32, h_out [, c_out]: the next character's logits and the state after it
+
+A tagged model (tags.py) takes each row's tag id after the ids: its names, in id order, are the metadata's
+"tags", and the id after the last means no tag.
 
 A sampler in any language feeds one character id and the state, picks from the logits, and feeds the pick
 back with the returned state. The vocabulary (a JSON string of the characters, id order), the model
@@ -47,6 +50,22 @@ class StepCell(nn.Module):
         return (logits, *state) if self.lstm else (logits, state)
 
 
+class TaggedStepCell(StepCell):
+    """StepCell of a tagged model: (ids, tag, h[, c]) -> (logits, h_out[, c_out])."""
+
+    def forward(self, ids: torch.Tensor, tag: torch.Tensor, h: torch.Tensor, c: torch.Tensor = None):
+        logits, state = self.model.step(ids, (h, c) if self.lstm else h, tag)
+        return (logits, *state) if self.lstm else (logits, state)
+
+
+def _cell(model: CharRNN) -> StepCell:
+    return TaggedStepCell(model) if model.config.tags else StepCell(model)
+
+
+def input_names(model: CharRNN) -> list:
+    return ["ids"] + (["tag"] if model.config.tags else []) + state_names(model)
+
+
 def state_names(model: CharRNN) -> list:
     return ["h", "c"] if model.config.cell == "lstm" else ["h"]
 
@@ -62,13 +81,16 @@ def metadata(model: CharRNN, vocab: Vocabulary, payload: dict = None) -> dict:
         "default_context": default_context(vocab),
         "charlm_version": __version__,
         "trained_steps": str(payload.get("step", "")),
+        **({"tags": json.dumps(payload.get("corpus", {}).get("tags", {}).get("names", []), ensure_ascii=False)}
+           if model.config.tags else {}),
     }
 
 
 def _example(model: CharRNN, batch: int = 2):
     ids = torch.zeros(batch, dtype=torch.long)
+    tag = (torch.zeros(batch, dtype=torch.long),) if model.config.tags else ()
     state = model.init_state(batch)
-    return (ids, *state) if isinstance(state, tuple) else (ids, state)
+    return (ids, *tag, *state) if isinstance(state, tuple) else (ids, *tag, state)
 
 
 def export_onnx(model: CharRNN, vocab: Vocabulary, path, payload: dict = None) -> None:
@@ -79,13 +101,16 @@ def export_onnx(model: CharRNN, vocab: Vocabulary, path, payload: dict = None) -
     model = model.float().eval()
     names = state_names(model)
     outputs = ["logits"] + [f"{n}_out" for n in names]
-    axes = {"ids": {0: "batch"}, "logits": {0: "batch"}, **{n: {1: "batch"} for n in names + outputs[1:]}}
+    axes = {"ids": {0: "batch"}, "tag": {0: "batch"}, "logits": {0: "batch"},
+            **{n: {1: "batch"} for n in names + outputs[1:]}}
+    if not model.config.tags:
+        del axes["tag"]
     with replacing(path) as tmp:
         with warnings.catch_warnings():
             # The TorchScript-based exporter is deprecated in favour of the dynamo one, which would add the
             # onnxscript package to the extra; this one writes the same graph for a cell this simple.
             warnings.simplefilter("ignore")
-            torch.onnx.export(StepCell(model), _example(model), str(tmp), dynamo=False, input_names=["ids"] + names,
+            torch.onnx.export(_cell(model), _example(model), str(tmp), dynamo=False, input_names=input_names(model),
                               output_names=outputs, dynamic_axes=axes, opset_version=OPSET)
         proto = onnx.load(str(tmp))
         del proto.metadata_props[:]
@@ -101,10 +126,11 @@ def export_program(model: CharRNN, vocab: Vocabulary, path, payload: dict = None
     path = Path(path)
     model = model.float().eval()
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    example = _example(model)  # (ids, h) or (ids, h, c)
-    shapes = ({0: batch},) + ({1: batch},) * (len(example) - 1)
+    example = _example(model)  # (ids, [tag,] h) or (ids, [tag,] h, c)
+    tagged = 1 if model.config.tags else 0
+    shapes = ({0: batch},) * (1 + tagged) + ({1: batch},) * (len(example) - 1 - tagged)
     with torch.no_grad():
-        program = torch.export.export(StepCell(model), example, dynamic_shapes=shapes)
+        program = torch.export.export(_cell(model), example, dynamic_shapes=shapes)
     with replacing(path) as tmp:
         torch.export.save(program, str(tmp), extra_files={"charlm.json": json.dumps(metadata(model, vocab, payload))})
 
@@ -155,10 +181,13 @@ def _compare(run, model: CharRNN, vocab: Vocabulary, steps: int, batch: int, see
     ids = torch.full((batch,), int(vocab.encode(default_context(vocab))[-1]), dtype=torch.long)
     state = model.init_state(batch)
     theirs = [t.numpy().copy() for t in (state if isinstance(state, tuple) else (state,))]
+    # a tagged model: the rows cycle through its tags and "no tag", so that every tag's vector is checked
+    tags = torch.arange(batch, dtype=torch.long) % (model.config.tags + 1) if model.config.tags else None
+    given = (tags.numpy(),) if tags is not None else ()
     worst = 0.0
     for _ in range(steps):
-        logits, state = model.step(ids, state)  # (batch, V)
-        out = run(ids.numpy(), *theirs)
+        logits, state = model.step(ids, state, tags)  # (batch, V)
+        out = run(ids.numpy(), *given, *theirs)
         worst = max(worst, float(np.abs(out[0] - logits.numpy()).max()))
         theirs = [np.asarray(t) for t in out[1:]]
         ids = pick(logits, cfg, generator)

@@ -76,9 +76,16 @@ def training_corpus(payload: dict):
     if missing:
         raise CharlmError(f"the training corpus, {missing[0]}, is not there any more")
     cache = Path(payload["path"]).resolve().parent.parent / ".charlm-cache"
-    corpus = load_corpus(files, Vocabulary(payload["vocab"]) if info.get("fixed_vocab") else None,
-                         info.get("encoding", "utf-8"), info.get("keep_crlf", False), cache_dir=cache,
-                         separator=info.get("separator", DOC_SEPARATOR), unknown=info.get("unknown", "error"))
+    fixed = Vocabulary(payload["vocab"]) if info.get("fixed_vocab") else None
+    if info.get("tag_by") == "field":  # the text is what follows each line's tag (tags.py)
+        from charlm.tags import load_tagged
+
+        corpus = load_tagged(files, "field", fixed, info.get("encoding", "utf-8"), info.get("keep_crlf", False),
+                             cache, info.get("unknown", "error")).corpus
+    else:
+        corpus = load_corpus(files, fixed, info.get("encoding", "utf-8"), info.get("keep_crlf", False),
+                             cache_dir=cache, separator=info.get("separator", DOC_SEPARATOR),
+                             unknown=info.get("unknown", "error"))
     if corpus.sha256 != info.get("sha256") or corpus.vocab.chars != payload["vocab"]:
         raise CharlmError(f"{info.get('path')} has changed since training")
     return corpus

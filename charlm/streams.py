@@ -24,6 +24,13 @@ Evaluation uses the same layout over the validation text with a few long streams
 first is first warmed on the `burn_in` characters before it (scored by none), so the pass scores like one
 unbroken stateful pass while running in parallel. `eval_streams` bounds a pass to a fixed, evenly spread
 sample of the validation text (periodic evaluations on large corpora).
+
+A tagged text (tags.py) has a tag track beside its ids, indexed alike: `chunk_tags` gathers the tag of each
+target, so every prediction is conditioned on the voice of the character it predicts:
+
+    ids:   a b c d | e f g h       row 0 of chunk 0 (T = 4); a file of tag 0, then one of tag 1
+    tags:  0 0 0 0 | 1 1 1 1
+    inputs a b c d   targets b c d e   target tags 0 0 0 1   (the "e" is predicted in tag 1's voice)
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ class Streams:
     lo: np.ndarray  # (B,) first scored column
     hi: np.ndarray  # (B,) one past the last scored column
     width: int  # W: columns of inputs of the longest row of the whole layout
+    tags: Optional[np.ndarray] = None  # (N,) the tag of each character of ids, for a tagged text
 
     @property
     def rows(self) -> int:
@@ -80,17 +88,26 @@ class Streams:
         targets[~torch.from_numpy(scored)] = -1
         return inputs, targets
 
+    def chunk_tags(self, k: int, seq_len: int) -> Optional[torch.Tensor]:
+        """The tag of each target of chunk k, (rows, <= seq_len) int64; None for an untagged text."""
+        if self.tags is None:
+            return None
+        a, b = k * seq_len, min((k + 1) * seq_len, self.width)
+        cols = np.arange(a + 1, b + 1)  # the targets' columns
+        index = self.begin[:, None] + np.minimum(cols[None, :], self.length[:, None])
+        return torch.from_numpy(self.tags[index].astype(np.int64))
 
-def _layout(ids: np.ndarray, starts: np.ndarray, ends: np.ndarray, burn_in: int) -> Streams:
+
+def _layout(ids: np.ndarray, starts: np.ndarray, ends: np.ndarray, burn_in: int, tags=None) -> Streams:
     """Rows scoring pairs [starts[b], ends[b]), each warmed on up to burn_in characters before its start."""
     warm = np.minimum(starts, burn_in)  # (rows,) unscored warm-up characters before each row
     begin = starts - warm
     length = ends - begin  # (rows,) inputs per row including warm-up
     return Streams(ids, begin.astype(np.int64), length.astype(np.int64), warm.astype(np.int64),
-                   length.astype(np.int64), int(length.max()))
+                   length.astype(np.int64), int(length.max()), tags)
 
 
-def make_streams(ids: np.ndarray, rows: int, burn_in: int = 0) -> Streams:
+def make_streams(ids: np.ndarray, rows: int, burn_in: int = 0, tags: Optional[np.ndarray] = None) -> Streams:
     """Lay ids out as `rows` contiguous streams that together score every pair once (the diagram above).
 
     With burn_in > 0, every row but the first also starts with up to burn_in unscored characters taken from
@@ -100,21 +117,22 @@ def make_streams(ids: np.ndarray, rows: int, burn_in: int = 0) -> Streams:
         raise ValueError("need at least 2 characters to make a stream")
     rows = max(1, min(rows, pairs))
     starts = np.arange(rows + 1, dtype=np.int64) * pairs // rows  # row b scores [starts[b], starts[b+1])
-    return _layout(ids, starts[:-1], starts[1:], burn_in)
+    return _layout(ids, starts[:-1], starts[1:], burn_in, tags)
 
 
-def eval_streams(ids: np.ndarray, rows: int, burn_in: int = 0, max_chars: Optional[int] = None) -> Streams:
+def eval_streams(ids: np.ndarray, rows: int, burn_in: int = 0, max_chars: Optional[int] = None,
+                 tags: Optional[np.ndarray] = None) -> Streams:
     """The layout of one evaluation pass: every pair of ids, or, when there are more than max_chars, a fixed
     sample of them: `rows` segments of max_chars/rows pairs spread evenly from the first pair to the last,
     each warmed like a full pass's rows. The same ids and arguments always give the same segments."""
     pairs = len(ids) - 1
     if max_chars is None or max_chars <= 0 or pairs <= max_chars:
-        return make_streams(ids, rows, burn_in)
+        return make_streams(ids, rows, burn_in, tags)
     rows = max(1, min(rows, max_chars))
     seg = np.diff(np.arange(rows + 1, dtype=np.int64) * max_chars // rows)  # (rows,) lengths: sum max_chars
     starts = np.linspace(0, pairs - seg.max(), rows).round().astype(np.int64)  # evenly spread, both ends
     starts[-1] = pairs - seg[-1]
-    return _layout(ids, starts, starts + seg, burn_in)
+    return _layout(ids, starts, starts + seg, burn_in, tags)
 
 
 def fit_layout(n_pairs: int, batch_size: int, seq_len: int) -> tuple:

@@ -32,6 +32,7 @@ from charlm.model import CharRNN
 from charlm.optim import AdamW
 from charlm.runtime import Dist, from_main
 from charlm.streams import eval_streams, make_streams
+from charlm.tags import TAG_DROPOUT
 
 OPTIMIZERS = ("adamw", "adam", "rmsprop", "sgd")
 # The final report may always take this long, however short the run: a few seconds buy a whole small tail.
@@ -117,6 +118,11 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig):
     return torch.optim.SGD(params, lr=config.lr, momentum=0.9)
 
 
+def _text_and_tags(text) -> tuple:
+    """A reshuffled epoch's (ids, tag track or None): reshuffle returns the ids, or both for tagged items."""
+    return text if isinstance(text, tuple) else (text, None)
+
+
 def _step_seed(seed: int, rank: int, step: int) -> int:
     """A well-mixed 63-bit seed from (seed, process, step)."""
     return int(np.random.SeedSequence([seed % 2**63, rank, step]).generate_state(2, np.uint64)[0] >> np.uint64(1))
@@ -140,6 +146,8 @@ class Trainer:
         compile_model: bool = False,
         spent: float = 0.0,
         reshuffle: Optional[Callable[[int], np.ndarray]] = None,
+        train_tags: Optional[np.ndarray] = None,
+        val_tags: Optional[np.ndarray] = None,
     ):
         self.model = model.to(device)
         self.config = config
@@ -153,11 +161,13 @@ class Trainer:
 
         c = config
         # reshuffle(epoch) -> the training text of that epoch (items.py: the items in a new order each
-        # epoch); the layout below is rebuilt from it whenever an epoch begins
+        # epoch), or (text, its tag track); the layout below is rebuilt from it whenever an epoch begins
         self.reshuffle = reshuffle
         if reshuffle is not None:
-            train_ids = reshuffle(0)
-        self.train_streams = make_streams(train_ids, c.batch_size)
+            train_ids, train_tags = _text_and_tags(reshuffle(0))
+        # a tagged text (tags.py): its tag track lies beside the ids in every layout
+        self.tagged = train_tags is not None
+        self.train_streams = make_streams(train_ids, c.batch_size, tags=train_tags)
         if self.train_streams.rows % self.dist.world:
             raise CharlmError(
                 f"--batch-size {self.train_streams.rows} is not divisible by the {self.dist.world} processes; "
@@ -169,13 +179,13 @@ class Trainer:
         # Validation: each process scores every world-th stream. Periodic passes read a fixed sample of at
         # most eval_chars characters; the final report reads all of them (streams.py: eval_streams).
         share = slice(self.dist.rank, None, self.dist.world)
-        sample = eval_streams(val_ids, c.eval_streams, c.burn_in, c.eval_chars or None)
-        full = eval_streams(val_ids, full_pass_streams(len(val_ids) - 1, c.eval_streams), c.burn_in)
+        sample = eval_streams(val_ids, c.eval_streams, c.burn_in, c.eval_chars or None, tags=val_tags)
+        full = eval_streams(val_ids, full_pass_streams(len(val_ids) - 1, c.eval_streams), c.burn_in, tags=val_tags)
         # The final report is a float32 pass over the whole tail whenever the periodic ones were less: a sample,
         # or in bf16 (periodic passes run in the training precision: 1.6x faster on a bf16 CPU).
         self.needs_full_pass = c.full_final_eval is not False and (full.scored() > sample.scored()
                                                                    or c.precision != "fp32")
-        self.val_ids = val_ids
+        self.val_ids, self.val_tags = val_ids, val_tags
         self.val_rate = 0.0  # validation characters per second of the latest periodic pass (this process)
         self.val_sample_chars, self.val_full_chars = sample.scored(), full.scored()
         self.val_streams, self.val_full = sample.select(share), full  # the final pass selects its own share
@@ -282,7 +292,8 @@ class Trainer:
         """For a list of items: this epoch's order of the items, in the same stream layout."""
         if self.reshuffle is None:
             return
-        self.train_streams = make_streams(self.reshuffle(self.epoch), self.config.batch_size)
+        ids, tags = _text_and_tags(self.reshuffle(self.epoch))
+        self.train_streams = make_streams(ids, self.config.batch_size, tags=tags)
         self.my_streams = self.train_streams.select(self.my_rows)
 
     def train_step(self, local_stop: Optional[str], clock: float) -> tuple:
@@ -296,12 +307,19 @@ class Trainer:
         # same masks as an unbroken one whatever the generator did before.
         torch.manual_seed(_step_seed(c.seed, self.dist.rank, self.step))
         x, y = self.my_streams.chunk(self.cursor, c.seq_len)
+        tags = self.my_streams.chunk_tags(self.cursor, c.seq_len)  # (b, t) tag ids, or None
+        if tags is not None:  # some rows learn the text untagged this chunk (tags.TAG_DROPOUT)
+            dropped = torch.rand(tags.shape[0], 1) < TAG_DROPOUT  # (b, 1) from the step's seeded generator
+            tags = torch.where(dropped, torch.full_like(tags, self.model.untagged), tags)
         if self.device.type == "cuda":  # page-locked host memory lets the copy overlap the GPU's work
             x, y = x.pin_memory(), y.pin_memory()
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         with autocast(self.device, c.precision):
-            logits, state = self.forward(x, self.state)  # (b, t, V)
+            if tags is not None:
+                logits, state = self.forward(x, self.state, tags.to(self.device))  # (b, t, V)
+            else:
+                logits, state = self.forward(x, self.state)  # (b, t, V)
         loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
                                    ignore_index=-1, reduction="sum")
         # Mean over the global batch: every rank divides by the global count, DDP averages over ranks.
@@ -426,7 +444,7 @@ class Trainer:
         streams = self.val_full
         if chars < self.val_full_chars:
             rows = max(self.config.eval_streams, full_pass_streams(chars, self.config.eval_streams))
-            streams = eval_streams(self.val_ids, rows, self.config.burn_in, chars)
+            streams = eval_streams(self.val_ids, rows, self.config.burn_in, chars, tags=self.val_tags)
         mine = streams.select(slice(self.dist.rank, None, self.dist.world))
         self.callback("final_start", {"chars": streams.scored(), "of": self.val_full_chars, "step": self.best_step,
                                       "estimate_s": streams.scored() / self._fp32_rate() if self.val_rate else None})

@@ -19,7 +19,7 @@ from rich.markup import escape
 
 from charlm import __version__
 from charlm.cli.options import (DATA, MODEL, OUTPUT, RUN, SAMPLING, TRAIN, CheckpointOpt, DeviceOpt, JsonOpt,
-                                ReadCrlfOpt, ReadEncodingOpt, SeedOpt, UnknownOpt)
+                                ReadCrlfOpt, ReadEncodingOpt, SeedOpt, TagOpt, UnknownOpt)
 from charlm.errors import CharlmError
 
 app = typer.Typer(
@@ -84,6 +84,10 @@ def train(
         "--items/--no-items", help="Train on one item per line (names, words, titles): items reshuffled every "
         "epoch, a random sample of them validates \\[default: recognised from the text].", rich_help_panel=DATA,
         show_default=False)] = None,
+    tag_by: Annotated[Optional[str], typer.Option(
+        help="Tag each part of the text, one model for many voices: folder (each sub-folder of the input is a "
+             "tag), file (each file's name) or field (TAG<TAB>TEXT lines); then sample --tag NAME.",
+        rich_help_panel=DATA, show_default=False)] = None,
     cell: Annotated[Optional[str], typer.Option(help="Recurrent cell: rnn, gru or lstm \\[default: gru].",
                                                 rich_help_panel=MODEL, show_default=False)] = None,
     nonlinearity: Annotated[Optional[str], typer.Option(help="rnn cell only: tanh or relu \\[default: tanh].",
@@ -181,6 +185,7 @@ def train(
       charlm train --corpus python-stdlib --max-time 2m
       charlm train corpus.txt --cell lstm --hidden 256 --max-time 30m
       charlm train corpus.txt --resume          (after Ctrl-C: the same command plus --resume)
+      charlm train poems/ --tag-by folder       (poems/dickinson/*.txt, poems/whitman/*.txt: two voices)
       torchrun --standalone --nproc_per_node=2 -m charlm train corpus.txt
     """
     from charlm.cli.train import TrainRequest, run_train
@@ -230,6 +235,7 @@ def sample(
     max_length: Annotated[Optional[int], typer.Option(
         help="Model of a list: the longest item to keep \\[default: half again the length of 99% of the list's "
              "items, at least 64].", rich_help_panel=SAMPLING)] = None,
+    tag: TagOpt = None,
 ):
     """Generate text: warm the model on the prime, then sample one character at a time.
 
@@ -242,6 +248,7 @@ def sample(
       charlm sample --prime "def " --stop "\\n\\n" > snippet.py
       charlm sample --interactive
       charlm sample -c checkpoints/names --prime ka --num-samples 20 --json
+      charlm sample -c checkpoints/poems --tag whitman --tag dickinson --num-samples 2
     """
     from charlm.cli.sample import SampleRequest, run_sample
 
@@ -253,7 +260,8 @@ def sample(
 @app.command(name="eval")
 @reports_errors
 def evaluate(
-    corpus: Annotated[Path, typer.Argument(help="A text file to score.", show_default=False)],
+    corpus: Annotated[Path, typer.Argument(help="A text file to score (a folder with --by-tag).",
+                                           show_default=False)],
     checkpoint: CheckpointOpt = None,
     encoding: ReadEncodingOpt = None,
     keep_crlf: ReadCrlfOpt = None,
@@ -265,10 +273,17 @@ def evaluate(
              "standard error \\[default: every character].", rich_help_panel=DATA, show_default=False)] = None,
     as_json: JsonOpt = False,
     device: DeviceOpt = "auto",
+    tag: TagOpt = None,
+    by_tag: Annotated[bool, typer.Option(
+        "--by-tag", help="A tagged model: read the text's tags as the model's training text's were (its "
+        "--tag-by) and report the loss of each tag's part given its tag, beside the untagged loss.",
+        rich_help_panel=OUTPUT)] = False,
 ):
     """Score a text file with a trained model: loss (nats/char), bits per character, perplexity.
 
-    [bold]Example[/bold]: charlm eval held_out.txt --checkpoint checkpoints/corpus --json
+    [bold]Examples[/bold]:
+      charlm eval held_out.txt --checkpoint checkpoints/corpus --json
+      charlm eval held_out_poems/ -c checkpoints/poems --by-tag
     """
     from charlm.cli.eval import EvalRequest, run_eval
 
@@ -321,6 +336,34 @@ def corpora():
         typer.echo(f"{name:<16} {text}")
 
 
+@app.command()
+@reports_errors
+def classify(
+    path: Annotated[str, typer.Argument(metavar="FILE|-", help="A text to classify, or - for stdin.",
+                                        show_default=False)],
+    checkpoint: CheckpointOpt = None,
+    each: Annotated[str, typer.Option(help="file: the whole text; paragraph or line: classify every "
+                                      "(blank-line separated) paragraph or line on its own, one result a line.",
+                                      rich_help_panel=OUTPUT)] = "file",
+    encoding: ReadEncodingOpt = None,
+    keep_crlf: ReadCrlfOpt = None,
+    unknown: UnknownOpt = "error",
+    as_json: JsonOpt = False,
+    device: DeviceOpt = "auto",
+):
+    """Which tag of a tagged model (train --tag-by) finds this text most likely: every tag's loss, ranked,
+    with its posterior share (equal priors).
+
+    [bold]Examples[/bold]:
+      charlm classify unknown_poem.txt -c checkpoints/poems
+      charlm classify held_out.txt -c checkpoints/poems --each paragraph --json
+    """
+    from charlm.cli.classify import ClassifyRequest, run_classify
+
+    run_classify(ClassifyRequest(**{k: v for k, v in locals().items() if k in ClassifyRequest.__dataclass_fields__}),
+                 err)
+
+
 # ---------------------------------------------------------------------------------------------- score / explain
 # (commands that read a text with a model: per-character log-probabilities, surprisal colouring, neurons)
 @app.command()
@@ -343,6 +386,9 @@ def score(
     rank: Annotated[bool, typer.Option("--rank", help="Read each line as a candidate item and list them from the "
                                        "most to the least likely (for a model of a list: which of these sounds "
                                        "most like my list?).", rich_help_panel=OUTPUT)] = False,
+    tag: Annotated[Optional[str], typer.Option(
+        help="A tagged model: score the text in this tag's voice \\[default: untagged].", rich_help_panel=DATA,
+        show_default=False)] = None,
 ):
     """Score every character of a text: JSON lines {"i", "char", "logprob", "rank", "top"} on stdout.
 

@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Optional
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from charlm import checkpoint as ckpt
 from charlm.errors import CharlmError
 from charlm.runs import model_from_payload, model_summary
+from charlm.tags import TagSet
 from charlm.vocab import describe_chars
 
 
@@ -58,8 +60,18 @@ def run_info(path: Optional[Path], as_json: bool, console: Console) -> None:
     if corpus.get("dropped_chars"):
         lines.append(f"dropped: {len(corpus['dropped_chars'])} character(s) left out of the text "
                      f"(--unknown skip): {describe_chars(corpus['dropped_chars'][:40])}")
+    tags = TagSet.from_payload(payload)
+    if tags is not None:  # a tagged model: what `sample --tag` takes, with each tag's share of the text
+        lines.append(f"tags: {len(tags)} by {corpus.get('tag_by')} (sample --tag NAME; charlm classify FILE)")
     for line in lines:
         out.print(line, highlight=False, soft_wrap=True)
+    if tags is not None:
+        listed = Table(box=None, show_header=True, padding=(0, 2, 0, 0))
+        for column, justify in (("tag", "left"), ("characters", "right"), ("share", "right")):
+            listed.add_column(column, justify=justify)
+        for name, chars, share in tags.shares():
+            listed.add_row(escape(name), f"{chars:,}", f"{share:.1%}")
+        out.print(listed)
 
 
 def run_plot(run_dir: Optional[Path], output: Optional[Path], console: Console) -> None:

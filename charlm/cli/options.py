@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
@@ -27,3 +27,7 @@ ReadEncodingOpt = Annotated[Optional[str], typer.Option(
 ReadCrlfOpt = Annotated[Optional[bool], typer.Option(
     "--keep-crlf/--no-keep-crlf", help="Keep CRLF line ends or turn them into LF \\[default: as the model's "
     "training text was read].", rich_help_panel=DATA, show_default=False)]
+# A tagged model (train --tag-by): the voice to write or read in; sample takes several (one batch).
+TagOpt = Annotated[Optional[List[str]], typer.Option(
+    "--tag", help="A tagged model: the tag to condition on (charlm info lists them); repeat for several "
+    "\\[default: untagged, the whole text's voice].", rich_help_panel=DATA, show_default=False)]

@@ -9,7 +9,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 from rich.console import Console
 from rich.markup import escape
@@ -19,6 +19,7 @@ from charlm.cli.display import pass_progress
 from charlm.corpus import read_file
 from charlm.errors import CharlmError
 from charlm.runs import item_list, load_model, longest_item_kept, text_reading, training_corpus
+from charlm.tags import resolve
 from charlm.vocab import describe_chars, unknown_message
 
 
@@ -44,6 +45,7 @@ class SampleRequest:
     allow_copies: bool = False  # item models: also print items that are already in the training list
     min_length: int = 1  # item models: the shortest item to keep
     max_length: Optional[int] = None  # item models: the longest item to keep (longer ones are dropped, not cut)
+    tag: Optional[List[str]] = None  # a tagged model: sample in these voices (--num-samples each, one batch)
 
 
 def run_sample(r: SampleRequest, console: Console) -> None:
@@ -63,6 +65,9 @@ def run_sample(r: SampleRequest, console: Console) -> None:
     from charlm.runtime import sampling_device
 
     payload, model, vocab, _ = load_model(r.checkpoint, "cpu")
+    tag_ids = resolve(payload, r.tag)  # None: untagged (a tagged model samples the whole text's voice)
+    check(not (tag_ids and len(tag_ids) > 1 and (r.interactive or r.novelty)),
+          "--interactive and --novelty take one --tag at a time")
     prime = r.prime
     if r.prime_file is not None:  # read as the model's training text was (encoding, line ends)
         prime = read_file(r.prime_file, *text_reading(payload, None, None))
@@ -88,7 +93,14 @@ def run_sample(r: SampleRequest, console: Console) -> None:
         elif missing:
             raise CharlmError(unknown_message("the prime", missing))
     if items:
-        return _sample_items(r, payload, model, vocab, prime, top_k, num_samples, device, console)
+        return _sample_items(r, payload, model, vocab, prime, top_k, num_samples, device, console, tag_ids)
+    labels = [None] * num_samples
+    if tag_ids:  # every tag's samples in one batch, in the order the tags were given
+        import torch
+
+        labels = [name for name in r.tag for _ in range(num_samples)]
+        rows = torch.as_tensor([t for t in tag_ids for _ in range(num_samples)], device=device)
+        model, num_samples = model.conditioned(rows), len(labels)
     cfg = SampleConfig(length=r.length, temperature=r.temperature if r.temperature > 0 else 1.0, top_k=top_k,
                        top_p=r.top_p, greedy=r.greedy, num_samples=num_samples, seed=r.seed, stop=r.stop)
     out = sys.stdout
@@ -111,7 +123,8 @@ def run_sample(r: SampleRequest, console: Console) -> None:
                     out.flush()
         samples = ["".join(t) for t in texts]
         if r.as_json:
-            out.write(json.dumps({"samples": samples}, ensure_ascii=False) + "\n")
+            out.write(json.dumps({"samples": samples, **({"tags": labels} if tag_ids else {})},
+                                 ensure_ascii=False) + "\n")
         elif stream:
             out.write("\n" if not samples[0].endswith("\n") else "")
         else:
@@ -127,9 +140,11 @@ def run_sample(r: SampleRequest, console: Console) -> None:
         _report_novelty(payload, samples, prime, console, vocab)
 
 
-def _sample_items(r: SampleRequest, payload, model, vocab, prime, top_k, count, device, console) -> None:
+def _sample_items(r: SampleRequest, payload, model, vocab, prime, top_k, count, device, console,
+                  tag_ids: Optional[List[int]] = None) -> None:
     """An item model's answer: new items, one per line (or JSON; items of a list of files are separated by
-    --separator), each starting with the prime."""
+    --separator), each starting with the prime. With several tags, `count` items of each, a line each as
+    TAG<TAB>ITEM (the form --tag-by field reads)."""
     from charlm.items import sample_items
 
     end = payload.get("corpus", {}).get("item_end", "\n")
@@ -144,18 +159,30 @@ def _sample_items(r: SampleRequest, payload, model, vocab, prime, top_k, count, 
                               "--allow-copies to sample without that check")
         listed, known = None, set()
     max_length = r.max_length or longest_item_kept(listed, r.min_length)
-    result = sample_items(model, vocab, count, known, prime, temperature=r.temperature, top_k=top_k, top_p=r.top_p,
-                          min_length=max(r.min_length, len(prime) + 1 if prime else 1), max_length=max_length,
-                          allow_copies=r.allow_copies, seed=r.seed, device=device, end=end)
-    found = result["items"]
+    results = []
+    for k, tag in enumerate(tag_ids or [None]):  # each tag's items drawn in its voice, the seed moved on per tag
+        seed = r.seed + k if r.seed is not None and k else r.seed
+        results.append(sample_items(model.conditioned(tag) if tag is not None else model, vocab, count, known,
+                                    prime, temperature=r.temperature, top_k=top_k, top_p=r.top_p,
+                                    min_length=max(r.min_length, len(prime) + 1 if prime else 1),
+                                    max_length=max_length, allow_copies=r.allow_copies, seed=seed, device=device,
+                                    end=end))
+    names = r.tag or [None]
+    labelled = [(names[k], i) for k, res in enumerate(results) for i in res["items"]]
+    found = [i for _, i in labelled]
+    result = {key: sum(res[key] for res in results) for key in ("copies", "rejected", "drawn")}
+    result["complete"] = all(res["complete"] for res in results)
+    count *= len(results)
     out = sys.stdout
     if r.as_json:
-        out.write(json.dumps({"items": [{"text": i.text, "logprob": round(i.logprob, 4), "new": i.new}
-                                        for i in found], "copies_skipped": result["copies"],
+        out.write(json.dumps({"items": [{"text": i.text, "logprob": round(i.logprob, 4), "new": i.new,
+                                         **({"tag": t} if t is not None else {})} for t, i in labelled],
+                              "copies_skipped": result["copies"],
                               "rejected": result["rejected"], "drawn": result["drawn"]}, ensure_ascii=False) + "\n")
     else:
         if end == "\n":
-            out.write("".join(i.text + "\n" for i in found))
+            several = len(results) > 1
+            out.write("".join((f"{t}\t" if several else "") + i.text + "\n" for t, i in labelled))
         elif found:  # whole files: separated as samples are
             out.write(r.separator.join(i.text.rstrip("\n") for i in found) + "\n")
     out.flush()
@@ -192,7 +219,7 @@ def _report_novelty(payload, samples, prime, console, vocab) -> None:
 def _interactive(model, vocab, prime, cfg, device, console: Console) -> None:
     from charlm.sample import Sampler
 
-    sampler = Sampler(model, vocab, 1, device, cfg.seed)
+    sampler = Sampler(model, vocab, 1, device, cfg.seed)  # model: conditioned on its --tag, if one was given
     console.print("interactive: type text for the model to continue (its state carries over between turns); "
                   "an empty line lets it go on; Ctrl-D quits")
     if prime:

@@ -39,6 +39,7 @@ class ScoreRequest:
     as_json: bool
     device: str
     rank: bool = False
+    tag: Optional[str] = None  # a tagged model: score in this tag's voice
 
 
 # ============================================================================================== reading
@@ -84,6 +85,7 @@ def run_score(r: ScoreRequest, console: Console) -> None:
     check(not (r.as_json and not summary), "--json goes with --summary (the per-character output is JSON lines "
            "already)")
     payload, model, vocab, device = load_model(r.checkpoint, r.device)
+    model = _in_voice(model, payload, r.tag)
     encoding, keep_crlf = text_reading(payload, r.encoding, r.keep_crlf)
     source, name = open_source(path)
     # stdin is scored in one stream, as it arrives (a pipe's reader sees results before the input ends);
@@ -126,6 +128,7 @@ def run_rank(r: ScoreRequest, console: Console) -> None:
     unknown = r.unknown
     check(unknown in ("error", "skip"), f"--unknown must be error or skip, got {unknown!r}")
     payload, model, vocab, device = load_model(r.checkpoint, r.device)
+    model = _in_voice(model, payload, r.tag)
     check("\n" in vocab, "this model has never seen a line break, so it has no items to rank")
     check("item_end" not in payload.get("corpus", {}), "this model's items are whole files; --rank ranks "
            "candidates one per line, so it needs a model of a list of lines")
@@ -156,6 +159,14 @@ def run_rank(r: ScoreRequest, console: Console) -> None:
     out.flush()
     console.print(f"[dim]ranked {len(lines):,} candidates: nats per character (lower = more like the training "
                   "text), log-probability, item[/dim]", highlight=False)
+
+
+def _in_voice(model, payload: dict, tag: Optional[str]):
+    """The model conditioned on --tag (a tagged model), or as it is."""
+    from charlm.tags import resolve
+
+    ids = resolve(payload, [tag] if tag is not None else None)
+    return model.conditioned(ids[0]) if ids else model
 
 
 def json_lines(chunk, quoted: list) -> str:

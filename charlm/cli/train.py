@@ -63,6 +63,7 @@ class TrainRequest:
     grow_vocab: bool = True
     unknown: Optional[str] = None
     log: Optional[str] = None  # "tensorboard": event files in RUN/tensorboard/ too (charlm/tracking.py)
+    tag_by: Optional[str] = None  # "folder", "file" or "field": a tagged corpus (charlm/tags.py)
 
 
 # The options that shape a run, with where a checkpoint keeps each and its default for a new run (None: chosen
@@ -93,6 +94,9 @@ def validate_train(r: TrainRequest) -> None:
     check(r.max_steps is None or r.max_steps > 0, f"--max-steps must be positive, got {r.max_steps}")
     check(r.unknown in (None, "error", "skip"), f"--unknown must be error or skip, got {r.unknown!r}")
     check(r.log in (None, "tensorboard"), f"--log must be tensorboard, got {r.log!r}")
+    from charlm.tags import TAG_BY
+
+    check(r.tag_by in (None, *TAG_BY), f"--tag-by must be one of {', '.join(TAG_BY)}, got {r.tag_by!r}")
     check(not (r.resume and r.init_from), "--resume and --init-from do not mix: resume continues a run, "
            "--init-from starts a new one from a trained model")
 
@@ -137,7 +141,7 @@ def run_plan(plan: TrainPlan, console: Console, dinfo, device) -> None:
     trainer = Trainer(plan.model, plan.train_ids, plan.val_ids, plan.train_config, out, device, plan.meta,
                       callback=each, dist_info=dinfo, resume=plan.payload if r.resume else None,
                       compile_model=r.compile_model, spent=plan.sizing.get("probe_s", 0.0) if not r.resume else 0.0,
-                      reshuffle=plan.reshuffle)
+                      reshuffle=plan.reshuffle, train_tags=plan.train_tags, val_tags=plan.val_tags)
     run_summary(console, start_summary(plan, trainer, device, dinfo))
     received = []
 

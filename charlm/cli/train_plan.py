@@ -18,7 +18,7 @@ from charlm.cli.train_report import CorpusProgress
 from charlm.corpus import DOC_SEPARATOR
 from charlm.errors import CharlmError
 from charlm.items import ITEM_END, files_are_items_likely
-from charlm.grow import grow_state_dict
+from charlm.grow import grow_state_dict, grow_tags
 from charlm.model import CharRNN, ModelConfig
 from charlm.train import TrainConfig
 from charlm.vocab import Vocabulary
@@ -40,6 +40,7 @@ SHAPING = {  # field: (flag, checkpoint section, key there, default)
     "keep_crlf": ("--keep-crlf", "corpus", "keep_crlf", False),
     "val_frac": ("--val-frac", "train_config", "val_frac", _TRAIN.val_frac),
     "items": ("--items", "corpus", "items", None),
+    "tag_by": ("--tag-by", "corpus", "tag_by", None),
     "seed": ("--seed", "train_config", "seed", _TRAIN.seed),
     "cell": ("--cell", "model_config", "cell", _MODEL["cell"]),
     "nonlinearity": ("--nonlinearity", "model_config", "nonlinearity", _MODEL["nonlinearity"]),
@@ -111,6 +112,9 @@ class TrainPlan:
     model: CharRNN  # seeded and built (with the --init-from weights)
     meta: dict  # what every checkpoint of the run records besides the training state
     vocab_plan: Optional[object] = None  # --init-from: grow.VocabPlan (characters added or dropped)
+    tags: Optional[object] = None  # a tagged corpus: tags.TagSet (names in id order, characters of each)
+    train_tags: Optional[np.ndarray] = None  # the tag track of train_ids (a list's: of each epoch's text)
+    val_tags: Optional[np.ndarray] = None
 
 
 def plan_train(r: TrainRequest, max_time: Optional[float], console: Console, dinfo, device) -> TrainPlan:
@@ -139,16 +143,17 @@ def plan_train(r: TrainRequest, max_time: Optional[float], console: Console, din
     # text by a blank line. Guessed before encoding (a resumed run knows; items.files_are_items_likely) and
     # decided on the encoded text below; a wrong guess, or a text the guess cannot be checked on, reads again.
     saved_end = (payload or {}).get("corpus", {}).get("item_end") if r.resume else None
-    separator = ITEM_END if saved_end == ITEM_END or (not r.resume and r.items and
+    separator = ITEM_END if saved_end == ITEM_END or (not r.resume and r.items and r.tag_by != "field" and
                                                       files_are_items_likely(inputs, r.encoding, r.keep_crlf)) \
         else DOC_SEPARATOR
+    tagging = _tagging(r, payload, source)  # {} for untagged text; else what load_tagged is told
     vplan = None
     if r.init_from is not None:  # the text's characters against the model's: grow, drop or refuse (grow.py)
         vplan = from_main(dinfo, lambda: _vocab_plan(r, inputs, vocab, separator))
         vocab, r = vplan.vocab, replace(r, unknown=vplan.unknown)
     elif r.resume:  # read the text as the run did (a run that dropped new characters drops them again)
         r = replace(r, unknown=payload.get("corpus", {}).get("unknown", "error"))
-    corpus = _training_corpus(inputs, vocab, r, out.parent / ".charlm-cache", dinfo, console, separator)
+    corpus = _training_corpus(inputs, vocab, r, out.parent / ".charlm-cache", dinfo, console, separator, tagging)
     if r.resume:
         saved = payload.get("corpus", {})
         if saved.get("sha256") not in (None, corpus.sha256) and not r.force:
@@ -159,22 +164,31 @@ def plan_train(r: TrainRequest, max_time: Optional[float], console: Console, din
     items_unit, items_reason = _items_mode(r, payload, corpus, separator)
     if items_reason is None:  # joined by ITEM_END the text cannot tell (a file holds U+001E): by a blank line
         separator = DOC_SEPARATOR
-        corpus = _training_corpus(inputs, vocab, r, out.parent / ".charlm-cache", dinfo, console, separator)
+        corpus = _training_corpus(inputs, vocab, r, out.parent / ".charlm-cache", dinfo, console, separator, tagging)
         items_unit, items_reason = _items_mode(r, payload, corpus, separator)
     if (items_unit == "files") != (separator == ITEM_END):  # the guess was wrong: the files joined the other way
         separator = ITEM_END if items_unit == "files" else DOC_SEPARATOR
-        corpus = _training_corpus(inputs, vocab, r, out.parent / ".charlm-cache", dinfo, console, separator)
+        corpus = _training_corpus(inputs, vocab, r, out.parent / ".charlm-cache", dinfo, console, separator, tagging)
     reshuffle, items_meta = None, {"items": False}
     read = {"separator": ITEM_END} if separator == ITEM_END else {}
+    tagged = tagging.get("result")  # tags.TaggedCorpus of the corpus read last, or None
+    track = tagged.track if tagged is not None else None
+    train_tags = val_tags = None
     if items_unit:
-        train_ids, val_ids, reshuffle, items_meta = _item_split(corpus, r, items_reason,
-                                                                ITEM_END if items_unit == "files" else "\n")
+        train_ids, val_ids, reshuffle, items_meta, val_tags = _item_split(
+            corpus, r, items_reason, ITEM_END if items_unit == "files" else "\n", track)
+    elif track is not None:
+        from charlm.tags import split_by_tag
+
+        train_ids, train_tags, val_ids, val_tags = split_by_tag(corpus.ids, track, len(tagged.tags), r.val_frac,
+                                                                corpus.path)
     else:
         train_ids, val_ids = split_train_val(corpus.ids, r.val_frac, corpus.path)
     # Only once the corpus is known good (bad input leaves no directory behind); a failure here ends every
     # process of a torchrun job with the same message.
     agreed(dinfo, lambda: persist.prepare_run_dir(out, fresh=not r.resume), here=dinfo.is_main)
-    mconf, batch, seq_len, sizing = _sizes(r, payload, corpus, train_ids, device, precision, dinfo, max_time)
+    mconf, batch, seq_len, sizing = _sizes(r, payload, corpus, train_ids, device, precision, dinfo, max_time,
+                                           len(tagged.tags) if tagged is not None else 0)
     batch, seq_len = fit_layout(len(train_ids) - 1, batch, seq_len)
     eval_chars = _eval_chars(r, payload, sizing)
     if dinfo.enabled:
@@ -188,17 +202,40 @@ def plan_train(r: TrainRequest, max_time: Optional[float], console: Console, din
     model = CharRNN(mconf)
     if r.init_from is not None:
         # The checkpoint's weights, each old character's moved to its id in the grown vocabulary.
-        model.load_state_dict(grow_state_dict(payload["model"], mconf.embedding, Vocabulary(payload["vocab"]),
-                                              corpus.vocab))
+        grown = grow_state_dict(payload["model"], mconf.embedding, Vocabulary(payload["vocab"]), corpus.vocab)
+        # and its tags: the text's new ones added, or tags given to an untagged model
+        grown = grow_tags(grown, mconf.embedding or mconf.vocab_size, payload["model_config"].get("tags", 0),
+                          mconf.tags, mconf.tag_embedding)
+        model.load_state_dict(grown)
     # How the text was read, so that --novelty and the sampling of items find the same cached ids.
     read = {"encoding": r.encoding, "keep_crlf": r.keep_crlf, "fixed_vocab": vocab is not None, **read,
             **({"unknown": "skip"} if r.unknown == "skip" else {}),
             **({"added_chars": vplan.added} if vplan and vplan.added else {}),
-            **({"dropped_chars": vplan.dropped} if vplan and vplan.dropped else {})}
+            **({"dropped_chars": vplan.dropped} if vplan and vplan.dropped else {}),
+            **({"tag_by": r.tag_by, "tags": tagged.tags.to_dict(r.tag_by)} if tagged is not None else {}),
+            # a tagged model fine-tuned on untagged text keeps its tags (without --tag-by: a resume reads the
+            # text untagged, as this run does)
+            **({"tags": payload["corpus"]["tags"]} if tagged is None and mconf.tags and payload is not None
+               and payload.get("corpus", {}).get("tags") else {})}
     meta = {"model_config": mconf.to_dict(), "vocab": corpus.vocab.chars,
             "corpus": {**corpus.info(), **read, **items_meta}, "sizing": sizing}
     return TrainPlan(r, kept, out, payload, corpus, train_ids, val_ids, reshuffle, items_meta, sizing, tconf, model,
-                     meta, vplan)
+                     meta, vplan, tagged.tags if tagged is not None else None, train_tags, val_tags)
+
+
+def _tagging(r: TrainRequest, payload: Optional[dict], source) -> dict:
+    """What load_tagged is told for --tag-by (empty for untagged text): the rule, and the tag names a resumed
+    or fine-tuned tagged model already has (its text must use only those)."""
+    from charlm.tags import TagSet
+
+    if not r.tag_by:
+        return {}
+    known = TagSet.from_payload(payload) if payload is not None else None
+    if r.resume and known is None:
+        raise CharlmError(f"the run in {source} was trained without tags; resume it without --tag-by")
+    # --init-from: the model's tags keep their ids and the text's new ones are added (grow.grow_tags); an
+    # untagged model gains tags. A resumed run's text must use its own tags only.
+    return {"tag_by": r.tag_by, "known": known.names if known is not None else None, "grow": bool(r.init_from)}
 
 
 def _items_mode(r: TrainRequest, payload, corpus, separator: str = DOC_SEPARATOR) -> tuple:
@@ -217,7 +254,7 @@ def _items_mode(r: TrainRequest, payload, corpus, separator: str = DOC_SEPARATOR
     if r.items is False:
         return None, "--no-items"
     text = (lambda: corpus.vocab.decode(corpus.ids[:2_000_000])) if corpus.chars <= 50_000_000 else None
-    if r.items and len(corpus.files) > 1:
+    if r.items and len(corpus.files) > 1 and r.tag_by != "field":
         view = joined_view(corpus, separator)  # the text as if joined by a blank line, however it was encoded
         if view is None:
             return None, None
@@ -241,23 +278,32 @@ def _items_mode(r: TrainRequest, payload, corpus, separator: str = DOC_SEPARATOR
     return ("lines" if is_list else None), why
 
 
-def _item_split(corpus, r: TrainRequest, reason: str, end: str) -> tuple:
+def _item_split(corpus, r: TrainRequest, reason: str, end: str, track: Optional[np.ndarray] = None) -> tuple:
+    """(training text, validation text, reshuffle, items meta, validation tags). With a tag track, each item's
+    tags go with it through the split and every epoch's order (reshuffle then returns (text, tags))."""
     from charlm.items import Items, epoch_order, split_items
 
     items = Items.from_ids(corpus.ids, corpus.vocab.chars.index(end))
     if len(items) < 2:
         raise CharlmError(f"{corpus.path} has {len(items)} item(s); a list needs at least 2 (one to validate)")
     train_items, val_items = split_items(items, r.val_frac, r.seed)
+    train_tags = val_tags = None
+    if track is not None:  # the same spans over the tag track (from_ids may have closed the last item)
+        track = np.concatenate([track, track[-1:]]) if len(items.ids) > len(track) else track
+        train_tags, val_tags = split_items(Items(track, items.start, items.length), r.val_frac, r.seed)
 
     def reshuffle(epoch: int):
-        return train_items.text_ids(epoch_order(len(train_items), r.seed, epoch))
+        order = epoch_order(len(train_items), r.seed, epoch)
+        text = train_items.text_ids(order)
+        return text if train_tags is None else (text, train_tags.text_ids(order))
 
     meta = {"items": True, "items_reason": reason, "train_items": len(train_items), "val_items": len(val_items),
             **({"item_end": end} if end != "\n" else {})}
-    return train_items.text_ids(), val_items.text_ids(), reshuffle, meta
+    return (train_items.text_ids(), val_items.text_ids(), reshuffle, meta,
+            val_tags.text_ids() if val_tags is not None else None)
 
 
-def _sizes(r: TrainRequest, payload, corpus, train_ids, device, precision, dinfo, max_time) -> tuple:
+def _sizes(r: TrainRequest, payload, corpus, train_ids, device, precision, dinfo, max_time, tags: int = 0) -> tuple:
     """(model config, streams, chunk length, sizing record). Explicit flags win; a resumed run keeps what its
     checkpoint says (it never decides again); everything else is chosen by autosize.py."""
     from charlm import autosize
@@ -286,10 +332,17 @@ def _sizes(r: TrainRequest, payload, corpus, train_ids, device, precision, dinfo
                              epochs=r.epochs, speed=speed, world=dinfo.world, gpu=device.type == "cuda",
                              fixed=given)
     if model_fixed:  # the checkpoint's architecture, with the dropout the summary names (given or its own)
-        mconf = ModelConfig(**{**payload["model_config"], "dropout": choice.dropout, "vocab_size": vocab_size})
+        from charlm.tags import TAG_EMBEDDING
+
+        saved = payload["model_config"]
+        tagging = {"tags": tags, "tag_embedding": saved.get("tag_embedding") or TAG_EMBEDDING} if tags else {}
+        mconf = ModelConfig(**{**saved, "dropout": choice.dropout, "vocab_size": vocab_size, **tagging})
     else:
+        from charlm.tags import TAG_EMBEDDING
+
         mconf = ModelConfig(vocab_size=vocab_size, cell=r.cell, hidden=choice.hidden, layers=choice.layers,
-                            dropout=choice.dropout, nonlinearity=r.nonlinearity, embedding=choice.embedding)
+                            dropout=choice.dropout, nonlinearity=r.nonlinearity, embedding=choice.embedding,
+                            tags=tags, tag_embedding=TAG_EMBEDDING if tags else 0)
     sizing = {"auto": auto, "choice": choice.to_dict(), "flags": autosize.flags(choice),
               "probe_s": speed.probe_s if speed else 0.0}
     return mconf, choice.batch_size, choice.seq_len, sizing
@@ -321,20 +374,31 @@ def _agreed_speed(speed, dinfo):
 
 
 def _training_corpus(inputs, vocab, r: TrainRequest, cache: Path, dinfo, console: Console,
-                     separator: str = DOC_SEPARATOR):
+                     separator: str = DOC_SEPARATOR, tagging: Optional[dict] = None):
     """The encoded corpus. Under torchrun the first process of each machine builds (or finds) the cached,
     memory-mapped ids while the others wait; then every process maps that file and reads only the rows it
-    trains on. A bad file ends every process with the same one-line message."""
+    trains on. A bad file ends every process with the same one-line message. A tagged corpus (tagging from
+    _tagging) is read by tags.load_tagged, on every process (its tag track is built from the files), and its
+    TaggedCorpus left in tagging["result"]."""
     from charlm.corpus import describe_mapped, load_corpus, open_mapped
     from charlm.runtime import agreed
 
     def build():
         with CorpusProgress(console) as progress:
+            if tagging:
+                from charlm.tags import load_tagged
+
+                tagging["result"] = load_tagged(inputs, tagging["tag_by"], vocab, r.encoding, r.keep_crlf, cache,
+                                                r.unknown or "error", separator, progress, tagging["known"],
+                                                tagging["grow"])
+                return tagging["result"].corpus
             return load_corpus(inputs, vocab, r.encoding, r.keep_crlf, cache_dir=cache, separator=separator,
                                progress=progress, unknown=r.unknown or "error")
 
     if not dinfo.enabled:
         return build()
+    if tagging:
+        return agreed(dinfo, build)
     corpus = agreed(dinfo, build, here=dinfo.local_rank == 0)
     import torch.distributed as dist
 
@@ -356,6 +420,10 @@ def _vocab_plan(r: TrainRequest, inputs, vocab: Vocabulary, separator: str):
     from charlm.grow import decide
 
     where = str(inputs[0]) if len(inputs) == 1 else f"{inputs[0]} + {len(inputs) - 1} more"
+    if r.tag_by == "field":  # the text after each line's tag: the tags and tabs are not characters of it
+        from charlm.tags import field_vocab
+
+        return decide(vocab, field_vocab(inputs, r.encoding, r.keep_crlf), where, r.grow_vocab, r.unknown)
     return decide(vocab, read_vocab(inputs, r.encoding, r.keep_crlf, separator), where, r.grow_vocab, r.unknown)
 
 
