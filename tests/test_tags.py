@@ -4,6 +4,7 @@ tag (sample, score, eval --by-tag, classify, info), and a tagged run that resume
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 
@@ -235,6 +236,20 @@ def test_tagged_items_follow_their_tags(runner, tmp_path, one_thread):
     assert [t for t, _ in lines] == ["lo"] * 8 + ["up"] * 8
     for tag, name in lines:
         assert set(name) <= set(LOW if tag == "lo" else UP), (tag, name)
+    if importlib.util.find_spec("starlette") and importlib.util.find_spec("uvicorn"):  # the serve extra
+        from test_serve import Served
+
+        served = Served(out, tmp_path)
+        try:
+            status, _, body = served.post("/v1/items", {"tag": "up", "count": 5, "seed": 2})
+            assert status == 200, body
+            cli = invoke(runner, "sample", "-c", out, "--tag", "up", "--num-samples", "5", "--seed", "2", "--json")
+            assert body["items"] == [{k: v for k, v in i.items() if k != "tag"}
+                                     for i in json.loads(cli.stdout)["items"]]
+            assert all(set(i["text"]) <= set(UP) for i in body["items"])
+        finally:
+            served.proc.kill()
+            served.proc.wait()
 
 
 # ---------------------------------------------------------------------------------------------- resuming
@@ -345,3 +360,63 @@ def test_init_from_adds_the_new_texts_tags(runner, tagged_run, voices, tmp_path,
     summary = json.loads(invoke(runner, "info", out, "--json").stdout)
     assert summary["corpus"]["tags"]["names"] == ["low", "up", "mixed"]  # the model's ids kept, the new one after
     assert invoke(runner, "sample", "-c", out, "--tag", "mixed", "--length", "20").exit_code == 0
+
+
+# ---------------------------------------------------------------------------------------------- serving
+def test_the_server_takes_a_tag_and_batches_tags_together(runner, tagged_run, tmp_path):
+    pytest.importorskip("starlette", reason="charlm serve needs the serve extra: pip install 'charlm[serve]'")
+    pytest.importorskip("uvicorn", reason="charlm serve needs the serve extra: pip install 'charlm[serve]'")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_serve import Served
+
+    served = Served(tagged_run, tmp_path)
+    try:
+        status, _, body = served.post("/v1/sample", {"tag": "up", "seed": 3, "length": 120, "num_samples": 2})
+        assert status == 200, body
+        cli = invoke(runner, "sample", "-c", tagged_run, "--tag", "up", "--seed", "3", "--length", "120",
+                     "--num-samples", "2", "--json")
+        assert body["samples"] == json.loads(cli.stdout)["samples"] and body["tag"] == "up"
+        # two voices at once: their rows share the engine's steps, each in its own tag
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda t: (t, served.post("/v1/sample", {"tag": t, "length": 300})),
+                                    ["low", "up", "low", "up"]))
+        for tag, (status, _, body) in answers:
+            assert status == 200, body
+            other = set(UP if tag == "low" else LOW)
+            assert sum(c in other for c in body["samples"][0]) <= 6, (tag, body["samples"][0])
+        held = voice(UP, 5, 42)
+        scores = {t: served.post("/v1/score", {"text": held, "tag": t})[2]["nats_per_char"] for t in ("up", "low")}
+        assert scores["up"] < scores["low"] - 1.0
+        status, _, body = served.post("/v1/sample", {"tag": "mid"})
+        assert status == 422 and body["field"] == "tag" and "low, up" in body["error"]
+        status, _, body = served.post("/v1/sample", {"tag": 3})
+        assert status == 400 and body["field"] == "tag"
+    finally:
+        served.proc.kill()
+        served.proc.wait()
+
+
+def test_the_page_offers_the_models_tags(tagged_run, tmp_path):
+    pytest.importorskip("starlette", reason="charlm serve needs the serve extra: pip install 'charlm[serve]'")
+    pytest.importorskip("uvicorn", reason="charlm serve needs the serve extra: pip install 'charlm[serve]'")
+    import shutil
+
+    if shutil.which("chromium") is None and shutil.which("chromium-browser") is None:
+        pytest.skip("no chromium on PATH (apt-get install chromium; .ci/run installs it) to load the page in")
+    from test_browser import Browser
+    from test_serve import Served, _text, _until
+
+    served = Served(tagged_run, tmp_path)
+    browser = Browser(tmp_path / "profile")
+    try:
+        browser.call("Page.navigate", url=f"http://127.0.0.1:{served.port}/?tag=up&seed=4&length=80&go")
+        _until(browser, "status", "characters in")
+        assert browser.js("[...document.getElementById('tag').options].map(o => o.value).join(',')") == ",low,up"
+        _, _, want = served.post("/v1/sample", {"tag": "up", "length": 80, "seed": 4})
+        assert _text(browser, "out") == want["samples"][0] and not set(want["samples"][0]) & set(LOW)
+        assert browser.problems() == []
+    finally:
+        browser.close()
+        served.proc.kill()
+        served.proc.wait()

@@ -1,12 +1,15 @@
 """The HTTP server of `charlm serve`: a Starlette app in front of the batching engine (charlm/server/engine.py).
 
     POST /v1/sample        {"prime", "length", "temperature", "top_k", "top_p", "greedy", "seed", "stop",
-                            "num_samples", "unknown", "stream"} -> {"samples": [...], ...}, or with
+                            "num_samples", "unknown", "stream", "tag"} -> {"samples": [...], ...}, or with
                             "stream": true a text/event-stream of the characters as they are generated
-    POST /v1/score         {"text", "top"} -> per-character log-probabilities (as `charlm score`)
+    POST /v1/score         {"text", "top", "tag"} -> per-character log-probabilities (as `charlm score`)
     POST /v1/items         {"count", "prime", "new_only", "min_length", "max_length", "temperature", "top_k",
-                            "top_p", "seed", "unknown"} -> {"items": [{"text", "logprob", "new"}], ...}: new
-                            items from a model of a list (as `charlm sample` on one)
+                            "top_p", "seed", "unknown", "tag"} -> {"items": [{"text", "logprob", "new"}], ...}:
+                            new items from a model of a list (as `charlm sample` on one)
+
+"tag" (a tagged model, `train --tag-by`): the tag to write or read in; an unknown one is a 422 naming the
+known tags, any tag on an untagged model a 400.
     GET  /v1/model         the `charlm info` data
     GET  /healthz          liveness and load
     GET  /                 a page to type a prime and watch the text stream
@@ -31,6 +34,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from charlm.errors import CharlmError
 from charlm.server.engine import Busy, Engine, Job
 from charlm.sample import SampleConfig
 from charlm.vocab import unknown_message
@@ -143,9 +147,26 @@ def known_text(vocab, text: str, field: str, unknown: str) -> str:
 
 
 ITEM_FIELDS = ("count", "prime", "new_only", "min_length", "max_length", "temperature", "top_k", "top_p", "seed",
-               "unknown")
+               "unknown", "tag")
 SAMPLE_FIELDS = ("prime", "length", "temperature", "top_k", "top_p", "greedy", "seed", "stop", "num_samples",
-                 "unknown", "stream")
+                 "unknown", "stream", "tag")
+
+
+def tag_field(f: Fields, info: dict) -> Optional[int]:
+    """The id of a body's "tag" (None when not sent): a 400 for a model without tags, a 422 for a tag the
+    model does not know (the message lists the ones it does)."""
+    from charlm.tags import TagSet, no_tags_message
+
+    name = f.str("tag", None, 200)
+    if name is None:
+        return None
+    tags = TagSet.from_payload({"corpus": info.get("corpus", {})})
+    if tags is None:
+        raise ApiError(400, "tag", no_tags_message("this model").replace("--tag", '"tag"'))
+    try:
+        return tags.id(name)
+    except CharlmError as exc:
+        raise ApiError(422, "tag", str(exc))
 
 
 def sampling_fields(f: Fields, vocab) -> tuple:
@@ -160,9 +181,11 @@ def sampling_fields(f: Fields, vocab) -> tuple:
     return temperature, top_k, top_p, seed
 
 
-def sample_request(data: dict, vocab, limits: Limits):
-    """(prime, SampleConfig, stream) from a /v1/sample body; the defaults are `charlm sample`'s."""
+def sample_request(data: dict, vocab, limits: Limits, info: Optional[dict] = None):
+    """(prime, SampleConfig, stream, tag id or None) from a /v1/sample body; the defaults are `charlm
+    sample`'s."""
     f = Fields(data, SAMPLE_FIELDS)
+    tag = tag_field(f, info or {})
     unknown = f.str("unknown", "error", 5, ("error", "skip"))
     prime = f.str("prime", "", limits.max_prime)
     prime = known_text(vocab, prime, "prime", unknown)
@@ -174,7 +197,7 @@ def sample_request(data: dict, vocab, limits: Limits):
         seed=seed,
         stop=f.str("stop", None, limits.max_stop) or None,
     )
-    return prime, cfg, f.bool("stream", False)
+    return prime, cfg, f.bool("stream", False), tag
 
 
 # ---------------------------------------------------------------------------------------------- the app
@@ -210,10 +233,12 @@ class Server:
 
     async def sample(self, request: Request) -> Response:
         data = await read_json(request, self.limits.max_body)
-        prime, cfg, stream = sample_request(data, self.vocab, self.limits)
+        prime, cfg, stream, tag = sample_request(data, self.vocab, self.limits, self.info)
         # A JSON answer needs its text only at the end: the engine then hands it over once, not every 10 ms.
-        job, queue = self._job(rows=cfg.num_samples, cfg=cfg, prime_ids=self.vocab.encode(prime), stream=stream)
-        head = {"prime": prime, "seed": cfg.seed, "num_samples": cfg.num_samples}
+        job, queue = self._job(rows=cfg.num_samples, cfg=cfg, prime_ids=self.vocab.encode(prime), stream=stream,
+                               tag=tag)
+        head = {"prime": prime, "seed": cfg.seed, "num_samples": cfg.num_samples,
+                **({"tag": data["tag"]} if tag is not None else {})}
         if stream:
             return StreamingResponse(self._events(job, queue, prime, head), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -256,7 +281,8 @@ class Server:
         from charlm.score import Summary, score_stream
 
         data = await read_json(request, self.limits.max_body)
-        f = Fields(data, ("text", "top", "unknown"))
+        f = Fields(data, ("text", "top", "unknown", "tag"))
+        tag = tag_field(f, self.info)
         unknown = f.str("unknown", "error", 5, ("error", "skip"))
         text = f.str("text", None, self.limits.max_score_chars)
         if not text:
@@ -266,10 +292,11 @@ class Server:
         text = known_text(self.vocab, text, "text", unknown)
         ids = self.vocab.encode(text)
         engine, vocab = self.engine, self.vocab
+        model = engine.model.conditioned(tag) if tag is not None else engine.model
 
         def task():  # runs in the engine thread, one chunk per engine turn (~10 ms for the default model)
             chunks, summary = [], Summary(vocab)
-            for chunk in score_stream(engine.model, [ids], engine.device, top=top, vocab=vocab, chunk=512):
+            for chunk in score_stream(model, [ids], engine.device, top=top, vocab=vocab, chunk=512):
                 chunks.append(chunk)
                 summary.update(chunk)
                 yield
@@ -289,6 +316,7 @@ class Server:
             raise ApiError(400, None, "this model was not trained on a list of things, so it has no items; "
                                       "use POST /v1/sample for text")
         f = Fields(data, ITEM_FIELDS)
+        tag = tag_field(f, self.info)
         count = f.int("count", 10, 1, self.limits.max_items)
         unknown = f.str("unknown", "error", 5, ("error", "skip"))
         end = corpus.get("item_end", "\n")
@@ -305,10 +333,11 @@ class Server:
         temperature, top_k, top_p, seed = sampling_fields(f, self.vocab)
         known = self.items.known if self.items else frozenset()
         engine = self.engine
+        model = engine.model.conditioned(tag) if tag is not None else engine.model
 
         def task():  # one model step of every drawn row per engine turn, between the other requests' steps
             return (yield from draw_items(
-                engine.model, self.vocab, count, known, prime, temperature=temperature,
+                model, self.vocab, count, known, prime, temperature=temperature,
                 top_k=top_k, top_p=top_p, min_length=max(min_length, len(prime) + 1),
                 max_length=max_length, allow_copies=not new_only, seed=seed, device=engine.device, end=end))
 

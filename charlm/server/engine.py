@@ -9,6 +9,7 @@ weights), so the engine packs every live sample of every request into one batch:
               between two steps; the rows that stay are gathered with charlm.state.select_rows and the
               newcomers' rows appended with concat_rows.
 
+A tagged model's rows each carry their request's tag (a (B,) tensor beside the state, rebuilt with it).
 A request's rows never mix with another's: each has its own slice of the state and its own
 torch.Generator seeded from its seed, read through charlm.sample.Uniforms as `charlm sample` reads its own;
 every row's character is drawn from charlm.sample.distribution by charlm.sample.draw, as charlm.sample.pick
@@ -69,6 +70,7 @@ class Job:
     prime_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     task: Optional[Iterator] = None  # a non-sampling job: a generator advanced one piece per engine turn
     stream: bool = True  # text as it comes (every PUBLISH_EVERY); False: all of it just before "done"
+    tag: Optional[int] = None  # a tagged model: the tag id every row is written in (None: untagged)
     cancelled: bool = False  # set from any thread; the engine drops the job before its next step
     # Engine-side state:
     generator: Optional[torch.Generator] = None
@@ -108,6 +110,7 @@ class Engine:
         self._active: List[Job] = []  # in batch order
         self._state: Optional[st.State] = None  # (layers, B, H) for the active rows
         self._logits: Optional[torch.Tensor] = None  # (B, V)
+        self._tags: Optional[torch.Tensor] = None  # (B,) each active row's tag id, for a tagged model
         self._outbox: list = []
         self._urgent, self._published = False, 0.0
         self._context = vocab.encode(default_context(vocab))
@@ -207,7 +210,7 @@ class Engine:
         for job in self._active + self._warming + self._tasks:
             self._emit(job, kind, message)
         self._active, self._warming, self._tasks = [], [], []
-        self._state = self._logits = None
+        self._state = self._logits = self._tags = None
 
     def _admit(self) -> None:
         """Move queued jobs in, first come first served, while their rows fit under max_rows."""
@@ -244,7 +247,7 @@ class Engine:
             piece = job.prime_ids[job.warmed: job.warmed + WARM_CHUNK]
             x = torch.as_tensor(piece, dtype=torch.long, device=self.device).unsqueeze(0).expand(job.rows, -1)
             try:
-                logits, job.state = self.model(x, job.state)  # (rows, P, V)
+                logits, job.state = self.model(x, job.state, job.tag)  # (rows, P, V)
             except Exception as exc:  # this job's prime alone: the others warm on
                 self._warming.remove(job)
                 self._emit(job, "failed", _internal(exc))
@@ -296,6 +299,15 @@ class Engine:
             self._logits = torch.cat(logits)  # (B, V)
         else:
             self._state = self._logits = None
+        self._tags = self._row_tags(self._active)
+
+    def _row_tags(self, jobs: List[Job]) -> Optional[torch.Tensor]:
+        """(rows,) the tag id of every row of `jobs` for a tagged model (untagged for a job without one)."""
+        if not self.model.config.tags or not jobs:
+            return None
+        none = self.model.untagged
+        return torch.tensor([none if j.tag is None else j.tag for j in jobs for _ in range(j.rows)],
+                            dtype=torch.long, device=self.device)
 
     def _step(self) -> None:
         """Pick every row's next character with its own job's rules and generator, then one model step."""
@@ -312,7 +324,7 @@ class Engine:
             if not self._active:
                 return
         try:
-            self._logits, self._state = self.model.step(ids, self._state)
+            self._logits, self._state = self.model.step(ids, self._state, self._tags)
         except Exception:
             ids = self._step_apart(ids)
             if ids is None:
@@ -404,7 +416,7 @@ class Engine:
             rows = torch.arange(at, at + job.rows, device=self.device)
             at += job.rows
             try:
-                job_logits, job_state = self.model.step(ids[rows], st.select_rows(self._state, rows))
+                job_logits, job_state = self.model.step(ids[rows], st.select_rows(self._state, rows), job.tag)
             except Exception as exc:
                 self._emit(job, "failed", _internal(exc))
                 continue
@@ -413,6 +425,7 @@ class Engine:
             logits.append(job_logits)
             kept_ids.append(ids[rows])
         self._active = kept
+        self._tags = self._row_tags(kept)
         if not kept:
             self._state = self._logits = None
             return None

@@ -44,6 +44,7 @@ PAGE = """<!doctype html>
   <label>temperature <input id="temperature" type="number" value="0.8" step="0.1" min="0.05"></label>
   <label>top-k <input id="top_k" type="number" value="0" min="0"></label>
   <label>seed <input id="seed" type="number" placeholder="random"></label>
+  <label id="tag-label" hidden>tag <select id="tag"><option value="">(none)</option></select></label>
   <button id="go">Generate</button>
   <button id="halt" disabled>Stop</button>
 </div>
@@ -70,6 +71,16 @@ fetch("/v1/model").then((r) => r.json()).then((m) => {
     $("length-label").textContent = "items";
     if (!query.has("length")) $("length").value = "10";
   }
+  const tags = (m.corpus && m.corpus.tags && m.corpus.tags.names) || [];
+  if (tags.length) {  // a tagged model: write in one of its voices
+    for (const name of tags) {
+      const option = document.createElement("option");
+      option.value = option.textContent = name;
+      $("tag").appendChild(option);
+    }
+    $("tag-label").hidden = false;
+    if (query.has("tag")) $("tag").value = query.get("tag");
+  }
   if (query.has("go")) generate();
 }).catch(() => { $("model").textContent = ""; if (query.has("go")) generate(); });
 
@@ -82,6 +93,7 @@ function body() {
   const b = { prime: $("prime").value, length: Number($("length").value),
               temperature: Number($("temperature").value), top_k: Number($("top_k").value), stream: true };
   if ($("seed").value !== "") b.seed = Number($("seed").value);
+  if ($("tag").value !== "") b.tag = $("tag").value;
   return b;
 }
 
@@ -93,6 +105,7 @@ async function drawItems() {
   const b = { prime: $("prime").value, count: Number($("length").value),
               temperature: Number($("temperature").value), top_k: Number($("top_k").value) };
   if ($("seed").value !== "") b.seed = Number($("seed").value);
+  if ($("tag").value !== "") b.tag = $("tag").value;
   try {
     const response = await fetch("/v1/items", { method: "POST", body: JSON.stringify(b),
       headers: { "Content-Type": "application/json" } });
