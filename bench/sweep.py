@@ -8,20 +8,27 @@ Corpora (made at run time from what the machine has; nothing is stored here):
     1m         Tiny Shakespeare (../shared/data)
     4m         this Python's standard library (charlm's python-stdlib corpus)
     zh         Chinese fortunes and poems (fortunes-zh: chinese, tang300, song100; 1.2M chars, 6,000+ distinct)
+    manual     a 262 KB software manual: Node.js's fs module (Debian's nodejs docs), prose with code blocks and
+               tables, 96 distinct: the mid-sized prose where short budgets were the weak spot (issue 25)
 
-In every cell (corpus x budget) four runs train for the same wall-clock budget, two at a time, one thread each
+In every cell (corpus x budget) the runs train for the same wall-clock budget, two at a time, one thread each
 (OMP_NUM_THREADS=1), in this order: `auto` (no model or layout flags) beside `fixed` (the fixed defaults charlm
-had before: 2 x 512 GRU, one-hot, 64 x 128, dropout 0.2), then two grid models beside each other (2 x 128 and
-2 x 256, embedding 64 when the vocabulary has more than 256 characters, 32 x 64; `--grid` picks others: 2 x 384
-too, and `2x384@64x128` a layout other than 32 x 64; grid runs go two at a time). Each run is scored on the
-whole validation tail (the last 10%) with its best checkpoint. Pairs share the machine with each other, so the
-comparison within a pair is fair; between pairs, a busy machine can move both.
-With --threads 2 the runs cannot share 2 cores, so they go one after another in the same order.
+had before: 2 x 512 GRU, one-hot, 64 x 128, dropout 0.2), then the grid models two at a time: 2 x 128 and
+2 x 256 (embedding 64 when the vocabulary has more than 256 characters, else one-hot), then 2 x 256 with a
+32-wide embedding whatever the vocabulary, all at 32 x 64 and dropout 0.1. `--grid` picks others: `2x384`,
+`2x384@64x128` (a layout other than 32 x 64), `2x256e32` (an embedding of 32). A budget is anything --max-time
+reads: 90s, 1m, 3m. Each run is scored on the whole validation tail (the last 10%) with its best checkpoint.
+Pairs share the machine with each other, so the comparison within a pair is fair; between pairs, a busy
+machine can move both. With --threads 2 the runs cannot share 2 cores, so they go one after another in the
+same order. `--against FLAGS` skips the sweep and runs auto beside auto with FLAGS added, in the same pair: the
+way to measure a rule change against the old rule's choice given as flags.
 
     apt-get install fortunes fortunes-zh     # once
     .venv/bin/python bench/sweep.py --budgets 1m 3m
     .venv/bin/python bench/sweep.py --corpora 1m --budgets 10m --grid 2x256 2x384
     .venv/bin/python bench/sweep.py --corpora 1m --budgets 10m --threads 2 --grid 2x384
+    .venv/bin/python bench/sweep.py --corpora manual --budgets 90s --grid 2x256 2x256e32
+    .venv/bin/python bench/sweep.py --corpora manual 1m --budgets 90s --against "--embedding 0" --rounds 2
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 FORTUNES = Path("/usr/share/games/fortunes")
+MANUAL = Path("/usr/share/doc/nodejs/api/fs.md")  # apt-get install nodejs-doc
 FIXED = ["--hidden", "512", "--layers", "2", "--embedding", "0", "--dropout", "0.2", "--batch-size", "64",
          "--seq-len", "128"]
 
@@ -47,6 +55,8 @@ def make_corpora(work: Path, names) -> dict:
 
     out = {}
     for name in names:
+        if name in ("25k", "250k", "zh") and not FORTUNES.exists():
+            raise SystemExit(f"corpus {name} needs {FORTUNES}: apt-get install fortunes fortunes-zh")
         if name == "25k":
             path = work / "tang-25k.txt"
             path.write_text((FORTUNES / "tang300").read_text(encoding="utf-8", errors="replace")[:25_000])
@@ -56,6 +66,10 @@ def make_corpora(work: Path, names) -> dict:
             path = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
         elif name == "4m":
             path = corpus_path("python-stdlib", data_dir=work / "data")
+        elif name == "manual":
+            if not MANUAL.exists():
+                raise SystemExit(f"{MANUAL} is missing: apt-get install nodejs-doc")
+            path = MANUAL  # read where Debian put it: no copy of its text in the repository
         elif name == "zh":
             path = work / "zh"
             path.mkdir(exist_ok=True)
@@ -97,29 +111,40 @@ def run_pair(work: Path, corpus: Path, runs: dict, budget: str, threads: int, lo
 
 
 def grid_flags(entry: str, emb: list) -> list:
-    """`2x256` is a 2 x 256 GRU at 32 x 64, dropout 0.1; `2x256@64x128` the same model at 64 x 128."""
-    m = re.fullmatch(r"(\d+)x(\d+)(?:@(\d+)x(\d+))?", entry)
+    """`2x256` is a 2 x 256 GRU at 32 x 64, dropout 0.1; `2x256@64x128` the same model at 64 x 128;
+    `2x256e32` the same model with a 32-wide embedding in place of the vocabulary's default input."""
+    m = re.fullmatch(r"(\d+)x(\d+)(?:e(\d+))?(?:@(\d+)x(\d+))?", entry)
     if not m:
-        raise SystemExit(f"grid entry {entry!r}: use LAYERSxHIDDEN or LAYERSxHIDDEN@STREAMSxCHUNK")
-    layers, hidden, batch, seq = m.group(1), m.group(2), m.group(3) or "32", m.group(4) or "64"
+        raise SystemExit(f"grid entry {entry!r}: use LAYERSxHIDDEN[eEMBEDDING][@STREAMSxCHUNK]")
+    layers, hidden, batch, seq = m.group(1), m.group(2), m.group(4) or "32", m.group(5) or "64"
+    if m.group(3):
+        emb = ["--embedding", m.group(3)]
     return ["--hidden", hidden, "--layers", layers, *emb, "--dropout", "0.1", "--batch-size", batch,
             "--seq-len", seq]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--corpora", nargs="+", default=["25k", "250k", "1m", "4m", "zh"])
+    parser.add_argument("--corpora", nargs="+", default=["25k", "250k", "manual", "1m", "4m", "zh"])
     parser.add_argument("--budgets", nargs="+", default=["1m", "3m"])
     parser.add_argument("--threads", type=int, default=1, help="threads per run (two runs at a time when they fit "
                         "the cores, else one after another)")
     parser.add_argument("--logs", type=Path, help="keep each run's progress log (stderr) in this folder")
-    parser.add_argument("--grid", nargs="*", default=["2x128", "2x256"], help="grid models beside fixed")
+    parser.add_argument("--grid", nargs="*", default=["2x128", "2x256", "2x256e32"],
+                        help="grid models beside fixed")
+    parser.add_argument("--against", metavar="FLAGS", help="in place of the sweep: auto beside auto with these "
+                        "flags added (a rule change against the old rule's choice given as flags, e.g. "
+                        "'--embedding 0'), side by side in each cell, --rounds times")
+    parser.add_argument("--rounds", type=int, default=1, help="pairs per cell with --against")
     args = parser.parse_args()
     if args.logs:
-        args.logs.mkdir(parents=True, exist_ok=True)
+        for r in range(1, args.rounds + 1):
+            (args.logs / f"round{r}" if args.against else args.logs).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         corpora = make_corpora(work, args.corpora)
+        if args.against:
+            return compare(work, corpora, args)
         print("| corpus | budget | auto | fixed (old defaults) | " + "".join(f"{g} | " for g in args.grid)
               + "grid best | auto - best | auto chose |")
         print("| --- | --- | ---: | ---: | " + "---: | " * len(args.grid) + "---: | ---: | --- |")
@@ -139,6 +164,21 @@ def main():
                 print(f"| {name} (V={vocab}) | {budget} | {res['auto'][0]:.4f} | {res['fixed'][0]:.4f} | "
                       + "".join(f"{res[k][0]:.4f} | " for k in args.grid) + f"{res[best][0]:.4f} ({best}) | {gap:+.4f} | "
                       f"`{res['auto'][1]}`, {res['auto'][2]} steps |", flush=True)
+
+
+def compare(work: Path, corpora: dict, args) -> None:
+    """auto and auto with the --against flags in the same pair: the one fair way to tell two rules apart on a
+    machine whose speed moves between pairs."""
+    print(f"| corpus | budget | round | auto | auto {args.against} | difference | auto chose | steps |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | --- | --- |")
+    for name, corpus in corpora.items():
+        for budget in args.budgets:
+            for r in range(1, args.rounds + 1):
+                res = run_pair(work, corpus, {"auto": [], "against": args.against.split()}, budget, args.threads,
+                               args.logs and args.logs / f"round{r}")
+                print(f"| {name} | {budget} | {r} | {res['auto'][0]:.4f} | {res['against'][0]:.4f} | "
+                      f"{res['auto'][0] - res['against'][0]:+.4f} | `{res['auto'][1]}` | "
+                      f"{res['auto'][2]} / {res['against'][2]} |", flush=True)
 
 
 if __name__ == "__main__":

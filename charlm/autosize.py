@@ -14,9 +14,11 @@ The rule, in four lines and a note (the measurements behind each constant are in
     (and the sample each periodic evaluation scores: D / 125 characters, 16,384 to 65,536)
 
 The input is one-hot while the vocabulary is small (a gather, no weights) and a learned embedding beyond
-ONE_HOT_MAX characters, its width growing with the vocabulary. Speed comes from a probe of a second or two
-on the real device (two sizes of the real cell), fitted as seconds per step = c0 + c1 x FLOPs per step: c0
-is the fixed cost of a step (kernel launches, the optimizer), c1 the inverse of the achieved FLOP rate.
+ONE_HOT_MAX characters, its width growing with the vocabulary; a small vocabulary gets a small embedding in
+place of one-hot when a time budget is too short to read SHORT_PLAN characters (it learns sooner). Speed
+comes from a probe of a second or two on the real device (two sizes of the real cell), fitted as seconds per
+step = c0 + c1 x FLOPs per step: c0 is the fixed cost of a step (kernel launches, the optimizer), c1 the
+inverse of the achieved FLOP rate.
 Everything here but `probe` is a pure function of its arguments.
 """
 
@@ -50,6 +52,13 @@ MAX_STEP_CHARS, MAX_STEP_AT = 2048, 8e6
 MIN_STEPS = 400  # fewer updates than this and the schedule has no room: steps get smaller instead
 MIN_STEP_CHARS = 1024  # 16 x 64: the best layout for 45 s of a 25k text; smaller steps are mostly noise
 ONE_HOT_MAX = 256  # one-hot input up to this vocabulary; an embedding beyond (its matrix would dominate)
+# ...except in a short run: there a 32-wide learned embedding beat one-hot input, side by side, by 0.27-0.35
+# nats/char (90 s of a 262 KB manual) and 0.10-0.18 (1 and 3 minutes of Tiny Shakespeare; BENCHMARKS.md 10),
+# (a guess at why, not measured: its N(0, 1) rows feed the first layer a far stronger signal than one-hot
+# columns of small weights, so the net starts learning sooner). Applied where it was measured: time budgets whose plan reads up to SHORT_PLAN
+# characters (3-minute runs read ~2.7M). Longer runs (10 minutes read 8-9M) and step or epoch budgets keep
+# one-hot, the input they were measured with.
+SMALL_EMBEDDING, SHORT_PLAN = 32, 4e6
 HIDDEN_SIZES = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 LOGITS_PER_STEP = 4_000_000  # B x T x V of one step: 8192 characters of a 488-character vocabulary
 
@@ -158,6 +167,13 @@ def choose(n_train: int, vocab: int, cell: str = "gru", seconds: Optional[float]
     the user gave (hidden, layers, embedding, batch_size, seq_len, dropout): they are kept, and the rest fit
     around them."""
     fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
+    if "embedding" not in fixed and vocab <= ONE_HOT_MAX and seconds:
+        one_hot = choose(n_train, vocab, cell, seconds, steps, epochs, speed, world, gpu, {**fixed, "embedding": 0})
+        if one_hot.planned_chars > SHORT_PLAN:
+            return one_hot
+        # a short run: the same rule around a small embedding (its plan differs a little: a cheaper first layer)
+        return choose(n_train, vocab, cell, seconds, steps, epochs, speed, world, gpu,
+                      {**fixed, "embedding": SMALL_EMBEDDING})
     embedding = fixed.get("embedding", embedding_for(vocab))
     cap_params = DATA_PARAMS_PER_CHAR * n_train
 

@@ -52,7 +52,7 @@ def test_thirty_seconds_gets_a_small_fast_layout():
 def test_thousands_of_characters_get_an_embedding_and_small_sets_one_hot():
     big_vocab = choose(5_000_000, 5_000, seconds=120, speed=SLOW)
     assert big_vocab.embedding >= 128
-    assert choose(5_000_000, 65, seconds=120, speed=SLOW).embedding == 0
+    assert choose(5_000_000, 65, seconds=1800, speed=SLOW).embedding == 0
     # the embedding keeps the input layer cheap: without it the first layer would be 5000 wide
     h, n = big_vocab.hidden, big_vocab.layers
     assert autosize.train_flops_per_char("gru", 5_000, h, n, big_vocab.embedding) < \
@@ -211,3 +211,30 @@ def test_the_evaluation_sample_is_sized_to_the_budget_kept_on_resume_and_given_v
                     "--seq-len", "16", "--no-preview", "--no-items", cwd=tmp_path)
     assert given.returncode == 0, given.stderr
     assert scored(tmp_path / "given") == {20_000}
+
+
+def test_a_short_time_budget_on_a_small_alphabet_learns_an_embedding_and_a_long_one_stays_one_hot():
+    # a 250 KB manual of 96 characters: at 90 s one-hot input lagged a small learned one by 0.3 nats/char
+    short = choose(235_000, 96, seconds=90, speed=SLOW)
+    assert 0 < short.embedding < 96  # learned, and narrower than the one-hot input it replaces
+    long = choose(10_000_000, 96, seconds=1800, speed=SLOW)
+    assert long.embedding == 0 and long.planned_chars > short.planned_chars
+    # the user's --embedding wins either way, and a step budget keeps the input its runs always had
+    assert choose(235_000, 96, seconds=90, speed=SLOW, fixed={"embedding": 0}).embedding == 0
+    assert choose(235_000, 96, steps=300).embedding == 0
+    # the rest of the choice still fits the budget around the embedding
+    assert short.parameters <= autosize.trainable(short.planned_chars)
+    assert short.planned_chars / (short.batch_size * short.seq_len) >= autosize.MIN_STEPS
+
+
+def test_a_short_timed_run_builds_the_embedding_it_chose(tmp_path):
+    corpus = tmp_path / "notes.txt"
+    corpus.write_text(word_text(600), encoding="utf-8")
+    out = tmp_path / "run"
+    result = run_cli("train", corpus, "--out", out, "--max-time", "3s", "--no-preview", "--no-items", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    saved = torch.load(out / "last.pt", weights_only=True)
+    width = saved["sizing"]["choice"]["embedding"]
+    assert width > 0  # a learned input, not one-hot
+    assert saved["model_config"]["embedding"] == width and saved["model"]["embed.weight"].shape[1] == width
+    assert f"embedding {width}" in result.stderr  # the summary names the input it built
