@@ -105,12 +105,12 @@ def full_pass_streams(pairs: int, base: int = 32) -> int:
 @torch.no_grad()
 def nats_under_tags(model: CharRNN, texts, tag_ids, device, context_id: Optional[int] = None,
                     seq_len: int = EVAL_SEQ_LEN, rows: int = 256) -> np.ndarray:
-    """(P, K) total nats of each of P texts (id arrays) under each of K tags of a tagged model: what
-    `charlm classify` ranks. Batched: texts of similar length share a pass, one row per (text, tag), padded
+    """(P, K) total nats of each of P texts (id arrays) under each of K tags of a tagged model (tag_ids None:
+    (P, 1) under an untagged model): what `charlm classify` ranks. Batched: texts of similar length share a pass, one row per (text, tag), padded
     and masked. With context_id, each row first reads that character (where sampling starts) and every
     character of its text is scored; without it, a text's first character is read and the rest scored."""
     device = torch.device(device)
-    tags = list(tag_ids)
+    tags = list(tag_ids) if tag_ids is not None else [None]  # None: an untagged model, one row per text
     seqs = [np.concatenate([[context_id], np.asarray(t, dtype=np.int64)]) if context_id is not None
             else np.asarray(t, dtype=np.int64) for t in texts]
     out = np.zeros((len(seqs), len(tags)), dtype=np.float64)
@@ -130,7 +130,8 @@ def nats_under_tags(model: CharRNN, texts, tag_ids, device, context_id: Optional
         # every text once per tag: row r * K + k is text group[r] under tags[k]
         x = torch.from_numpy(np.repeat(ids, len(tags), axis=0)).to(device)  # (G*K, width)
         valid = torch.from_numpy(np.repeat(np.arange(width)[None, 1:] < lengths[:, None], len(tags), axis=0))
-        row_tags = torch.as_tensor(tags * len(group), dtype=torch.long, device=device)  # (G*K,)
+        row_tags = torch.as_tensor(tags * len(group), dtype=torch.long, device=device) if tag_ids is not None \
+            else None  # (G*K,)
         state = model.init_state(x.shape[0], device)
         total = torch.zeros(x.shape[0], dtype=torch.float64, device=device)
         step = max(8, min(seq_len, LOGITS_PER_CHUNK // max(1, x.shape[0] * model.config.vocab_size)))

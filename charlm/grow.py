@@ -122,9 +122,10 @@ def grow_state_dict(state: dict, embedding: int, old: Vocabulary, new: Vocabular
     key = "embed.weight" if embedding else "rnn.weight_ih_l0"
     if embedding:
         out[key] = moved(state[key], 0)
-    else:  # a tagged model's first layer also reads its tag vector, in columns after the characters'
-        chars, tag_cols = state[key][:, : old.size], state[key][:, old.size :]
-        out[key] = torch.cat([moved(chars, 1), tag_cols], dim=1)
+    else:
+        out[key] = moved(state[key], 1)
+        if "tag_embed.weight" in state:  # a tagged one-hot model's tag vectors live in the characters' space
+            out["tag_embed.weight"] = moved(state["tag_embed.weight"], 1)
     low = new_logit(state["decoder.weight"], state["decoder.bias"], int(fresh.sum()), mass)
     out["decoder.weight"] = moved(state["decoder.weight"], 0)
     out["decoder.bias"] = moved(state["decoder.bias"], 0, fill=low)
@@ -142,21 +143,18 @@ def grow_model(model, old: Vocabulary, new: Vocabulary, mass: float = NEW_MASS):
     return grown
 
 
-def grow_tags(state: dict, chars_in: int, old_tags: int, new_tags: int, tag_embedding: int) -> dict:
+def grow_tags(state: dict, input_size: int, old_tags: int, new_tags: int) -> dict:
     """A CharRNN state dict with `old_tags` tags (0: an untagged model) -> the same model with `new_tags` (the
     old tags keep their ids, the new ones follow them, "no tag" moves to the last row). A new tag's vector
     starts as "no tag"'s: it writes in the whole text's voice until it learns its own. An untagged model
-    gains a tag vector joined to its input with zero input weights (random vectors: the weights learn from
-    them), so its predictions start unchanged. `chars_in` is the first layer's character input size."""
+    gains vectors of zero (model.py), so its predictions start unchanged under every tag."""
     if new_tags == old_tags:
         return dict(state)
     out = dict(state)
-    if old_tags:
-        table = state["tag_embed.weight"]  # (old_tags + 1, D): the last row is "no tag"
-        untagged = table[-1:]
-        out["tag_embed.weight"] = torch.cat([table[:-1], untagged.expand(new_tags - old_tags, -1), untagged])
+    if not old_tags:
+        out["tag_embed.weight"] = state["rnn.weight_ih_l0"].new_zeros(new_tags + 1, input_size)
         return out
-    w = state["rnn.weight_ih_l0"]  # (G*H, chars_in)
-    out["rnn.weight_ih_l0"] = torch.cat([w, w.new_zeros(w.shape[0], tag_embedding)], dim=1)
-    out["tag_embed.weight"] = torch.randn(new_tags + 1, tag_embedding, dtype=w.dtype)
+    table = state["tag_embed.weight"]  # (old_tags + 1, I): the last row is "no tag"
+    untagged = table[-1:]
+    out["tag_embed.weight"] = torch.cat([table[:-1], untagged.expand(new_tags - old_tags, -1), untagged])
     return out

@@ -1,12 +1,14 @@
 """CharRNN: characters in, next-character logits out, hidden state carried. Pure model: no I/O.
 
     ids (B, T) --encoder--> (B, T, I) --nn.RNN/GRU/LSTM stack--> (B, T, H) --decoder--> logits (B, T, V)
-    tags (B, T) --tag embedding--> (B, T, D) --^  (a tagged model: joined to the input at every step)
+    tags (B, T) --tag vectors--> (B, T, I) --+--^  (a tagged model: added to the input at every step)
 
 A tagged model (tags.py) learns one vector per tag, and one more for "no tag" (UNTAGGED: the last row, what
-a call without tags uses). The vector is joined to each character's input, so the tag enters every update of
-the first layer's state: the carried state is conditioned by it at every step, in training, sampling,
-scoring and serving alike, and a state carried across a change of tag follows the new one.
+a call without tags uses), in the input's own space (V for one-hot, E for an embedding). The vector is added
+to each character's input, so the tag enters every update of the first layer's state: the carried state is
+conditioned by it at every step, in training, sampling, scoring and serving alike, and a state carried
+across a change of tag follows the new one. Added, not joined: the first layer keeps its size and speed
+(joining 16 more inputs cost a 2 x 256 model 5% of its steps).
 
 The encoder is one-hot (I = V, the design's default) or a learned embedding (I = --embedding). Two ways run
 the same weights: `forward` walks a whole chunk with PyTorch's fused recurrent kernel (training, evaluation,
@@ -40,10 +42,7 @@ class ModelConfig:
     dropout: float = 0.2  # between layers and before the decoder: a 10-minute run makes ~12 passes over 1 MB
     nonlinearity: str = "tanh"  # rnn only; relu learns faster at first but is less stable
     embedding: int = 0  # 0 = one-hot input (the design); N = a learned N-dim embedding
-    tags: int = 0  # named tags the model is conditioned on (0: untagged); the embedding has one more row
-    # a tag's vector, joined to each input: a per-tag offset of the first layer's gates (rank <= tags), so a
-    # few dimensions hold what a handful of authors or sources differ by; 16 costs under 1% of a step
-    tag_embedding: int = 0
+    tags: int = 0  # named tags the model is conditioned on (0: untagged); one more vector means "no tag"
 
     def __post_init__(self):
         if self.cell not in CELLS:
@@ -52,8 +51,6 @@ class ModelConfig:
             raise ValueError(f"nonlinearity must be tanh or relu, got {self.nonlinearity!r}")
         if min(self.vocab_size, self.hidden, self.layers) < 1 or min(self.embedding, self.tags) < 0:
             raise ValueError("vocab_size, hidden and layers must be positive, embedding and tags >= 0")
-        if (self.tags > 0) != (self.tag_embedding > 0):
-            raise ValueError("a tagged model needs both tags and tag_embedding (and an untagged one neither)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -67,9 +64,13 @@ class CharRNN(nn.Module):
         self.config = config
         c = config
         self.embed = nn.Embedding(c.vocab_size, c.embedding) if c.embedding else None
-        # a tagged model: one row per tag and the last for "no tag"
-        self.tag_embed = nn.Embedding(c.tags + 1, c.tag_embedding) if c.tags else None
-        in_size = (c.embedding or c.vocab_size) + c.tag_embedding
+        in_size = c.embedding or c.vocab_size
+        # a tagged model: one vector per tag and the last for "no tag", in the input's space, from zero: the
+        # model starts as the untagged one and each tag moves from it as far as its text asks (random
+        # vectors as long as a character's input ended 0.10-0.17 nats/char behind, BENCHMARKS.md 15)
+        self.tag_embed = nn.Embedding(c.tags + 1, in_size) if c.tags else None
+        if self.tag_embed is not None:
+            nn.init.zeros_(self.tag_embed.weight)
         kwargs = dict(num_layers=c.layers, batch_first=True, dropout=c.dropout if c.layers > 1 else 0.0)
         if c.cell == "rnn":
             self.rnn = nn.RNN(in_size, c.hidden, nonlinearity=c.nonlinearity, **kwargs)
@@ -107,7 +108,7 @@ class CharRNN(nn.Module):
             x = F.one_hot(ids, self.config.vocab_size).to(self.decoder.weight.dtype)
         tags = self.tag_ids(tags, ids)
         if tags is not None:
-            x = torch.cat([x, self.tag_embed(tags).to(x.dtype)], dim=-1)  # (B, T, I + D)
+            x = x + self.tag_embed(tags).to(x.dtype)  # (B, T, I)
         return x
 
     def conditioned(self, tag) -> "Conditioned":
@@ -165,15 +166,15 @@ class CharRNN(nn.Module):
         else:
             x, first_is_lookup = None, True
         tags = self.tag_ids(tags, ids)
-        char_in = c.embedding or c.vocab_size
+        if tags is not None and not first_is_lookup:
+            x = x + self.tag_embed(tags)  # (B, E)
         hs, cs = (state if c.cell == "lstm" else (state, None))
         new_h, new_c = [], []
         for k in range(c.layers):
             w_ih, w_hh = getattr(rnn, f"weight_ih_l{k}"), getattr(rnn, f"weight_hh_l{k}")
             b_ih, b_hh = getattr(rnn, f"bias_ih_l{k}"), getattr(rnn, f"bias_hh_l{k}")
-            if k == 0 and tags is not None:  # the tag's columns of the first layer: its vector's product
-                w_ih, w_tag = w_ih[:, :char_in], w_ih[:, char_in:]
-                b_ih = b_ih + F.linear(self.tag_embed(tags), w_tag)  # (B, G*H)
+            if k == 0 and tags is not None and first_is_lookup:  # one-hot: the lookup plus the tag's product
+                b_ih = b_ih + F.linear(self.tag_embed(tags), w_ih)  # (B, G*H)
             if k == 0 and first_is_lookup:
                 gi = w_ih.t()[ids] + b_ih  # (B, G*H): the one-hot product is a column lookup
             else:
@@ -244,9 +245,9 @@ def layer_parameter_counts(config: ModelConfig) -> list:
         rows.append(("embedding", f"{c.vocab_size} -> {c.embedding}", c.vocab_size * c.embedding))
     else:
         rows.append(("one-hot", f"{c.vocab_size} -> {c.vocab_size}", 0))
+    in_size = c.embedding or c.vocab_size
     if c.tags:
-        rows.append(("tag embedding", f"{c.tags} + untagged -> {c.tag_embedding}", (c.tags + 1) * c.tag_embedding))
-    in_size = (c.embedding or c.vocab_size) + c.tag_embedding
+        rows.append(("tag vectors", f"{c.tags} + untagged -> {in_size}", (c.tags + 1) * in_size))
     for k in range(c.layers):
         name = f"{c.cell}{'-' + c.nonlinearity if c.cell == 'rnn' else ''} {k}"
         rows.append((name, f"{in_size} -> {c.hidden}", g * c.hidden * (in_size + c.hidden) + 2 * g * c.hidden))

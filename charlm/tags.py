@@ -39,8 +39,6 @@ TAG_BY = ("folder", "file", "field")
 # Each training row goes untagged for a chunk this often: enough for the model to learn the whole text's
 # voice (the default when no tag is given), few enough to leave the tags' own conditioning almost all the data.
 TAG_DROPOUT = 0.1
-# The tag vector's size (model.ModelConfig.tag_embedding)
-TAG_EMBEDDING = 16
 MAX_TAGS = 1000  # a tag per file of a large folder is a mistake for --tag-by folder, not a voice per file
 
 

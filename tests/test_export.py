@@ -55,7 +55,7 @@ def test_export_check_on_the_command_line(runner, trained_run, tmp_path):
 
 
 @pytest.mark.parametrize("cell,config", [("rnn", {"embedding": 8, "nonlinearity": "relu"}), ("lstm", {}),
-                                         ("lstm", {"tags": 2, "tag_embedding": 4})])
+                                         ("lstm", {"tags": 2})])
 def test_every_cell_exports_and_checks(cell, config, tmp_path):  # gru, one-hot: the trained run above
     pytest.importorskip("onnxruntime", reason="the check runs the file in onnxruntime")
     pytest.importorskip("onnx", reason="writing ONNX needs the onnx package")

@@ -111,13 +111,16 @@ def _eval_by_tag(r: EvalRequest, payload, model, vocab, device, console: Console
     total = sum(max(0, len(ids) - 1) for ids in parts.values())
     with pass_progress(console, f"scoring {len(parts)} tags", 2 * total) as bar:
         done = 0
+
+        def scored(voice, ids) -> dict:  # one pass, its share of the bar from `done` on
+            nonlocal done
+            base, size = done, len(ids) - 1
+            step = (lambda d, n: bar(base + d * size // max(n, 1), 2 * total)) if bar else None
+            done += size
+            return evaluate_text(voice, ids, device, streams=r.streams, progress=step)
+
         for t, ids in parts.items():
-            step = (lambda d, n, base=done: bar(base + d * (len(ids) - 1) // max(n, 1), 2 * total)) if bar else None
-            tagged_loss = evaluate_text(model.conditioned(t), ids, device, streams=r.streams, progress=step)
-            done += len(ids) - 1
-            step = (lambda d, n, base=done: bar(base + d * (len(ids) - 1) // max(n, 1), 2 * total)) if bar else None
-            plain = evaluate_text(model, ids, device, streams=r.streams, progress=step)
-            done += len(ids) - 1
+            tagged_loss, plain = scored(model.conditioned(t), ids), scored(model, ids)
             rows.append({"tag": tags.names[t], "chars": tagged_loss["chars"], "loss": tagged_loss["loss"],
                          "bpc": tagged_loss["bpc"], "untagged_loss": plain["loss"]})
     chars = sum(x["chars"] for x in rows)

@@ -205,7 +205,7 @@ def plan_train(r: TrainRequest, max_time: Optional[float], console: Console, din
         grown = grow_state_dict(payload["model"], mconf.embedding, Vocabulary(payload["vocab"]), corpus.vocab)
         # and its tags: the text's new ones added, or tags given to an untagged model
         grown = grow_tags(grown, mconf.embedding or mconf.vocab_size, payload["model_config"].get("tags", 0),
-                          mconf.tags, mconf.tag_embedding)
+                          mconf.tags)
         model.load_state_dict(grown)
     # How the text was read, so that --novelty and the sampling of items find the same cached ids.
     read = {"encoding": r.encoding, "keep_crlf": r.keep_crlf, "fixed_vocab": vocab is not None, **read,
@@ -332,17 +332,13 @@ def _sizes(r: TrainRequest, payload, corpus, train_ids, device, precision, dinfo
                              epochs=r.epochs, speed=speed, world=dinfo.world, gpu=device.type == "cuda",
                              fixed=given)
     if model_fixed:  # the checkpoint's architecture, with the dropout the summary names (given or its own)
-        from charlm.tags import TAG_EMBEDDING
-
         saved = payload["model_config"]
-        tagging = {"tags": tags, "tag_embedding": saved.get("tag_embedding") or TAG_EMBEDDING} if tags else {}
-        mconf = ModelConfig(**{**saved, "dropout": choice.dropout, "vocab_size": vocab_size, **tagging})
+        mconf = ModelConfig(**{**saved, "dropout": choice.dropout, "vocab_size": vocab_size,
+                               **({"tags": tags} if tags else {})})
     else:
-        from charlm.tags import TAG_EMBEDDING
-
         mconf = ModelConfig(vocab_size=vocab_size, cell=r.cell, hidden=choice.hidden, layers=choice.layers,
                             dropout=choice.dropout, nonlinearity=r.nonlinearity, embedding=choice.embedding,
-                            tags=tags, tag_embedding=TAG_EMBEDDING if tags else 0)
+                            tags=tags)
     sizing = {"auto": auto, "choice": choice.to_dict(), "flags": autosize.flags(choice),
               "probe_s": speed.probe_s if speed else 0.0}
     return mconf, choice.batch_size, choice.seq_len, sizing
