@@ -152,7 +152,13 @@ class CharRNN(nn.Module):
         (bench/throughput.py measures both; 1.2-1.3x either way on a 2-core CPU)."""
         if x.device.type != "cpu":
             return True
-        return self.config.cell == "lstm" or torch.is_autocast_enabled("cpu")
+        if torch.is_autocast_enabled("cpu"):
+            # oneDNN has no bf16 LSTM primitive on a CPU without native bf16 (it refuses to build one):
+            # PyTorch's own kernel runs it there
+            from charlm.runtime import cpu_has_native_bf16
+
+            return cpu_has_native_bf16() or self.config.cell != "lstm"
+        return self.config.cell == "lstm"
 
     @torch.no_grad()
     def step(self, ids: torch.Tensor, state: st.State, tags=None):

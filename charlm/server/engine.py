@@ -324,7 +324,10 @@ class Engine:
             if not self._active:
                 return
         try:
-            self._logits, self._state = self.model.step(ids, self._state, self._tags)
+            if self._tags is not None:  # a tagged model: every row's tag
+                self._logits, self._state = self.model.step(ids, self._state, self._tags)
+            else:
+                self._logits, self._state = self.model.step(ids, self._state)
         except Exception:
             ids = self._step_apart(ids)
             if ids is None:
@@ -416,7 +419,8 @@ class Engine:
             rows = torch.arange(at, at + job.rows, device=self.device)
             at += job.rows
             try:
-                job_logits, job_state = self.model.step(ids[rows], st.select_rows(self._state, rows), job.tag)
+                args = (ids[rows], st.select_rows(self._state, rows)) + ((job.tag,) if job.tag is not None else ())
+                job_logits, job_state = self.model.step(*args)
             except Exception as exc:
                 self._emit(job, "failed", _internal(exc))
                 continue
