@@ -123,12 +123,11 @@ def check_tags(names: Sequence[str], where: str) -> None:
                           "field with fewer values")
 
 
-def track(n: int, starts: Sequence[int], file_tag_ids: Sequence[int]) -> np.ndarray:
+def track(n: int, starts: Sequence[int], file_tag_ids: Sequence[int], count: int) -> np.ndarray:
     """The tag track of a corpus of n characters whose files begin at `starts`: each character gets its
-    file's tag id."""
+    file's tag id (of `count` tags)."""
     starts = np.asarray(list(starts) + [n], dtype=np.int64)
-    dtype = np.uint8 if max(file_tag_ids, default=0) < 255 else np.uint16
-    return np.repeat(np.asarray(file_tag_ids, dtype=dtype), np.diff(starts))
+    return np.repeat(np.asarray(file_tag_ids, dtype=tag_dtype(count)), np.diff(starts))
 
 
 def tag_dtype(count: int):
@@ -231,7 +230,7 @@ def load_tagged(inputs, tag_by: str, vocab=None, encoding: str = "utf-8", keep_c
         corpus = load_corpus(inputs, vocab, encoding, keep_crlf, cache_dir, unknown,
                              separator if separator is not None else DOC_SEPARATOR, progress)
         ids_of = {t: i for i, t in enumerate(tags.names)}
-        line = track(corpus.chars, corpus.file_starts, [ids_of[t] for t in per_file])
+        line = track(corpus.chars, corpus.file_starts, [ids_of[t] for t in per_file], len(tags))
     else:
         lines, per_line = [], []
         for f in files:
@@ -248,8 +247,7 @@ def load_tagged(inputs, tag_by: str, vocab=None, encoding: str = "utf-8", keep_c
         ids_of = {t: i for i, t in enumerate(tags.names)}
         line = np.repeat(np.asarray([ids_of[t] for t in per_line], dtype=tag_dtype(len(tags))), lengths)
     counts = np.bincount(line, minlength=len(tags))
-    return TaggedCorpus(corpus, line.astype(tag_dtype(len(tags)), copy=False),
-                        TagSet(tags.names, tuple(int(c) for c in counts)))
+    return TaggedCorpus(corpus, line, TagSet(tags.names, tuple(int(c) for c in counts)))
 
 
 def resolve(payload: dict, names: Optional[Sequence[str]], what: str = "this model") -> Optional[List[int]]:

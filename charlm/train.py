@@ -166,7 +166,6 @@ class Trainer:
         if reshuffle is not None:
             train_ids, train_tags = _text_and_tags(reshuffle(0))
         # a tagged text (tags.py): its tag track lies beside the ids in every layout
-        self.tagged = train_tags is not None
         self.train_streams = make_streams(train_ids, c.batch_size, tags=train_tags)
         if self.train_streams.rows % self.dist.world:
             raise CharlmError(

@@ -71,6 +71,17 @@ def run_cli(*args, cwd=None, timeout=300, **kwargs) -> subprocess.CompletedProce
                           text=True, timeout=timeout, env=env, **kwargs)
 
 
+def refused(result, *fragments) -> str:
+    """The one error line of a refused command (exit non-zero, no traceback), holding every fragment."""
+    assert result.exit_code != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
 TINY = ["--hidden", "48", "--layers", "1", "--batch-size", "16", "--seq-len", "32", "--no-preview",
         "--device", "cpu"]
 

@@ -17,23 +17,13 @@ from charlm.corpus import decode_corpus, split_train_val
 from charlm.model import CharRNN, ModelConfig
 from charlm.train import TrainConfig, Trainer
 
-from conftest import TINY, invoke, word_text
+from conftest import TINY, invoke, refused, word_text
 
 FLAGS = [*TINY, "--no-items", "--eval-every", "10"]
 
 
 def digest(folder) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
-
-
-def refused(result, *fragments) -> str:
-    assert result.exit_code != 0
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def split_counts(stderr: str) -> tuple:

@@ -17,7 +17,7 @@ from charlm.errors import CharlmError
 from charlm.model import CharRNN, ModelConfig
 from charlm.tags import load_tagged, split_by_tag
 
-from conftest import invoke
+from conftest import invoke, refused
 
 LOW, UP = "abcdefg", "HIJKLMN"
 FAST = ["--hidden", "64", "--layers", "1", "--batch-size", "16", "--seq-len", "32", "--no-preview", "--lr", "1e-2",
@@ -28,16 +28,6 @@ def voice(letters: str, lines: int, seed: int) -> str:
     rng = random.Random(seed)
     return "".join(" ".join("".join(rng.choice(letters) for _ in range(rng.randint(2, 6))) for _ in range(8)) + "\n"
                    for _ in range(lines))
-
-
-def refused(result, *fragments) -> str:
-    assert result.exit_code != 0
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
