@@ -12,8 +12,12 @@ same held-out names with `charlm score --rank` (nats/char, each name from the st
                2 x 512 GRU, embedding 32, 32 x 64), two at a time
     new        of 1,000 distinct names the defaults' model draws (--allow-copies), how many are not in the list;
                and what `charlm sample --num-samples 1000` prints (copies left out, as by default)
+    transformer  `charlm train names.txt` with no flags beside a small character transformer of the usual
+               list-model defaults (bench/transformer_baseline.py: 4 x 64, 4 heads), same budget, one thread
+               each, both scored on the held-out names; --rounds N repeats the pair
 
     .venv/bin/python bench/items.py --budgets 1m 3m
+    .venv/bin/python bench/items.py --budgets 3m --cells transformer --rounds 2
 """
 
 from __future__ import annotations
@@ -56,6 +60,25 @@ def train_pair(work: Path, runs: dict, budget: str) -> None:
         (work / name / "train.log").write_text(err)
 
 
+def transformer_pair(work: Path, budget: str, tag: str, flags: list) -> tuple:
+    """charlm's defaults (plus `flags`) and the transformer baseline, side by side, one thread each."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    seconds = parse_budget(budget)
+    result = work / f"transformer-{tag}.json"
+    baseline = subprocess.Popen([sys.executable, str(Path(__file__).with_name("transformer_baseline.py")),
+                                 str(work / "names.txt"), str(work / "held-out.txt"), "--seconds", str(seconds),
+                                 "--out", str(result)], env=env)
+    train_pair(work, {f"auto-{tag}": flags}, budget)
+    if baseline.wait():
+        raise SystemExit("the transformer baseline failed")
+    return held_out_loss(work, f"auto-{tag}"), json.loads(result.read_text())
+
+
+def parse_budget(budget: str) -> float:
+    match = re.fullmatch(r"([0-9.]+)([smh]?)", budget)
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
 def held_out_loss(work: Path, run: str) -> float:
     """Nats per character of the held-out names, each scored as an item (from a line break through its own),
     whichever way the model was trained: `charlm score --rank` scores every line so."""
@@ -69,6 +92,10 @@ def held_out_loss(work: Path, run: str) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budgets", nargs="+", default=["1m", "3m"])
+    parser.add_argument("--cells", nargs="+", default=["order", "defaults", "transformer"],
+                        choices=["order", "defaults", "transformer"], help="defaults includes new")
+    parser.add_argument("--rounds", type=int, default=1, help="transformer pairs per budget")
+    parser.add_argument("--flags", default="", help="flags added to charlm's side of the transformer pair")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -79,11 +106,23 @@ def main():
         print(f"list: {len(names) - 1000:,} names to train on, 1,000 held out; loss in nats/char on the held-out")
         for budget in args.budgets:
             tag = budget.replace(".", "_")
-            train_pair(work, {f"fixed-{tag}": [*COMMON, "--hidden", "256", "--no-items"],
-                              f"items-{tag}": [*COMMON, "--hidden", "256", "--items"]}, budget)
-            fixed, shuffled = held_out_loss(work, f"fixed-{tag}"), held_out_loss(work, f"items-{tag}")
-            print(f"{budget:>4} order     fixed {fixed:.4f}  reshuffled {shuffled:.4f}  gain {fixed - shuffled:+.4f}",
-                  flush=True)
+            for r in range(args.rounds if "transformer" in args.cells else 0):
+                ours, theirs = transformer_pair(work, budget, f"{tag}-{r}", args.flags.split())
+                log = (work / f"auto-{tag}-{r}" / "train.log").read_text()
+                chosen = re.search(r"repeat with\s+(.*\n\s+\S.*)", log)
+                print(f"{budget:>4} transformer  charlm {ours:.4f}  transformer best {theirs['best']:.4f} "
+                      f"(last {theirs['last']:.4f}, {theirs['steps']:,} steps, {theirs['parameters']:,} parameters)  "
+                      f"charlm ahead by {theirs['best'] - ours:+.4f}", flush=True)
+                print(f"     charlm chose: {' '.join(chosen.group(1).split()) if chosen else '?'} {args.flags}",
+                      flush=True)
+            if "order" in args.cells:
+                train_pair(work, {f"fixed-{tag}": [*COMMON, "--hidden", "256", "--no-items"],
+                                  f"items-{tag}": [*COMMON, "--hidden", "256", "--items"]}, budget)
+                fixed, shuffled = held_out_loss(work, f"fixed-{tag}"), held_out_loss(work, f"items-{tag}")
+                print(f"{budget:>4} order     fixed {fixed:.4f}  reshuffled {shuffled:.4f}  "
+                      f"gain {fixed - shuffled:+.4f}", flush=True)
+            if "defaults" not in args.cells:
+                continue
             grid = list(GRID.items())
             results = {}
             first = {f"auto-{tag}": [], f"{grid[0][0]}-{tag}": [*COMMON, *grid[0][1]]}

@@ -19,8 +19,12 @@ epoch lays the training items out in a new order, a permutation drawn from (seed
 what an item looks like instead of the order of the list, and a resumed run draws the same orders. The
 reordered text goes through the same stream layout and carried state as any other text (streams.py).
 
-Sampling items. Each item starts from the state after a line break and ends at the next one; a prime is the
-beginning of the item. Items already in the list are set aside unless copies are allowed, and the sampler
+Sampling and scoring items. Each item starts from the state after a line break and ends at the next one; a
+prime is the beginning of the item. In training the state at an item's start has just read other items (the
+list runs through the carried state like any text), never the empty state, so the state an item starts from
+is the one after reading a few training items, CONTEXT_ITEMS of the first epoch's order, kept in the
+checkpoint (corpus.item_context): with it the held-out names of a 1-minute model scored 2.596 nats/char
+against 2.671 from an empty state (BENCHMARKS.md 11). A checkpoint without it starts empty, as before. Items already in the list are set aside unless copies are allowed, and the sampler
 draws batches until it has enough new ones or has tried MAX_ROUNDS times.
 """
 
@@ -33,11 +37,13 @@ from typing import Iterator, List, Optional
 import numpy as np
 import torch
 
+from charlm import state as st
 from charlm.errors import CharlmError
 
 MIN_ITEMS = 50
 MAX_LINES = 200_000
 MAX_ROUNDS = 25  # batches of samples drawn before giving up on finding enough new items
+CONTEXT_ITEMS = 4  # training items read before an item is sampled or scored (1 gave 2.609, 3 gave 2.595)
 # Ends each item of a list of files: U+001E, ASCII's record separator, made for this and absent from text.
 ITEM_END = "\x1e"
 
@@ -189,15 +195,26 @@ class SampledItem:
     new: bool
 
 
+def context_of(train_items: "Items", order: np.ndarray, decode, end: str) -> str:
+    """The text an item starts after: the first CONTEXT_ITEMS training items of an epoch's order, each ended."""
+    picked = train_items.subset(np.asarray(order[:CONTEXT_ITEMS]))
+    return "".join(t + end for t in picked.strings(decode))
+
+
+def item_context(payload: dict) -> str:
+    """The context a checkpoint's items start after ("" for a checkpoint from before it was kept)."""
+    return payload.get("corpus", {}).get("item_context", "")
+
+
 def sample_items(model, vocab, count: int, known: set, prime: str = "", temperature: float = 0.8,
                  top_k: int = 0, top_p: float = 1.0, min_length: int = 1, max_length: int = 64,
                  allow_copies: bool = False, seed: Optional[int] = None, device="cpu", batch: int = 0,
-                 end: str = "\n") -> dict:
+                 end: str = "\n", context: str = "") -> dict:
     """Draw items until `count` are kept; each starts after `end` (a line break, or ITEM_END) and stops at
     the next one. Returns {"items": [SampledItem], "copies": skipped copies,
     "rejected": too short or too long, "drawn": items drawn, "complete": whether count was reached}."""
     steps = draw_items(model, vocab, count, known, prime, temperature, top_k, top_p, min_length, max_length,
-                       allow_copies, seed, device, batch, end)
+                       allow_copies, seed, device, batch, end, context)
     while True:
         try:
             next(steps)
@@ -209,15 +226,16 @@ def sample_items(model, vocab, count: int, known: set, prime: str = "", temperat
 def draw_items(model, vocab, count: int, known: set, prime: str = "", temperature: float = 0.8,
                top_k: int = 0, top_p: float = 1.0, min_length: int = 1, max_length: int = 64,
                allow_copies: bool = False, seed: Optional[int] = None, device="cpu", batch: int = 0,
-               end: str = "\n") -> Iterator[None]:
+               end: str = "\n", context: str = "") -> Iterator[None]:
     """sample_items as a generator that yields after every model step and returns its result: the server's
-    engine runs it a step at a time between the other requests' steps (the same draws, seed for seed)."""
+    engine runs it a step at a time between the other requests' steps (the same draws, seed for seed).
+    `context`: the items read before each drawn one (item_context; each ends with `end`)."""
     from charlm.sample import SampleConfig, default_context, pick
 
     device = torch.device(device)
     model = model.to(device).eval()
     end_id = vocab.chars.index(end) if end in vocab else None
-    start = vocab.encode(end if end_id is not None else default_context(vocab))
+    start = vocab.encode(end + context if end_id is not None else default_context(vocab))
     cfg = SampleConfig(length=max_length, temperature=temperature, top_k=top_k, top_p=top_p)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else secrets.randbits(63))
@@ -272,12 +290,18 @@ def draw_items(model, vocab, count: int, known: set, prime: str = "", temperatur
 
 
 @torch.no_grad()
-def score_items(model, vocab, texts: List[str], device="cpu", batch: int = 512, end: str = "\n") -> np.ndarray:
+def score_items(model, vocab, texts: List[str], device="cpu", batch: int = 512, end: str = "\n",
+                context: str = "") -> np.ndarray:
     """Natural-log probability of each item under the model, each read as sampling writes one: from the
-    state after an item's end (a line break, or ITEM_END), through its own. Batched, padded to equal length."""
+    state after an item's end (a line break, or ITEM_END) that followed `context` (item_context), through its
+    own. Batched, padded to equal length."""
     device = torch.device(device)
     model = model.to(device).eval()
     end_id = vocab.chars.index(end)
+    warm = None  # the state after reading the context up to its last end, which each row then reads
+    if context:
+        ctx = torch.as_tensor(vocab.encode(end + context[:-len(end)]), dtype=torch.long, device=device)[None]
+        _, warm = model(ctx, model.init_state(1, device))
     out = np.zeros(len(texts), dtype=np.float64)
     for a in range(0, len(texts), batch):
         group = [np.concatenate([[end_id], vocab.encode(t), [end_id]]) for t in texts[a : a + batch]]
@@ -286,7 +310,8 @@ def score_items(model, vocab, texts: List[str], device="cpu", batch: int = 512, 
         for row, g in enumerate(group):
             ids[row, : len(g)] = torch.as_tensor(g)
         ids = ids.to(device)
-        logits, _ = model(ids[:, :-1], model.init_state(len(group), device))
+        start = model.init_state(len(group), device) if warm is None else st.expand(warm, len(group))
+        logits, _ = model(ids[:, :-1], start)
         logp = torch.log_softmax(logits.float(), -1).gather(2, ids[:, 1:, None]).squeeze(2)  # (n, width-1)
         lengths = torch.as_tensor([len(g) - 1 for g in group], device=device)
         mask = torch.arange(width - 1, device=device)[None, :] < lengths[:, None]

@@ -66,3 +66,8 @@ def concat_rows(states: Sequence[State]) -> State:
     if isinstance(states[0], tuple):
         return tuple(torch.cat([s[i] for s in states], dim=1) for i in range(len(states[0])))
     return torch.cat(list(states), dim=1)
+
+
+def expand(state: State, batch: int) -> State:
+    """One stream's state (batch 1) repeated for `batch` streams (each row its own copy)."""
+    return _each_tensor(lambda t: t.expand(-1, batch, -1).contiguous(), state)

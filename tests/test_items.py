@@ -302,3 +302,35 @@ def test_a_wrong_guess_of_how_to_join_a_folder_still_trains_it_as_the_rule_says(
     held = invoke(runner, "train", pairs, "--items", "--out", tmp_path / "held", "--max-steps", "2", *TINY)
     assert held.exit_code == 1 and "holds the character U+001E" in held.stderr and "Traceback" not in held.stderr
     assert not (tmp_path / "held").exists()
+
+
+def test_items_start_after_training_items_as_they_do_in_training(names_run):
+    """An item in training starts after other items, never from an empty state: the checkpoint keeps a few
+    training items, and scoring and sampling read them before each item (score --rank's numbers equal one
+    pass over context + item, a sampled item's log-probability equals its score)."""
+    from charlm.items import CONTEXT_ITEMS, item_context, score_items
+    from charlm.runs import load_model
+
+    root, out = names_run
+    payload, model, vocab, _ = load_model(out, "cpu")
+    context = item_context(payload)
+    read = context.split("\n")
+    assert len(read) == CONTEXT_ITEMS + 1 and read[-1] == "" and set(read[:-1]) <= set(names(600))
+    candidates = ["Karina", "Molesa", "Mokeda"]
+    ranked = run_cli("score", "-", "-c", out, "--rank", "--json", cwd=root, input="\n".join(candidates) + "\n")
+    assert ranked.returncode == 0, ranked.stderr
+    got = {r["item"]: r["logprob"] for r in json.loads(ranked.stdout)}
+    with torch.no_grad():
+        for item in candidates:  # one pass over "\n" + context + item + "\n", the item's characters summed
+            ids = torch.tensor(vocab.encode("\n" + context + item + "\n"))[None]
+            logits, _ = model(ids[:, :-1], model.init_state(1))
+            logp = torch.log_softmax(logits.float(), -1)[0, torch.arange(ids.shape[1] - 1), ids[0, 1:]]
+            assert got[item] == pytest.approx(float(logp[-(len(item) + 1):].sum()), abs=1e-3)
+    fresh = score_items(model, vocab, candidates)  # from an empty state: what the context changes
+    assert not np.allclose(fresh, [got[c] for c in candidates], atol=1e-3)
+    sampled = run_cli("sample", "-c", out, "--num-samples", "4", "--seed", "3", "--json", "--allow-copies",
+                      cwd=root)
+    assert sampled.returncode == 0, sampled.stderr
+    items = json.loads(sampled.stdout)["items"]
+    scores = score_items(model, vocab, [i["text"] for i in items], context=context)
+    assert [i["logprob"] for i in items] == pytest.approx(list(scores), abs=1e-3)

@@ -69,10 +69,10 @@ def run_eval(r: EvalRequest, console: Console) -> None:
     report["checkpoint"] = payload["path"]
     if info.get("items") and end in vocab:
         # a model of a list: each item also scored as one, from the start of an item (as sampling writes)
-        from charlm.items import Items, score_items
+        from charlm.items import Items, item_context, score_items
 
         lines = Items.from_ids(text.ids, vocab.chars.index(end)).strings(vocab.decode)
-        scores = score_items(model, vocab, lines, device, end=end)
+        scores = score_items(model, vocab, lines, device, end=end, context=item_context(payload))
         chars = sum(len(x) + 1 for x in lines)
         report["items"] = {"count": len(lines), "nats_per_item": float(-scores.mean()) if len(lines) else None,
                            "nats_per_char": float(-scores.sum() / max(chars, 1))}

@@ -145,7 +145,7 @@ def _sample_items(r: SampleRequest, payload, model, vocab, prime, top_k, count, 
     """An item model's answer: new items, one per line (or JSON; items of a list of files are separated by
     --separator), each starting with the prime. With several tags, `count` items of each, a line each as
     TAG<TAB>ITEM (the form --tag-by field reads)."""
-    from charlm.items import sample_items
+    from charlm.items import item_context, sample_items
 
     end = payload.get("corpus", {}).get("item_end", "\n")
     check(not r.greedy, "--greedy would give the same item every time; lower --temperature instead")
@@ -166,7 +166,7 @@ def _sample_items(r: SampleRequest, payload, model, vocab, prime, top_k, count, 
                                     prime, temperature=r.temperature, top_k=top_k, top_p=r.top_p,
                                     min_length=max(r.min_length, len(prime) + 1 if prime else 1),
                                     max_length=max_length, allow_copies=r.allow_copies, seed=seed, device=device,
-                                    end=end))
+                                    end=end, context=item_context(payload)))
     names = r.tag or [None]
     labelled = [(names[k], i) for k, res in enumerate(results) for i in res["items"]]
     found = [i for _, i in labelled]

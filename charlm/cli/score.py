@@ -123,7 +123,7 @@ def run_rank(r: ScoreRequest, console: Console) -> None:
     """Candidate items, one per line, from the most to the least likely under the model: each scored as
     sampling writes an item, from the start of an item through its closing line break (charlm.items), and
     ordered by nats per character so that long and short candidates compare fairly."""
-    from charlm.items import score_items
+    from charlm.items import item_context, score_items
 
     unknown = r.unknown
     check(unknown in ("error", "skip"), f"--unknown must be error or skip, got {unknown!r}")
@@ -147,7 +147,7 @@ def run_rank(r: ScoreRequest, console: Console) -> None:
             missing = vocab.unknown(line)
             if missing:
                 raise CharlmError(unknown_message(f"{name} line {n}", missing))
-    scores = score_items(model, vocab, lines, device)
+    scores = score_items(model, vocab, lines, device, context=item_context(payload))
     per_char = [-s / (len(x) + 1) for s, x in zip(scores, lines)]
     order = sorted(range(len(lines)), key=lambda i: per_char[i])
     out = sys.stdout

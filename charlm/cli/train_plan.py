@@ -281,7 +281,7 @@ def _items_mode(r: TrainRequest, payload, corpus, separator: str = DOC_SEPARATOR
 def _item_split(corpus, r: TrainRequest, reason: str, end: str, track: Optional[np.ndarray] = None) -> tuple:
     """(training text, validation text, reshuffle, items meta, validation tags). With a tag track, each item's
     tags go with it through the split and every epoch's order (reshuffle then returns (text, tags))."""
-    from charlm.items import Items, epoch_order, split_items
+    from charlm.items import Items, context_of, epoch_order, split_items
 
     items = Items.from_ids(corpus.ids, corpus.vocab.chars.index(end))
     if len(items) < 2:
@@ -298,6 +298,9 @@ def _item_split(corpus, r: TrainRequest, reason: str, end: str, track: Optional[
         return text if train_tags is None else (text, train_tags.text_ids(order))
 
     meta = {"items": True, "items_reason": reason, "train_items": len(train_items), "val_items": len(val_items),
+            # what sampling and scoring read before an item: the state an item starts from in training
+            "item_context": context_of(train_items, epoch_order(len(train_items), r.seed, 0), corpus.vocab.decode,
+                                       end),
             **({"item_end": end} if end != "\n" else {})}
     return (train_items.text_ids(), val_items.text_ids(), reshuffle, meta,
             val_tags.text_ids() if val_tags is not None else None)

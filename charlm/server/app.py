@@ -339,7 +339,8 @@ class Server:
             return (yield from draw_items(
                 model, self.vocab, count, known, prime, temperature=temperature,
                 top_k=top_k, top_p=top_p, min_length=max(min_length, len(prime) + 1),
-                max_length=max_length, allow_copies=not new_only, seed=seed, device=engine.device, end=end))
+                max_length=max_length, allow_copies=not new_only, seed=seed, device=engine.device, end=end,
+                context=corpus.get("item_context", "")))
 
         job, queue = self._job(task=task())
         kind, result = await _until_result(request, job, queue)
