@@ -131,14 +131,14 @@ def text_run(path: Path, seed: int, seconds: float = 0.0) -> dict:
     rest = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.99))
-    step, warm_done = 0, 0.0
-    while (time.perf_counter() - began < seconds) if seconds else step < steps:
+    step, warm_done, t0 = 0, 0.0, time.perf_counter()  # the budget counts from the first step, as --max-time
+    while (time.perf_counter() - t0 < seconds) if seconds else step < steps:
         if step < warmup:
             rate = lr * (step + 1) / (warmup + 1)
-            warm_done = time.perf_counter() - began
+            warm_done = time.perf_counter() - t0
         else:
             if seconds:
-                done = min(1.0, (time.perf_counter() - began - warm_done) / max(seconds - warm_done, 1e-9))
+                done = min(1.0, (time.perf_counter() - t0 - warm_done) / max(seconds - warm_done, 1e-9))
             else:
                 done = (step - warmup) / (steps - warmup)
             rate = min_lr + 0.5 * (1 + math.cos(math.pi * done)) * (lr - min_lr)
