@@ -17,7 +17,9 @@ had before: 2 x 512 GRU, one-hot, 64 x 128, dropout 0.2), then the grid models t
 2 x 256 (embedding 64 when the vocabulary has more than 256 characters, else one-hot), then 2 x 256 with a
 32-wide embedding whatever the vocabulary, all at 32 x 64 and dropout 0.1. `--grid` picks others: `2x384`,
 `2x384@64x128` (a layout other than 32 x 64), `2x256e32` (an embedding of 32). A budget is anything --max-time
-reads: 90s, 1m, 3m. Each run is scored on the whole validation tail (the last 10%) with its best checkpoint.
+reads: 90s, 1m, 3m. Each run is scored on the whole validation tail (the last 10%) with its best checkpoint
+(--full-final-eval: without it a short run on a large text scores an even sample sized to its budget, and two
+runs' samples then differ).
 Pairs share the machine with each other, so the comparison within a pair is fair; between pairs, a busy
 machine can move both. With --threads 2 the runs cannot share 2 cores, so they go one after another in the
 same order. `--against FLAGS` skips the sweep and runs auto beside auto with FLAGS added, in the same pair: the
@@ -91,7 +93,7 @@ def run_pair(work: Path, corpus: Path, runs: dict, budget: str, threads: int, lo
     for name, flags in runs.items():
         out = work / name
         procs[name] = subprocess.Popen([sys.executable, "-m", "charlm", "train", str(corpus), "--max-time", budget,
-                                        "--no-preview", "--out", str(out), "--force", *flags], cwd=work, env=env,
+                                        "--no-preview", "--full-final-eval", "--out", str(out), "--force", *flags], cwd=work, env=env,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if not together:
             errs[name] = procs[name].communicate()[1]
