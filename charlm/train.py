@@ -52,7 +52,8 @@ AGREED_STOPS = ("interrupt", "error", "max_time")
 class TrainConfig:
     batch_size: int = 64  # streams per step: enough rows to keep the matrix units busy on 2 cores
     seq_len: int = 128  # characters per truncated-BPTT chunk; the state carries context beyond it
-    lr: float = 3e-3  # peak learning rate: beat 2e-3 by 0.03 nats in a 10-minute GRU run (BENCHMARKS.md)
+    lr: float = 5e-3  # peak learning rate: beat 3e-3 side by side at 1-10 minutes (0.013 at 10 min of Tiny
+    # Shakespeare, 0.06-0.10 at 1-1.5 min), as 3e-3 had beaten 2e-3; 8e-3 was no better at 3 min (BENCHMARKS.md 10)
     min_lr_frac: float = 0.05  # the cosine decay ends at this fraction of lr: most of the gain of decay
     warmup_steps: int = 50  # linear warmup protects the first steps from large, noisy updates
     weight_decay: float = 0.01  # AdamW only, on weight matrices (not biases)

@@ -107,7 +107,7 @@ def train(
                                                       show_default=False)] = None,
     seq_len: Annotated[Optional[int], typer.Option(help="Characters per truncated-BPTT chunk (T) \\[default: auto].",
                                                    rich_help_panel=TRAIN, show_default=False)] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate \\[default: 0.003].", rich_help_panel=TRAIN,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate \\[default: 0.005].", rich_help_panel=TRAIN,
                                                 show_default=False)] = None,
     optimizer: Annotated[Optional[str], typer.Option(help="adamw, adam, rmsprop or sgd \\[default: adamw].",
                                                      rich_help_panel=TRAIN, show_default=False)] = None,
