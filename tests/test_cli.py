@@ -188,6 +188,23 @@ def test_version_and_help_examples(runner):
         assert "Example" in help_text
 
 
+def test_train_help_states_the_defaults_training_uses():
+    """The help writes the training defaults out by hand (the CLI does not import torch for --help): each must
+    be the value TrainConfig trains with."""
+    import re
+
+    import typer
+
+    from charlm.cli.app import app
+    from charlm.train import TrainConfig
+
+    params = {p.name: p for p in typer.main.get_command(app).commands["train"].params}
+    for option, field in (("lr", "lr"), ("weight_decay", "weight_decay"), ("warmup", "warmup_steps"),
+                          ("clip", "clip"), ("val_frac", "val_frac"), ("seed", "seed")):
+        stated = re.search(r"\[default: ([^\]]+)\]", params[option].help).group(1)
+        assert float(stated) == getattr(TrainConfig(), field), option
+
+
 def test_usage_errors_are_one_line_through_the_real_entry_point():
     result = run_cli("train", "x.txt", "--hidden", "abc")
     assert result.returncode == 2 and "Traceback" not in result.stderr
