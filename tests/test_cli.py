@@ -189,20 +189,24 @@ def test_version_and_help_examples(runner):
 
 
 def test_train_help_states_the_defaults_training_uses():
-    """The help writes the training defaults out by hand (the CLI does not import torch for --help): each must
-    be the value TrainConfig trains with."""
+    """The help writes the defaults out by hand (the CLI does not import torch for --help): each must be the
+    value TrainConfig or ModelConfig trains with."""
     import re
 
     import typer
 
     from charlm.cli.app import app
+    from charlm.model import ModelConfig
     from charlm.train import TrainConfig
 
     params = {p.name: p for p in typer.main.get_command(app).commands["train"].params}
-    for option, field in (("lr", "lr"), ("weight_decay", "weight_decay"), ("warmup", "warmup_steps"),
-                          ("clip", "clip"), ("val_frac", "val_frac"), ("seed", "seed")):
+    train, model = TrainConfig(), ModelConfig(vocab_size=2)
+    for option, value in (("lr", train.lr), ("weight_decay", train.weight_decay), ("warmup", train.warmup_steps),
+                          ("clip", train.clip), ("val_frac", train.val_frac), ("seed", train.seed),
+                          ("optimizer", train.optimizer), ("cell", model.cell),
+                          ("nonlinearity", model.nonlinearity)):
         stated = re.search(r"\[default: ([^\]]+)\]", params[option].help).group(1)
-        assert float(stated) == getattr(TrainConfig(), field), option
+        assert (stated if isinstance(value, str) else float(stated)) == value, option
 
 
 def test_usage_errors_are_one_line_through_the_real_entry_point():
