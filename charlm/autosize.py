@@ -54,11 +54,12 @@ MIN_STEP_CHARS = 1024  # 16 x 64: the best layout for 45 s of a 25k text; smalle
 ONE_HOT_MAX = 256  # one-hot input up to this vocabulary; an embedding beyond (its matrix would dominate)
 # ...except in a short run: there a 32-wide learned embedding beat one-hot input, side by side, by 0.27-0.35
 # nats/char (90 s of a 262 KB manual) and 0.10-0.18 (1 and 3 minutes of Tiny Shakespeare; BENCHMARKS.md 10),
-# (a guess at why, not measured: its N(0, 1) rows feed the first layer a far stronger signal than one-hot
-# columns of small weights, so the net starts learning sooner). Applied where it was measured: time budgets whose plan reads up to SHORT_PLAN
-# characters: 3-minute runs read ~2.7M, and 10-minute ones 5-9M (there too, one thread each side by side on
-# Tiny Shakespeare: 1.4823 against one-hot's 1.5158). Longer runs and step or epoch budgets keep one-hot, the
-# input they were measured with.
+# (why, measured later: at PyTorch's initial scale its N(0, 1) rows fed the first layer a 5x stronger signal
+# than one-hot columns; model.INPUT_STD now starts both at the same strength, which closed most of the gap:
+# 0.015 left at 600 steps, none at 2,000, BENCHMARKS.md 10). Applied where it was measured: time budgets whose
+# plan reads up to SHORT_PLAN characters: 3-minute runs read ~2.7M, and 10-minute ones 5-9M (there too, one
+# thread each side by side on Tiny Shakespeare: 1.4823 against one-hot's 1.5158, both before INPUT_STD). Longer
+# runs and step or epoch budgets keep one-hot, the input they were measured with.
 SMALL_EMBEDDING, SHORT_PLAN = 32, 12e6
 HIDDEN_SIZES = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 LOGITS_PER_STEP = 4_000_000  # B x T x V of one step: 8192 characters of a 488-character vocabulary

@@ -35,6 +35,24 @@ def test_step_matches_forward(cell, nonlinearity, embedding):
         assert torch.allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("embedding,hidden", [(0, 64), (0, 384), (32, 128), (32, 384), (256, 64)])
+def test_the_first_layer_hears_its_input_at_the_same_strength_whatever_the_input(cell, embedding, hidden):
+    """A new model's first-layer input pre-activations have a standard deviation of about INPUT_STD for one-hot
+    and embedded inputs of any width and any layer size (at PyTorch's own scale a one-hot character of a
+    384-unit layer enters at 0.03 and a 256-wide embedding of a 64-unit one at 1.2)."""
+    from charlm.model import INPUT_STD
+
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(vocab_size=65, cell=cell, hidden=hidden, layers=2, embedding=embedding))
+    x = model.encode(torch.arange(65))  # every character once
+    pre = x @ model.rnn.weight_ih_l0.t()  # (65, G*H)
+    assert pre.std().item() == pytest.approx(INPUT_STD, rel=0.1)
+    assert 0.3 <= INPUT_STD <= 1.0  # neither PyTorch's faint default nor saturating gates
+    deeper = model.rnn.weight_hh_l0  # the rest keeps PyTorch's initialisation
+    assert deeper.abs().max().item() <= hidden ** -0.5
+
+
 @pytest.mark.parametrize("cell,embedding", [("rnn", 0), ("gru", 16), ("lstm", 0)])
 def test_parameter_counts_match_pytorch(cell, embedding):
     config = ModelConfig(vocab_size=65, cell=cell, hidden=32, layers=3, embedding=embedding)

@@ -130,7 +130,7 @@ def test_each_optimizer_learns(runner, words_file, tmp_path, optimizer, lr):
     run = tmp_path / optimizer
     result = invoke(runner, "train", words_file, "--out", run, "--optimizer", optimizer, "--lr", lr,
                     "--max-steps", "60", "--warmup", "5", "--dropout", "0", *TINY, "--precision", "fp32",
-                    "--eval-every", "30")
+                    "--eval-every", "10")
     assert result.exit_code == 0, result.output
     vocab = len(set(words_file.read_text()))
     first, last = metrics(run)[0]["val_loss"], metrics(run)[-1]["val_loss"]
