@@ -122,9 +122,20 @@ def setup_distributed(device_name: str) -> tuple:
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
     if device.type == "cpu":
-        # torchrun starts K processes on one machine: share the cores instead of each taking them all.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+        torch.set_num_threads(cpu_threads(os.environ, os.cpu_count() or 1, world))
     return Dist(rank, world, local_rank), device
+
+
+def cpu_threads(env, cores: int, world: int) -> int:
+    """Threads for one process of a torchrun job on the CPU. torchrun starts K processes on a machine: they
+    share its cores instead of each taking them all. OMP_NUM_THREADS, where the user set it, wins (two
+    "machines" rehearsed on one box, a job beside others); torchrun itself sets it to 1 for K > 1 when it was
+    unset, which would leave cores idle, so a 1 beside K > 1 processes is read as torchrun's and not kept."""
+    local = int(env.get("LOCAL_WORLD_SIZE", world))
+    given = env.get("OMP_NUM_THREADS", "")
+    if given.isdigit() and int(given) > 0 and not (given == "1" and local > 1):
+        return int(given)
+    return max(1, cores // local)
 
 
 def _check_gpu_count(local_processes: int, gpus: int) -> None:

@@ -88,6 +88,20 @@ TINY = ["--hidden", "48", "--layers", "1", "--batch-size", "16", "--seq-len", "3
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "mps: needs Apple's MPS device; skipped without one")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # One thread per worker, in the worker and in the processes its tests start: the workers already fill
+        # the cores, and two OpenMP threads on a busy core make a tiny model many times slower.
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject.toml): a worker per core, at most 8 (a torchrun test starts four processes of its
+    own, and each worker holds its own torch)."""
+    return max(1, min(8, os.cpu_count() or 1))
 
 
 def pytest_runtest_setup(item):
