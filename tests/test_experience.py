@@ -207,7 +207,7 @@ def test_previews_show_tabs_as_symbols_within_the_terminal(width):
 
 
 @pytest.mark.parametrize("width", [60, 100])
-def testend_summary_fits_the_terminal_and_keeps_the_command_whole(width, tmp_path, monkeypatch):
+def test_end_summary_fits_the_terminal_and_keeps_the_command_whole(width, tmp_path, monkeypatch):
     import shlex
     import sys
     from pathlib import Path
@@ -243,3 +243,26 @@ def testend_summary_fits_the_terminal_and_keeps_the_command_whole(width, tmp_pat
     pasted = "\n".join(lines[first : last + 1])
     pasted = pasted[pasted.index("charlm train"):].split(" with a larger")[0]
     assert shlex.split(pasted.replace("\\\n", " ")) == argv + ["--resume"]  # as a shell reads what was pasted
+
+
+def test_the_train_longer_command_resumes_without_the_force_that_started_the_run_over(tmp_path, monkeypatch):
+    """`--force` started this run over in its --out; carried into the suggested resume it would also accept a
+    changed corpus without a word (resume's check), so the suggestion leaves it out."""
+    import shlex
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from charlm.cli.train_report import end_summary
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["charlm", "train", "notes.txt", "--max-steps", "100", "--out", "runs/a", "--force"]
+    monkeypatch.setattr(sys, "argv", argv)
+    result = SimpleNamespace(stopped_by="max_steps", step=100, epoch=1, elapsed_s=20.0, eval_s=1.0,
+                             best_val_loss=1.5, best_step=100, metrics=[{"val_loss": 1.5}], full_val=None)
+    console = _terminal(200)
+    end_summary(console, result, Path("runs/a"), SimpleNamespace(patience=10), [])
+    line = next(line for line in _screen_lines(console) if line.startswith("train longer:"))
+    command = line[line.index("charlm train"):].split(" with a larger")[0]
+    assert shlex.split(command) == ["charlm", "train", "notes.txt", "--max-steps", "100", "--out", "runs/a",
+                                    "--resume"]

@@ -166,7 +166,9 @@ def end_summary(console: Console, result, out: Path, r: TrainRequest, received: 
     from charlm.units import human_time
 
     # Every line fits the terminal: prose wraps at words, commands go on lines of their own (cli/display.py)
-    resume = ["charlm"] + [shlex.quote(a) for a in sys.argv[1:] if a != "--resume"] + ["--resume"]
+    # The same command plus --resume, less --force: what started this run over must not, on resuming it, also
+    # waive the check that the corpus is the one it trained on.
+    resume = ["charlm"] + [shlex.quote(a) for a in sys.argv[1:] if a not in ("--resume", "--force")] + ["--resume"]
     if result.stopped_by == "nonfinite":
         kept = f"; best.pt is from step {result.best_step}" if result.best_step else "; no checkpoint was written"
         raise CharlmError(f"the loss became NaN or infinite at step {result.step + 1}: training stopped and "
