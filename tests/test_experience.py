@@ -219,7 +219,8 @@ def test_end_summary_fits_the_terminal_and_keeps_the_command_whole(width, tmp_pa
 
     corpus = "/home/someone/Documents/manuals/the software manual, second edition (2024)/full text.txt"
     monkeypatch.chdir(tmp_path)
-    argv = ["charlm", "train", corpus, "--max-time", "10m", "--hidden", "256", "--out", "checkpoints/manual"]
+    argv = ["charlm", "train", corpus, "--max-time", "10m", "--hidden", "256", "--out", "checkpoints/manual",
+            "--force"]
     monkeypatch.setattr(sys, "argv", argv)
     metrics = [{"val_loss": 3.0 - 0.01 * i} for i in range(150)]  # a long run: more evaluations than columns
     result = SimpleNamespace(stopped_by="max_time", step=12000, epoch=3, elapsed_s=600.0, eval_s=31.0,
@@ -242,27 +243,8 @@ def test_end_summary_fits_the_terminal_and_keeps_the_command_whole(width, tmp_pa
         last += 1
     pasted = "\n".join(lines[first : last + 1])
     pasted = pasted[pasted.index("charlm train"):].split(" with a larger")[0]
-    assert shlex.split(pasted.replace("\\\n", " ")) == argv + ["--resume"]  # as a shell reads what was pasted
+    # as a shell reads what was pasted: the command less --force (it started the run over in --out; on a resume
+    # it would also accept a changed corpus without a word), plus --resume
+    assert shlex.split(pasted.replace("\\\n", " ")) == ["charlm", "train", corpus, "--max-time", "10m", "--hidden",
+                                                       "256", "--out", "checkpoints/manual", "--resume"]
 
-
-def test_the_train_longer_command_resumes_without_the_force_that_started_the_run_over(tmp_path, monkeypatch):
-    """`--force` started this run over in its --out; carried into the suggested resume it would also accept a
-    changed corpus without a word (resume's check), so the suggestion leaves it out."""
-    import shlex
-    import sys
-    from pathlib import Path
-    from types import SimpleNamespace
-
-    from charlm.cli.train_report import end_summary
-
-    monkeypatch.chdir(tmp_path)
-    argv = ["charlm", "train", "notes.txt", "--max-steps", "100", "--out", "runs/a", "--force"]
-    monkeypatch.setattr(sys, "argv", argv)
-    result = SimpleNamespace(stopped_by="max_steps", step=100, epoch=1, elapsed_s=20.0, eval_s=1.0,
-                             best_val_loss=1.5, best_step=100, metrics=[{"val_loss": 1.5}], full_val=None)
-    console = _terminal(200)
-    end_summary(console, result, Path("runs/a"), SimpleNamespace(patience=10), [])
-    line = next(line for line in _screen_lines(console) if line.startswith("train longer:"))
-    command = line[line.index("charlm train"):].split(" with a larger")[0]
-    assert shlex.split(command) == ["charlm", "train", "notes.txt", "--max-steps", "100", "--out", "runs/a",
-                                    "--resume"]
