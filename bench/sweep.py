@@ -23,13 +23,15 @@ reads: 90s, 1m, 3m. Each run is scored on the whole validation tail (the last 10
 runs' samples then differ).
 Pairs share the machine with each other, so the comparison within a pair is fair; between pairs, a busy
 machine can move both. With --threads 2 the runs cannot share 2 cores, so they go one after another in the
-same order. `--against FLAGS` skips the sweep and runs auto beside auto with FLAGS added, in the same pair: the
-way to measure a rule change against the old rule's choice given as flags.
+same order. `--no-fixed` leaves the old defaults out: auto runs beside the first grid model (a cell then takes
+two budgets, not three). `--against FLAGS` skips the sweep and runs auto beside auto with FLAGS added, in the
+same pair: the way to measure a rule change against the old rule's choice given as flags.
 
     apt-get install fortunes fortunes-zh     # once
     .venv/bin/python bench/sweep.py --budgets 1m 3m
     .venv/bin/python bench/sweep.py --corpora 1m --budgets 10m --grid 2x256 2x384
     .venv/bin/python bench/sweep.py --corpora 1m --budgets 10m --threads 2 --grid 2x384
+    .venv/bin/python bench/sweep.py --corpora 1m 4m manual 250k zh 25k --budgets 10m --no-fixed
     .venv/bin/python bench/sweep.py --corpora manual --budgets 90s --grid 2x256 2x256e32
     .venv/bin/python bench/sweep.py --corpora manual 1m --budgets 90s --against "--embedding 0" --rounds 2
 """
@@ -145,7 +147,11 @@ def main():
                         "flags added (a rule change against the old rule's choice given as flags, e.g. "
                         "'--embedding 0'), side by side in each cell, --rounds times")
     parser.add_argument("--rounds", type=int, default=1, help="pairs per cell with --against")
+    parser.add_argument("--no-fixed", action="store_true", help="leave out the old fixed defaults: auto runs "
+                        "beside the first grid model (at 10 minutes the witness costs a third of the sweep)")
     args = parser.parse_args()
+    if args.no_fixed and not args.grid:
+        parser.error("--no-fixed needs a grid model to run beside auto")
     if args.logs:
         for r in range(1, args.rounds + 1):
             (args.logs / f"round{r}" if args.against else args.logs).mkdir(parents=True, exist_ok=True)
@@ -164,13 +170,19 @@ def main():
             emb = ["--embedding", "64" if vocab > 256 else "0"]
             grid = {g: grid_flags(g, emb) for g in args.grid}
             for budget in args.budgets:
-                res = run_pair(work, corpus, {"auto": [], "fixed": FIXED}, budget, args.threads, args.logs)
-                for i in range(0, len(args.grid), 2):  # two at a time, side by side
-                    pair = args.grid[i:i + 2]
+                first = {"auto": []} | ({} if args.no_fixed else {"fixed": FIXED})
+                rest = list(args.grid)
+                if args.no_fixed:
+                    beside = rest.pop(0)
+                    first[beside] = grid[beside]
+                res = run_pair(work, corpus, first, budget, args.threads, args.logs)
+                for i in range(0, len(rest), 2):  # two at a time, side by side
+                    pair = rest[i:i + 2]
                     res.update(run_pair(work, corpus, {k: grid[k] for k in pair}, budget, args.threads, args.logs))
-                best = min(("fixed", *args.grid), key=lambda k: res[k][0])
+                best = min([k for k in res if k != "auto"], key=lambda k: res[k][0])
                 gap = res["auto"][0] - res[best][0]
-                print(f"| {name} (V={vocab}) | {budget} | {res['auto'][0]:.4f} | {res['fixed'][0]:.4f} | "
+                fixed = f"{res['fixed'][0]:.4f}" if "fixed" in res else "-"
+                print(f"| {name} (V={vocab}) | {budget} | {res['auto'][0]:.4f} | {fixed} | "
                       + "".join(f"{res[k][0]:.4f} | " for k in args.grid) + f"{res[best][0]:.4f} ({best}) | {gap:+.4f} | "
                       f"`{res['auto'][1]}`, {res['auto'][2]} steps |", flush=True)
 
