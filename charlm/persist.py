@@ -29,14 +29,15 @@ def payload(trainer, carried: list) -> dict:
     rng = {"torch": torch.get_rng_state()}
     if trainer.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(trainer.device)
-    restart = trainer.schedule.restart
+    restart, cooldown = trainer.schedule.restart, trainer.schedule.cooldown
     return {**trainer.meta, "train_config": trainer.config.to_dict(),
             "model": ckpt.clean_state_dict(trainer.model.state_dict()),
             "optimizer": trainer.optimizer.state_dict(), "step": trainer.step, "epoch": trainer.epoch,
             "cursor": trainer.cursor, "carried_state": carried,
             "rng": rng, "elapsed_s": trainer.elapsed, "best_val_loss": trainer.best_val, "best_step": trainer.best_step,
             "bad_evals": trainer.bad_evals, "chars_seen": trainer.chars_seen, "metrics": list(trainer.metrics),
-            "schedule_restart": restart.to_dict() if restart else None}
+            "schedule_restart": restart.to_dict() if restart else None,
+            "schedule_cooldown": cooldown.to_dict() if cooldown else None}
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Resumed:
     rng: dict
     config: object  # the TrainConfig the run was saved under (the current one for a checkpoint without it)
     restart: Optional[schedule.Restart]  # where a longer budget had already taken over its schedule
+    cooldown: Optional[schedule.Cooldown] = None  # where validation had stopped improving: the run's end
 
 
 def resumed(payload: dict, config) -> Resumed:
@@ -71,7 +73,7 @@ def resumed(payload: dict, config) -> Resumed:
                               f"resume with {flag} {saved[key]}")
     known = {f.name for f in fields(config)}  # a newer charlm's fields are left out, an older one's take defaults
     old = type(config)(**{k: v for k, v in saved.items() if k in known}) if saved else config
-    restart = payload.get("schedule_restart")
+    restart, cooldown = payload.get("schedule_restart"), payload.get("schedule_cooldown")
     return Resumed(model=payload["model"], optimizer=payload["optimizer"], step=int(payload["step"]),
                    epoch=int(payload["epoch"]), cursor=int(payload["cursor"]),
                    elapsed=float(payload.get("elapsed_s", 0.0)),
@@ -79,7 +81,8 @@ def resumed(payload: dict, config) -> Resumed:
                    best_step=int(payload.get("best_step", 0)), bad_evals=int(payload.get("bad_evals", 0)),
                    chars_seen=int(payload.get("chars_seen", 0)), metrics=list(payload.get("metrics", [])),
                    carried=payload["carried_state"], rng=payload.get("rng", {}), config=old,
-                   restart=schedule.Restart(**restart) if restart else None)
+                   restart=schedule.Restart(**restart) if restart else None,
+                   cooldown=schedule.Cooldown(**cooldown) if cooldown else None)
 
 
 def restore_rng(rng: dict, device: torch.device) -> None:

@@ -75,7 +75,12 @@ class TrainConfig:
     # whatever it costs; False: no final pass (the best periodic figure stands).
     full_final_eval: Optional[bool] = None
     final_share: float = 0.05
-    patience: int = 10  # stop after this many evaluations without a new best; 0 = never stop early
+    # After this many evaluations without a new best, go back to the best weights, cool the rate down from
+    # there (schedule.Cooldown) and stop; 0 = never end early. Evaluations come every tenth of a time budget
+    # (or every pass over a text read more than ten times): three in a row without a new best is 30% of a
+    # run's budget on a large text, where the loss falls to the end and this never fires, and a few passes
+    # on a small one, already overfitting (BENCHMARKS.md 10, "A small text ends early").
+    patience: int = 3
     val_frac: float = 0.1  # the tail of the corpus held out for validation
     seed: int = 1337
     precision: str = "fp32"  # fp32 or bf16 (autocast); the CLI resolves "auto" per device
@@ -102,6 +107,7 @@ class TrainResult:
     # the final report: {"loss", "chars" scored, "of" (the validation text's), "se" (0 when all), "step"}
     full_val: Optional[dict] = None
     eval_s: float = 0.0  # seconds of this session spent in periodic evaluations and their checkpoints
+    cooldown: Optional[schedule.Cooldown] = None  # where validation stopped improving and the run cooled down
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig):
@@ -122,6 +128,17 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig):
 def _text_and_tags(text) -> tuple:
     """A reshuffled epoch's (ids, tag track or None): reshuffle returns the ids, or both for tagged items."""
     return text if isinstance(text, tuple) else (text, None)
+
+
+def _cpu_copy(value):
+    """A copy of a (nested) state dict with every tensor on the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu_copy(v) for v in value)
+    return value
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
@@ -209,7 +226,10 @@ class Trainer:
         self.metrics: list = []
         self.eval_s = 0.0  # seconds spent in periodic evaluations (and their checkpoints) in this session
         self.state = self.model.init_state(per_rank, device)
-        self.best_weights: Optional[dict] = None  # a CPU copy of the best model, for the final full pass
+        # CPU copies of the best model (for the final full pass) and of its optimizer state (a Cooldown starts
+        # from both); None when neither can be needed, or after a resume (best.pt holds them)
+        self.best_weights: Optional[dict] = None
+        self.best_optimizer: Optional[dict] = None
         self.error: Optional[str] = None  # a failure on this process that every process must stop for
         # The latest applied step's loss, learning rate and gradient norm (before clipping), and the latest
         # training speed (characters per second): the evaluation that ends a run at its limit records them.
@@ -272,8 +292,8 @@ class Trainer:
                 last_report, chars_since = now, 0
             if self.schedule.eval_due(self.position()):
                 self._evaluate_and_save(loss, lr, rate, self.elapsed if self.dist.enabled else now - started)
-                if c.patience and self.bad_evals >= c.patience:
-                    stopped_by = "patience"
+                if c.patience and self.bad_evals >= c.patience and self.schedule.cooldown is None:
+                    self._cool_down()
         if not self.dist.enabled:
             self.elapsed = time.perf_counter() - started
         if stopped_by == "error":
@@ -286,7 +306,28 @@ class Trainer:
         elif stopped_by == "interrupt":
             self._save(ckpt.LAST)
         return TrainResult(self.step, self.epoch, stopped_by, self.best_val, self.best_step, self.metrics,
-                           self.elapsed, full_val, self.eval_s)
+                           self.elapsed, full_val, self.eval_s, self.schedule.cooldown)
+
+    def _cool_down(self) -> None:
+        """Validation has not improved for `patience` evaluations: back to the best weights and their optimizer
+        state, and a Cooldown from the rate the best was reached at (schedule.py), unless the schedule ends
+        sooner than a cooldown would. The data keeps its place."""
+        best_lr = next((m["lr"] for m in reversed(self.metrics) if m["step"] == self.best_step), self.last_lr)
+        cooldown = self.schedule.cooldown_at(self.position(), self.best_step, best_lr)
+        if cooldown is None:
+            return
+        if not math.isfinite(self.best_val):  # no evaluation was finite: nothing to go back to
+            self.schedule.cooldown = cooldown
+            return
+        weights, moments = self.best_weights, self.best_optimizer
+        if weights is None or moments is None:  # a resumed run: best.pt holds them (rank 0 reads, all receive)
+            best = from_main(self.dist, lambda: ckpt.load(self.out_dir / ckpt.BEST))
+            weights, moments = best["model"], best["optimizer"]
+        self.model.load_state_dict(weights)
+        self.optimizer.load_state_dict(moments)
+        self.schedule.cooldown = cooldown
+        self.callback("cooldown", {**self.schedule.cooldown.to_dict(), "best_step": self.best_step,
+                                   "best_val": self.best_val, "patience": self.config.patience})
 
     def _lay_out_epoch(self) -> None:
         """For a list of items: this epoch's order of the items, in the same stream layout."""
@@ -396,8 +437,10 @@ class Trainer:
         improved = val < self.best_val
         if improved:
             self.best_val, self.best_step, self.bad_evals = val, self.step, 0
-            if self.needs_full_pass:
+            if self.needs_full_pass or self.config.patience:
                 self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            if self.config.patience and self.schedule.cooldown is None:
+                self.best_optimizer = _cpu_copy(self.optimizer.state_dict())
         else:
             self.bad_evals += 1
         record["best"] = improved
@@ -511,7 +554,11 @@ class Trainer:
         self.bad_evals, self.chars_seen, self.metrics = saved.bad_evals, saved.chars_seen, saved.metrics
         # Limits moved further (training longer): warm up from the rate the run had reached instead of
         # jumping to the higher rate of the stretched curve (schedule.py).
-        self.schedule.restart = schedule.restart_for(saved.config, self.config, self.position(), saved.restart)
+        # A run that had stopped improving stays cooled (its resume ends at once) unless --patience 0 asks it to
+        # go on: then the rate warms up from where the cooldown left it, as when training longer.
+        self.schedule.cooldown = saved.cooldown if self.config.patience else None
+        self.schedule.restart = schedule.restart_for(saved.config, self.config, self.position(), saved.restart,
+                                                     saved.cooldown if self.schedule.cooldown is None else None)
         self.state = st.select_rows(st.from_list(saved.carried, self.device), self.my_rows)
         persist.restore_rng(saved.rng, self.device)
         if self.dist.is_main:  # metrics.jsonl holds exactly the evaluations the resumed state has seen

@@ -162,6 +162,22 @@ def test_evaluations_come_by_time(budget):
         assert len(due) >= 5
 
 
+def test_a_small_text_read_many_times_is_evaluated_after_every_pass_a_large_one_by_tenths():
+    def due(passes_per_run: float) -> list:  # a 10-minute run, a step every 0.5 s
+        plan = schedule.Schedule(TrainConfig(max_time=600.0))
+        plan.start(schedule.Position(0, 0.0, 0.0), None)
+        out = []
+        for step, now in enumerate(np.arange(0.5, 600.0, 0.5), 1):
+            if plan.eval_due(schedule.Position(step, passes_per_run * now / 600, float(now))):
+                out.append(float(now))
+                plan.evaluated(float(now), 0.1)  # 0.1 s an evaluation: no closer than 3 s apart
+        return out
+
+    small, large = due(200.0), due(6.0)  # a pass every 3 s; every 100 s
+    assert small[0] == pytest.approx(15.0, abs=0.6) and (np.diff(small) <= 3.6).all() and len(small) > 150
+    assert (np.diff(large) >= 59.4).all() and len(large) <= 10  # tenths of the budget, as before
+
+
 def test_a_longer_budget_buys_more_steps_not_wider_ones():
     three = choose(1_000_000, 65, seconds=180, speed=SLOW)
     ten = choose(1_000_000, 65, seconds=600, speed=SLOW)

@@ -47,6 +47,30 @@ def test_ddp_run_with_dropout_resumes_exactly(tmp_path, words_file):
     assert losses("whole") == losses("split") and len(losses("whole")) == 3
 
 
+@pytest.mark.slow
+def test_ddp_run_that_stops_improving_cools_down_and_ends_on_every_process(tmp_path, words_file):
+    # an update of 1e-30 leaves the weights as they are: no new best after the first evaluation. Once unbroken
+    # (the best in memory), once resumed before the stall (the best read from best.pt by rank 0 and sent out)
+    args = ["--hidden", "24", "--layers", "1", "--embedding", "0", "--dropout", "0", "--batch-size", "8",
+            "--seq-len", "16", "--no-preview", "--device", "cpu", "--precision", "fp32", "--eval-every", "5",
+            "--lr", "1e-30", "--patience", "2"]
+
+    def steps(run):
+        return [json.loads(line)["step"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    whole = torchrun("train", words_file, "--max-steps", "100", "--out", tmp_path / "whole", *args, cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    assert "cooled down from the best over 10 steps, at step 25" in whole.stderr
+    first = torchrun("train", words_file, "--max-steps", "12", "--out", tmp_path / "split", *args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    rest = torchrun("train", words_file, "--max-steps", "100", "--out", tmp_path / "split", "--resume", *args,
+                    cwd=tmp_path)
+    assert rest.returncode == 0, rest.stderr[-2000:]
+    assert "back to step 5" in rest.stderr and "at step 25" in rest.stderr
+    cooldown = [17, 20, 22, 25]  # every 5 steps and each quarter of the 10-step cooldown
+    assert steps("whole") == [5, 10, 15, *cooldown] and steps("split") == [5, 10, 12, 15, *cooldown]
+
+
 def _free_port() -> int:
     import socket
 

@@ -115,13 +115,18 @@ def test_epochs_stop_after_one_pass(runner, tmp_path):
     assert payload["epoch"] == 1 and payload["chars_seen"] == train_chars - 1
 
 
-def test_patience_stops_a_run_that_no_longer_improves(runner, words_file, tmp_path):
+def test_patience_ends_a_run_that_no_longer_improves_after_a_cooldown(runner, words_file, tmp_path):
     # an update of 1e-30 leaves fp32 weights as they are: the validation loss never improves after the first
     result = invoke(runner, "train", words_file, "--out", tmp_path / "run", "--lr", "1e-30", "--patience", "2",
                     "--max-steps", "100", *SMALL)
     assert result.exit_code == 0, result.output
-    assert "stopped improving (--patience 2)" in result.stderr
-    assert [m["step"] for m in metrics(tmp_path / "run")] == [5, 10, 15]
+    # two evaluations after the best (step 5) the run goes back to it and cools down over the 10 steps a cooldown
+    # lasts at least, then ends, far short of --max-steps
+    assert "no new best in 2 evaluations: back to step 5" in result.stderr
+    assert "stopped improving (--patience 2); cooled down from the best over 10 steps, at step 25" in result.stderr
+    # every 5 steps, and at each quarter of the 10-step cooldown (steps 2, 5 and 7 of it), where the best may come
+    assert [m["step"] for m in metrics(tmp_path / "run")] == [5, 10, 15, 17, 20, 22, 25]
+    assert "train longer" not in result.stderr  # a longer budget would not help; the note says what would
 
 
 # ------------------------------------------------------------------------------------------ optimizers

@@ -176,3 +176,131 @@ def test_a_closer_limit_needs_no_warm_up():
     longer = schedule.restart_for(config, TrainConfig(max_steps=200, warmup_steps=10), pos)
     assert longer.step == 50 and longer.lr == pytest.approx(schedule.cosine_rate(config, 50, 0.5))
     assert math.isfinite(longer.lr)
+
+
+# ------------------------------------------------------------------------------------------ ending early, cooled
+def _stalling(tmp_path, name, resume=None, stop_at=None, patience=2):
+    """A run whose validation loss can only get worse after its first steps: it trains on words and is scored on
+    one letter repeated, which the words teach it to expect less and less."""
+    corpus = decode_corpus((word_text(300) + "z" * 4000).encode(), "t.txt")
+    ids = corpus.ids
+    train_ids, val_ids = ids[:-4000], ids[-4000:]
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(vocab_size=corpus.vocab.size, hidden=24, layers=1, dropout=0.0))
+    meta = {"model_config": model.config.to_dict(), "vocab": corpus.vocab.chars, "corpus": corpus.info()}
+    config = TrainConfig(batch_size=8, seq_len=16, max_steps=400, eval_every=5, warmup_steps=5, lr=1e-2,
+                         precision="fp32", full_final_eval=False, patience=patience)
+    seen = {"rates": {}, "cooldown": None, "best_at_cooldown": None}
+    holder = {}
+
+    def callback(event, data):
+        if event == "step":
+            seen["rates"][data["step"] - 1] = data["lr"]
+            if stop_at and data["step"] == stop_at:
+                holder["t"].request_stop("interrupt")
+        elif event == "cooldown":
+            seen["cooldown"] = data
+            weights = ckpt.load(tmp_path / name / ckpt.BEST)["model"]
+            seen["best_at_cooldown"] = all(torch.equal(weights[k], v) for k, v in holder["t"].model.state_dict().items())
+
+    trainer = Trainer(model, train_ids, val_ids, config, tmp_path / name, torch.device("cpu"), meta, callback=callback,
+                      resume=resume)
+    holder["t"] = trainer
+    return trainer, seen
+
+
+def test_a_run_that_stops_improving_goes_back_to_its_best_cools_down_and_ends(tmp_path, one_thread):
+    trainer, seen = _stalling(tmp_path, "run")
+    result = trainer.run()
+    cooled = result.cooldown
+    assert result.stopped_by == "patience" and cooled is not None
+    # patience 2 at one evaluation every 5 steps: the cooldown began 10 steps after the best...
+    assert cooled.step == result.best_step + 10 or result.best_step > cooled.step
+    # ...from the best's own weights (best.pt), not the worse ones the run had reached
+    assert seen["best_at_cooldown"] is True
+    # the rate falls from the best's rate to the floor over the cooldown, then the run ends, long before its limit
+    rates = seen["rates"]
+    best_lr = next(m["lr"] for m in result.metrics if m["step"] == seen["cooldown"]["best_step"])
+    assert rates[cooled.step] == pytest.approx(best_lr)
+    assert all(rates[s] > rates[s + 1] for s in range(cooled.step, cooled.end() - 1))
+    assert rates[cooled.end() - 1] < best_lr / 3
+    assert result.step == cooled.end() < 400
+    assert cooled.steps == max(schedule.COOLDOWN_MIN, round(schedule.COOLDOWN_SHARE * seen["cooldown"]["best_step"]))
+    # the checkpoint says where the run cooled, so a resume knows it has ended
+    assert ckpt.load(tmp_path / "run", prefer=ckpt.LAST)["schedule_cooldown"] == cooled.to_dict()
+
+
+def test_an_interrupted_cooldown_resumes_exactly(tmp_path, one_thread):
+    whole, whole_seen = _stalling(tmp_path, "whole")
+    result = whole.run()
+    middle = result.cooldown.step + result.cooldown.steps // 2
+    cut, _ = _stalling(tmp_path, "cut", stop_at=middle)
+    assert cut.run().stopped_by == "interrupt"
+    rest, rest_seen = _stalling(tmp_path, "cut", resume=ckpt.load(tmp_path / "cut", prefer=ckpt.LAST))
+    assert rest.schedule.cooldown == result.cooldown
+    again = rest.run()
+    assert (again.step, again.stopped_by, again.best_step) == (result.step, "patience", result.best_step)
+    for step in range(middle, result.step):
+        assert rest_seen["rates"][step] == whole_seen["rates"][step]
+    weights = zip(whole.model.state_dict().values(), rest.model.state_dict().values())
+    assert all(torch.equal(a, b) for a, b in weights)
+
+
+def test_a_stall_found_after_a_resume_goes_back_to_the_best_in_best_pt(tmp_path, one_thread):
+    whole, _ = _stalling(tmp_path, "whole")
+    result = whole.run()
+    cut, _ = _stalling(tmp_path, "cut", stop_at=result.cooldown.step - 2)  # the best is on disk, not in memory
+    assert cut.run().stopped_by == "interrupt"
+    rest, seen = _stalling(tmp_path, "cut", resume=ckpt.load(tmp_path / "cut", prefer=ckpt.LAST))
+    again = rest.run()
+    assert seen["best_at_cooldown"] is True and again.cooldown == result.cooldown
+    weights = zip(whole.model.state_dict().values(), rest.model.state_dict().values())
+    assert all(torch.equal(a, b) for a, b in weights)
+
+
+def test_a_run_that_ended_cooled_stays_ended_unless_patience_zero_trains_on(tmp_path, one_thread):
+    first, _ = _stalling(tmp_path, "run")
+    ended = first.run()
+    again, _ = _stalling(tmp_path, "run", resume=ckpt.load(tmp_path / "run", prefer=ckpt.LAST))
+    result = again.run()
+    assert (result.step, result.stopped_by, result.best_step) == (ended.step, "patience", ended.best_step)
+    on, seen = _stalling(tmp_path, "run", resume=ckpt.load(tmp_path / "run", prefer=ckpt.LAST), patience=0)
+    assert on.schedule.cooldown is None and on.schedule.restart.step == ended.step
+    result = on.run()
+    assert result.stopped_by == "max_steps" and result.step == 400
+    # no jump from the cooled rate: it climbs back to the curve over the warm-up, as when training longer
+    rates = seen["rates"]
+    floor = on.config.lr * on.config.min_lr_frac
+    assert rates[ended.step] < floor + (rates[ended.step + 5] - floor) / 4
+    assert all(rates[s] < rates[s + 1] for s in range(ended.step, ended.step + 4))
+
+
+def test_patience_zero_never_ends_early(tmp_path, one_thread):
+    trainer, seen = _stalling(tmp_path, "run", patience=0)
+    result = trainer.run()
+    assert result.stopped_by == "max_steps" and result.step == 400 and result.cooldown is None
+
+
+def test_the_cooldown_rate_and_its_end():
+    config = TrainConfig(max_time=600, lr=5e-3, min_lr_frac=0.05, warmup_steps=50)
+    plan = schedule.Schedule(config, cooldown=schedule.cooldown_for(300, best_step=200, best_lr=4e-3))
+    end = 300 + round(schedule.COOLDOWN_SHARE * 200)  # a share of the steps that led to the best
+    assert plan.cooldown.end() == end > 310
+    rate = lambda step: plan.learning_rate(schedule.Position(step, 1.0, 30.0))  # noqa: E731
+    assert rate(300) == pytest.approx(4e-3) and rate(end) == pytest.approx(5e-3 * 0.05)
+    assert rate(299) == pytest.approx(schedule.cosine_rate(config, 299, 30.0 / 600))  # before it: the curve
+    assert plan.limit_reached(schedule.Position(end - 1, 1.0, 30.0)) is None
+    assert plan.limit_reached(schedule.Position(end, 1.0, 30.0)) == "patience"
+    # evaluations at each quarter of the cooldown (its best point is kept), then the final one at its end
+    due = [step for step in range(300, end) if plan.eval_due(schedule.Position(step, 0.0, 30.0))]
+    assert due == [300 + k * (end - 300) // 4 for k in (1, 2, 3)]
+
+
+def test_a_stall_close_to_the_end_leaves_the_schedule_to_cool_the_run():
+    config = TrainConfig(max_time=600, lr=5e-3)
+    plan = schedule.Schedule(config)
+    # 300 steps in 60 s of 600: ~2,700 left, a cooldown of half the best's 200 steps fits
+    assert plan.cooldown_at(schedule.Position(300, 1.0, 60.0), best_step=200, best_lr=4e-3) is not None
+    # 2,700 steps in 540 s: ~300 left, fewer than the 1,000 a cooldown from a best at step 2,000 would take
+    assert plan.cooldown_at(schedule.Position(2700, 1.0, 540.0), best_step=2000, best_lr=4e-3) is None
+    assert plan.steps_left(schedule.Position(2700, 1.0, 540.0)) == pytest.approx(300)

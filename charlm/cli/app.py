@@ -138,8 +138,9 @@ def train(
              "(--no-...: skip it) \\[default: the whole text when that fits in 5% of the budget (at least 2 s), "
              "else an even sample that does, with its standard error].", rich_help_panel=TRAIN,
         show_default=False)] = None,
-    patience: Annotated[int, typer.Option(help="Stop after this many evaluations without a new best "
-                                          "(0 = never).", rich_help_panel=TRAIN)] = 10,
+    patience: Annotated[int, typer.Option(help="After this many evaluations without a new best, go back to the "
+                                          "best weights, cool the learning rate down from there and stop "
+                                          "(0 = never end early).", rich_help_panel=TRAIN)] = 3,
     seed: Annotated[Optional[int], typer.Option(help="Random seed: the same seed and flags give the same run "
                                                 "\\[default: 1337].", rich_help_panel=RUN, show_default=False)] = None,
     device: DeviceOpt = "auto",

@@ -157,6 +157,8 @@ class TrainDisplay:
             spent = time.perf_counter() - self._final_began
             self.progress.update(self.task, completed=int(1000 * done / total), where=f"chunk {done}/{total}",
                                  eta=human_time(spent * (total - done) / done) if done else "-")
+        elif event == "cooldown":
+            self.console.print(cooldown_line(data), highlight=False, soft_wrap=not fits(self.console))
         elif event == "eval":
             self.console.print(eval_line(data), highlight=False, soft_wrap=not fits(self.console))
             if self.preview is not None:
@@ -164,6 +166,12 @@ class TrainDisplay:
                     shown = Text("  " + visible(line), style="dim")
                     shown.truncate(max(20, self.console.width - 1), overflow="ellipsis")  # in cells, not characters
                     self.console.print(shown, highlight=False, soft_wrap=True)
+
+
+def cooldown_line(data: dict) -> str:
+    """'no new best in 10 evaluations: back to step 220 (val 4.589), cooling down over 55 steps from lr 5e-03'."""
+    return (f"no new best in {data['patience']} evaluations: back to step {data['best_step']:,} "
+            f"(val {data['best_val']:.3f}), cooling down over {data['steps']:,} steps from lr {data['lr']:.0e}")
 
 
 def final_line(data: dict) -> str:

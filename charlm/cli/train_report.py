@@ -89,6 +89,7 @@ def start_summary(plan: TrainPlan, trainer, device, dinfo) -> dict:
     r, corpus, train_ids, val_ids, out = plan.request, plan.corpus, plan.train_ids, plan.val_ids, plan.out
     model, tconf, sizing, items_meta, kept = plan.model, plan.train_config, plan.sizing, plan.items_meta, plan.kept
     path, restart = corpus.path, trainer.schedule.restart
+    cooled = trainer.schedule.cooldown if r.resume else None  # a resumed run that had stopped improving
     mc = model.config
     params = model.num_parameters()
     rows = [
@@ -104,7 +105,8 @@ def start_summary(plan: TrainPlan, trainer, device, dinfo) -> dict:
                   f"dropout {mc.dropout:g}, {params:,} parameters"),
         ("layout", f"{tconf.batch_size} streams x {tconf.seq_len}-character chunks "
                    f"({trainer.n_chunks:,} steps per epoch)"),
-        ("evaluation", _eval_plan(tconf, trainer)),
+        ("evaluation", _eval_plan(tconf, trainer, (sizing.get("choice") or {}).get("planned_chars", 0) / max(
+            len(train_ids), 1))),
         *_sizing_rows(sizing, r),
         ("device", f"{device} ({tconf.precision})" + (f", {dinfo.world} processes" if dinfo.enabled else "")),
         ("limits", ", ".join(f"{k.replace('_', ' ')} {human_time(v) if k == 'max_time' else v}" for k, v in
@@ -117,6 +119,9 @@ def start_summary(plan: TrainPlan, trainer, device, dinfo) -> dict:
         *([("schedule", f"training longer: the rate warms up over {tconf.warmup_steps} steps from "
                         f"{restart.lr:.1e}, where the run had decayed to, to the curve of the new limits")]
           if restart is not None and restart.step == trainer.step else []),
+        *([("schedule", f"validation stopped improving and the run began to cool down at step {cooled.step:,}"
+                        + ("; it has ended (--patience 0 trains on past it)" if trainer.step >= cooled.end() else
+                           f"; the cooldown goes on to step {cooled.end():,}"))] if cooled is not None else []),
     ]
     warnings = []
     if r.batch_size and r.seq_len and (tconf.batch_size, tconf.seq_len) != (r.batch_size, r.seq_len):
@@ -144,10 +149,13 @@ def _sizing_rows(sizing: dict, r: TrainRequest) -> list:
     return [("sizing", f"{what}: {choice['reason']}{probe}"), ("repeat with", sizing["flags"])]
 
 
-def _eval_plan(tconf, trainer) -> str:
+def _eval_plan(tconf, trainer, passes: float = 0.0) -> str:
+    """The evaluation row; `passes`: how many times the run plans to read its text (0: not planned)."""
     from charlm.units import human_count
 
-    when = f"every {tconf.eval_every} steps" if tconf.eval_every else "every 10% of the budget (first after 15 s)"
+    when = f"every {tconf.eval_every} steps" if tconf.eval_every else (
+        "after every pass over the text (first after 15 s)" if passes > 10 else
+        "every 10% of the budget (first after 15 s)")
     scored, full = trainer.val_sample_chars, trainer.val_full_chars
     bf16 = " in bf16" if tconf.precision == "bf16" else ""
     final = " in float32" if bf16 and trainer.needs_full_pass else ""
@@ -176,6 +184,9 @@ def end_summary(console: Console, result, out: Path, r: TrainRequest, received: 
     vals = [m["val_loss"] for m in result.metrics]
     reasons = {"max_steps": "reached --max-steps", "epochs": "reached --epochs", "max_time": "reached --max-time",
                "patience": f"validation loss stopped improving (--patience {r.patience})", "interrupt": "interrupted"}
+    cooled = result.cooldown if result.stopped_by == "patience" else None
+    if cooled is not None:
+        reasons["patience"] += f"; cooled down from the best over {cooled.steps:,} steps,"
     say(console, "stopped", f"{reasons.get(result.stopped_by, result.stopped_by)} at step {result.step} "
         f"(epoch {result.epoch}) after {human_time(result.elapsed_s)}"
         + (f", {result.eval_s / result.elapsed_s:.1%} of it evaluating and saving" if result.elapsed_s > 0
@@ -203,5 +214,9 @@ def end_summary(console: Console, result, out: Path, r: TrainRequest, received: 
     if result.stopped_by == "interrupt":
         say_commands(console, "resume", [resume])
         raise SystemExit(128 + (received[0] if received else signal.SIGINT))
+    if result.stopped_by == "patience":  # more of the same text would not help; more text or regularisation may
+        say(console, "note", "the model learned what this text can teach it: more text, or a higher --dropout, "
+            "would help more than a longer run")
+        return
     say_commands(console, "train longer", [resume], " with a larger --max-time, --max-steps or --epochs",
                  "run this with a larger --max-time, --max-steps or --epochs:")
