@@ -78,8 +78,9 @@ class TrainConfig:
     # After this many evaluations without a new best, go back to the best weights, cool the rate down from
     # there (schedule.Cooldown) and stop; 0 = never end early. Evaluations come every tenth of a time budget
     # (or every pass over a text read more than ten times): three in a row without a new best is 30% of a
-    # run's budget on a large text, where the loss falls to the end and this never fires, and a few passes
-    # on a small one, already overfitting (BENCHMARKS.md 10, "A small text ends early").
+    # run's budget on a large text (where the loss mostly falls to the end; a stall that late is left to the
+    # schedule's own end, Schedule.cooldown_at) and a few passes on a small one, already overfitting
+    # (BENCHMARKS.md 10, "A small text ends early").
     patience: int = 3
     val_frac: float = 0.1  # the tail of the corpus held out for validation
     seed: int = 1337
@@ -253,6 +254,8 @@ class Trainer:
         stopped_by = None
         self.model.train()
         self.schedule.start(self.position(), self.metrics[-1]["elapsed_s"] if self.metrics else None)
+        if c.patience and self.bad_evals >= c.patience and self.schedule.cooldown is None:
+            self._cool_down()  # a resumed run whose last evaluations had already stalled it
         while stopped_by is None:
             if not self.dist.enabled:  # under torchrun the clock is rank 0's, agreed in each step's reduce
                 self.elapsed = time.perf_counter() - started
@@ -312,22 +315,26 @@ class Trainer:
         """Validation has not improved for `patience` evaluations: back to the best weights and their optimizer
         state, and a Cooldown from the rate the best was reached at (schedule.py), unless the schedule ends
         sooner than a cooldown would. The data keeps its place."""
-        best_lr = next((m["lr"] for m in reversed(self.metrics) if m["step"] == self.best_step), self.last_lr)
+        if not math.isfinite(self.best_val):  # no evaluation was finite: no best to go back to
+            return
+        best_lr = next((m["lr"] for m in self.metrics if m["step"] == self.best_step), self.last_lr)
         cooldown = self.schedule.cooldown_at(self.position(), self.best_step, best_lr)
         if cooldown is None:
             return
-        if not math.isfinite(self.best_val):  # no evaluation was finite: nothing to go back to
-            self.schedule.cooldown = cooldown
-            return
         weights, moments = self.best_weights, self.best_optimizer
         if weights is None or moments is None:  # a resumed run: best.pt holds them (rank 0 reads, all receive)
-            best = from_main(self.dist, lambda: ckpt.load(self.out_dir / ckpt.BEST))
-            weights, moments = best["model"], best["optimizer"]
-        self.model.load_state_dict(weights)
-        self.optimizer.load_state_dict(moments)
+            try:
+                best = from_main(self.dist, lambda: ckpt.load(self.out_dir / ckpt.BEST))
+                weights, moments = best["model"], best["optimizer"]
+            except CharlmError:  # the same on every process: cool down from where the run stands
+                weights = moments = None
+        if weights is not None:
+            self.model.load_state_dict(weights)
+            self.optimizer.load_state_dict(moments)
+        self.best_optimizer = None  # used: a cooldown happens once
         self.schedule.cooldown = cooldown
-        self.callback("cooldown", {**self.schedule.cooldown.to_dict(), "best_step": self.best_step,
-                                   "best_val": self.best_val, "patience": self.config.patience})
+        self.callback("cooldown", {**cooldown.to_dict(), "best_step": self.best_step, "best_val": self.best_val,
+                                   "evaluations": self.bad_evals, "went_back": weights is not None})
 
     def _lay_out_epoch(self) -> None:
         """For a list of items: this epoch's order of the items, in the same stream layout."""
@@ -557,8 +564,8 @@ class Trainer:
         # A run that had stopped improving stays cooled (its resume ends at once) unless --patience 0 asks it to
         # go on: then the rate warms up from where the cooldown left it, as when training longer.
         self.schedule.cooldown = saved.cooldown if self.config.patience else None
-        self.schedule.restart = schedule.restart_for(saved.config, self.config, self.position(), saved.restart,
-                                                     saved.cooldown if self.schedule.cooldown is None else None)
+        self.schedule.restart = saved.restart if self.schedule.cooldown is not None else schedule.restart_for(
+            saved.config, self.config, self.position(), saved.restart, saved.cooldown)
         self.state = st.select_rows(st.from_list(saved.carried, self.device), self.my_rows)
         persist.restore_rng(saved.rng, self.device)
         if self.dist.is_main:  # metrics.jsonl holds exactly the evaluations the resumed state has seen

@@ -123,10 +123,14 @@ def test_patience_ends_a_run_that_no_longer_improves_after_a_cooldown(runner, wo
     # two evaluations after the best (step 5) the run goes back to it and cools down over the 10 steps a cooldown
     # lasts at least, then ends, far short of --max-steps
     assert "no new best in 2 evaluations: back to step 5" in result.stderr
-    assert "stopped improving (--patience 2); cooled down from the best over 10 steps, at step 25" in result.stderr
+    assert "stopped improving (--patience 2) and cooled down from the best over 10 steps, ending at step 25" \
+        in result.stderr
     # every 5 steps, and at each quarter of the 10-step cooldown (steps 2, 5 and 7 of it), where the best may come
     assert [m["step"] for m in metrics(tmp_path / "run")] == [5, 10, 15, 17, 20, 22, 25]
-    assert "train longer" not in result.stderr  # a longer budget would not help; the note says what would
+    # a longer budget would not help: the note says what would, and how to train on regardless
+    assert "train longer" not in result.stderr
+    train_on = result.stderr[result.stderr.index("train on"):]
+    assert "--patience 0" in train_on and "--patience 2" not in train_on and "--resume" in train_on
 
 
 # ------------------------------------------------------------------------------------------ optimizers

@@ -169,9 +169,11 @@ class TrainDisplay:
 
 
 def cooldown_line(data: dict) -> str:
-    """'no new best in 10 evaluations: back to step 220 (val 4.589), cooling down over 55 steps from lr 5e-03'."""
-    return (f"no new best in {data['patience']} evaluations: back to step {data['best_step']:,} "
-            f"(val {data['best_val']:.3f}), cooling down over {data['steps']:,} steps from lr {data['lr']:.0e}")
+    """'no new best in 3 evaluations: back to step 120 (val 4.392), cooling down over 60 steps from lr 5e-03'."""
+    where = (f"back to step {data['best_step']:,} (val {data['best_val']:.3f})" if data["went_back"] else
+             "best.pt could not be read, so from the current weights")
+    return (f"no new best in {data['evaluations']} evaluations: {where}, cooling down over {data['steps']:,} "
+            f"steps from lr {data['lr']:.0e}")
 
 
 def final_line(data: dict) -> str:

@@ -186,7 +186,7 @@ def end_summary(console: Console, result, out: Path, r: TrainRequest, received: 
                "patience": f"validation loss stopped improving (--patience {r.patience})", "interrupt": "interrupted"}
     cooled = result.cooldown if result.stopped_by == "patience" else None
     if cooled is not None:
-        reasons["patience"] += f"; cooled down from the best over {cooled.steps:,} steps,"
+        reasons["patience"] += f" and cooled down from the best over {cooled.steps:,} steps, ending"
     say(console, "stopped", f"{reasons.get(result.stopped_by, result.stopped_by)} at step {result.step} "
         f"(epoch {result.epoch}) after {human_time(result.elapsed_s)}"
         + (f", {result.eval_s / result.elapsed_s:.1%} of it evaluating and saving" if result.elapsed_s > 0
@@ -215,8 +215,11 @@ def end_summary(console: Console, result, out: Path, r: TrainRequest, received: 
         say_commands(console, "resume", [resume])
         raise SystemExit(128 + (received[0] if received else signal.SIGINT))
     if result.stopped_by == "patience":  # more of the same text would not help; more text or regularisation may
-        say(console, "note", "the model learned what this text can teach it: more text, or a higher --dropout, "
-            "would help more than a longer run")
+        say(console, "note", "validation stopped improving: more text, or a higher --dropout, would help more "
+            "than a longer run; to train on regardless, resume with --patience 0:")
+        given = [a for i, a in enumerate(resume) if a != "--patience" and (i == 0 or resume[i - 1] != "--patience")
+                 and not a.startswith("--patience=")]
+        say_commands(console, "train on", [given + ["--patience", "0"]])
         return
     say_commands(console, "train longer", [resume], " with a larger --max-time, --max-steps or --epochs",
                  "run this with a larger --max-time, --max-steps or --epochs:")
