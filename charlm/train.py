@@ -131,17 +131,6 @@ def _text_and_tags(text) -> tuple:
     return text if isinstance(text, tuple) else (text, None)
 
 
-def _cpu_copy(value):
-    """A copy of a (nested) state dict with every tensor on the CPU."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {k: _cpu_copy(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_cpu_copy(v) for v in value)
-    return value
-
-
 def _step_seed(seed: int, rank: int, step: int) -> int:
     """A well-mixed 63-bit seed from (seed, process, step)."""
     return int(np.random.SeedSequence([seed % 2**63, rank, step]).generate_state(2, np.uint64)[0] >> np.uint64(1))
@@ -227,10 +216,7 @@ class Trainer:
         self.metrics: list = []
         self.eval_s = 0.0  # seconds spent in periodic evaluations (and their checkpoints) in this session
         self.state = self.model.init_state(per_rank, device)
-        # CPU copies of the best model (for the final full pass) and of its optimizer state (a Cooldown starts
-        # from both); None when neither can be needed, or after a resume (best.pt holds them)
-        self.best_weights: Optional[dict] = None
-        self.best_optimizer: Optional[dict] = None
+        self.best_weights: Optional[dict] = None  # a CPU copy of the best model, for the final full pass
         self.error: Optional[str] = None  # a failure on this process that every process must stop for
         # The latest applied step's loss, learning rate and gradient norm (before clipping), and the latest
         # training speed (characters per second): the evaluation that ends a run at its limit records them.
@@ -254,8 +240,7 @@ class Trainer:
         stopped_by = None
         self.model.train()
         self.schedule.start(self.position(), self.metrics[-1]["elapsed_s"] if self.metrics else None)
-        if c.patience and self.bad_evals >= c.patience and self.schedule.cooldown is None:
-            self._cool_down()  # a resumed run whose last evaluations had already stalled it
+        self._cool_down_if_stalled()  # a resumed run whose last evaluations had already stalled it
         while stopped_by is None:
             if not self.dist.enabled:  # under torchrun the clock is rank 0's, agreed in each step's reduce
                 self.elapsed = time.perf_counter() - started
@@ -295,8 +280,7 @@ class Trainer:
                 last_report, chars_since = now, 0
             if self.schedule.eval_due(self.position()):
                 self._evaluate_and_save(loss, lr, rate, self.elapsed if self.dist.enabled else now - started)
-                if c.patience and self.bad_evals >= c.patience and self.schedule.cooldown is None:
-                    self._cool_down()
+                self._cool_down_if_stalled()
         if not self.dist.enabled:
             self.elapsed = time.perf_counter() - started
         if stopped_by == "error":
@@ -311,30 +295,35 @@ class Trainer:
         return TrainResult(self.step, self.epoch, stopped_by, self.best_val, self.best_step, self.metrics,
                            self.elapsed, full_val, self.eval_s, self.schedule.cooldown)
 
-    def _cool_down(self) -> None:
-        """Validation has not improved for `patience` evaluations: back to the best weights and their optimizer
-        state, and a Cooldown from the rate the best was reached at (schedule.py), unless the schedule ends
-        sooner than a cooldown would. The data keeps its place."""
+    def _cool_down_if_stalled(self) -> None:
+        """When validation has not improved for `patience` evaluations (and no Cooldown runs yet): back to the
+        best weights and their optimizer state, as best.pt holds them, and a Cooldown from the rate the best
+        was reached at (schedule.py), unless the schedule ends sooner than a cooldown would. The data keeps
+        its place."""
+        c = self.config
+        if not c.patience or self.bad_evals < c.patience or self.schedule.cooldown is not None:
+            return
         if not math.isfinite(self.best_val):  # no evaluation was finite: no best to go back to
             return
         best_lr = next((m["lr"] for m in self.metrics if m["step"] == self.best_step), self.last_lr)
         cooldown = self.schedule.cooldown_at(self.position(), self.best_step, best_lr)
         if cooldown is None:
             return
-        weights, moments = self.best_weights, self.best_optimizer
-        if weights is None or moments is None:  # a resumed run: best.pt holds them (rank 0 reads, all receive)
-            try:
-                best = from_main(self.dist, lambda: ckpt.load(self.out_dir / ckpt.BEST))
-                weights, moments = best["model"], best["optimizer"]
-            except CharlmError:  # the same on every process: cool down from where the run stands
-                weights = moments = None
-        if weights is not None:
-            self.model.load_state_dict(weights)
-            self.optimizer.load_state_dict(moments)
-        self.best_optimizer = None  # used: a cooldown happens once
+        best = self._read_best("model", "optimizer")  # None: cool down from where the run stands
+        if best is not None:
+            self.model.load_state_dict(best[0])
+            self.optimizer.load_state_dict(best[1])
         self.schedule.cooldown = cooldown
         self.callback("cooldown", {**cooldown.to_dict(), "best_step": self.best_step, "best_val": self.best_val,
-                                   "evaluations": self.bad_evals, "went_back": weights is not None})
+                                   "evaluations": self.bad_evals, "went_back": best is not None})
+
+    def _read_best(self, *keys) -> Optional[tuple]:
+        """These parts of best.pt, on every process: only rank 0 wrote it (other machines may not share its
+        disk), so rank 0 reads it and sends them; None on every process when it cannot be read."""
+        try:
+            return from_main(self.dist, lambda: tuple(ckpt.load(self.out_dir / ckpt.BEST)[k] for k in keys))
+        except CharlmError:
+            return None
 
     def _lay_out_epoch(self) -> None:
         """For a list of items: this epoch's order of the items, in the same stream layout."""
@@ -444,10 +433,8 @@ class Trainer:
         improved = val < self.best_val
         if improved:
             self.best_val, self.best_step, self.bad_evals = val, self.step, 0
-            if self.needs_full_pass or self.config.patience:
+            if self.needs_full_pass:
                 self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-            if self.config.patience and self.schedule.cooldown is None:
-                self.best_optimizer = _cpu_copy(self.optimizer.state_dict())
         else:
             self.bad_evals += 1
         record["best"] = improved
@@ -483,11 +470,11 @@ class Trainer:
             import copy
 
             weights = self.best_weights
-            if weights is None:  # a resumed run: the best model is the one in best.pt, which only rank 0 wrote
-                try:  # (other machines may not share its disk): rank 0 reads it and sends it to every process
-                    weights = from_main(self.dist, lambda: ckpt.load(self.out_dir / ckpt.BEST)["model"])
-                except CharlmError:  # the same on every process: all skip the report
+            if weights is None:  # a resumed run: the best model is the one in best.pt
+                best = self._read_best("model")
+                if best is None:  # the same on every process: all skip the report
                     return None
+                weights = best[0]
             model = copy.deepcopy(self.model)
             model.load_state_dict(weights)
         chars = from_main(self.dist, self._final_chars)  # every process must lay out the same pass
