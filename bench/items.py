@@ -15,9 +15,12 @@ same held-out names with `charlm score --rank` (nats/char, each name from the st
     transformer  `charlm train names.txt` with no flags beside a small character transformer of the usual
                list-model defaults (bench/transformer_baseline.py: 4 x 64, 4 heads), same budget, one thread
                each, both scored on the held-out names; --rounds N repeats the pair
+    against    `charlm train names.txt` with no flags beside the same with --against FLAGS, side by side, both
+               scored on the held-out names (a rule change measured against the old rule), --rounds times
 
     .venv/bin/python bench/items.py --budgets 1m 3m
     .venv/bin/python bench/items.py --budgets 3m --cells transformer --rounds 2
+    .venv/bin/python bench/items.py --budgets 3m --against "--val-frac 0.05" --rounds 2
 """
 
 from __future__ import annotations
@@ -96,7 +99,11 @@ def main():
                         choices=["order", "defaults", "transformer"], help="defaults includes new")
     parser.add_argument("--rounds", type=int, default=1, help="transformer pairs per budget")
     parser.add_argument("--flags", default="", help="flags added to charlm's side of the transformer pair")
+    parser.add_argument("--against", metavar="FLAGS", help="in place of the cells: the defaults beside the defaults "
+                        "with these flags added, side by side, --rounds times a budget")
     args = parser.parse_args()
+    if args.against:
+        args.cells = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         names = fetch_names(work)
@@ -106,6 +113,11 @@ def main():
         print(f"list: {len(names) - 1000:,} names to train on, 1,000 held out; loss in nats/char on the held-out")
         for budget in args.budgets:
             tag = budget.replace(".", "_")
+            for r in range(args.rounds if args.against else 0):
+                train_pair(work, {f"auto-{tag}-{r}": [], f"against-{tag}-{r}": args.against.split()}, budget)
+                auto, against = held_out_loss(work, f"auto-{tag}-{r}"), held_out_loss(work, f"against-{tag}-{r}")
+                print(f"{budget:>4} round {r + 1}  auto {auto:.4f}  auto {args.against} {against:.4f}  "
+                      f"difference {against - auto:+.4f}", flush=True)
             for r in range(args.rounds if "transformer" in args.cells else 0):
                 ours, theirs = transformer_pair(work, budget, f"{tag}-{r}", args.flags.split())
                 log = (work / f"auto-{tag}-{r}" / "train.log").read_text()

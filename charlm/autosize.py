@@ -9,7 +9,8 @@ The rule, in four lines and a note (the measurements behind each constant are in
        P <= DATA_PARAMS_PER_CHAR x N (a small text cannot feed a big model)
     B x T  the characters of one step: D / TARGET_STEPS (at least ~1,400 updates, enough for the schedule to
        work) up to MAX_STEP_CHARS (2,048 until D passes 8M, then growing as sqrt(D): a longer budget buys
-       mostly more steps, not wider ones), never so small that a step's fixed cost dominates; T = 64 or 128
+       mostly more steps, not wider ones), never so small that a step's fixed cost dominates, and never
+       below MIN_STEP_CHARS (16 streams), whatever that leaves of the updates; T = 64 or 128
     dropout  by how often the run will see each character: D / N epochs
     (and the sample each periodic evaluation scores: D / 125 characters, 16,384 to 65,536)
 
@@ -49,8 +50,14 @@ TARGET_STEPS = 1400  # updates per run the layout aims at: the best 10-minute la
 # falls), so the cap grows as the square root of the characters read beyond MAX_STEP_AT; that part is an
 # extrapolation (no GPU has measured it).
 MAX_STEP_CHARS, MAX_STEP_AT = 2048, 8e6
-MIN_STEPS = 400  # fewer updates than this and the schedule has no room: steps get smaller instead
-MIN_STEP_CHARS = 1024  # 16 x 64: the best layout for 45 s of a 25k text; smaller steps are mostly noise
+MIN_STEPS = 400  # fewer updates than this and the schedule has no room: steps get smaller, to MIN_STEP_CHARS
+# 16 x 64: the best layout for 45 s of a 25k text. No step is narrower, not for more updates (MIN_STEPS) nor for
+# the logits' memory (LOGITS_PER_STEP): 16 streams beat the 8-10 those two gave 1.2M characters of Chinese
+# (6,174 distinct) by 0.43-0.49 nats/char at 1 minute and 0.04 at 3, side by side (BENCHMARKS.md 10, "The
+# narrowest step"). A step of a few streams reads a few places in the text, and the weights chase what is
+# written there (train 2.4-2.6 nats/char against validation 5.1), most of all where each place has its own
+# characters.
+MIN_STEP_CHARS = 1024
 ONE_HOT_MAX = 256  # one-hot input up to this vocabulary; an embedding beyond (its matrix would dominate)
 # ...except in a short run: there a 32-wide learned embedding beat one-hot input, side by side, by 0.27-0.35
 # nats/char (90 s of a 262 KB manual) and 0.10-0.18 (1 and 3 minutes of Tiny Shakespeare; BENCHMARKS.md 10),
@@ -62,7 +69,11 @@ ONE_HOT_MAX = 256  # one-hot input up to this vocabulary; an embedding beyond (i
 # runs and step or epoch budgets keep one-hot, the input they were measured with.
 SMALL_EMBEDDING, SHORT_PLAN = 32, 12e6
 HIDDEN_SIZES = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
-LOGITS_PER_STEP = 4_000_000  # B x T x V of one step: 8192 characters of a 488-character vocabulary
+# B x T x V of one step that a wider step may not pass (~64 MB a copy; the loss keeps about four): 2,048
+# characters of a 7,800-character vocabulary. It was 4M, which held 6,174 Chinese characters to 10 x 64 steps;
+# at 10 minutes 32 x 64 beat that by 0.17 nats/char (BENCHMARKS.md 10). The narrowest step (MIN_STEP_CHARS) may
+# pass it: 1,024 characters of a 20,000-character vocabulary hold 20M floats.
+LOGITS_PER_STEP = 16_000_000
 
 
 @dataclass(frozen=True)
@@ -129,16 +140,17 @@ def layers_for(hidden: int) -> int:
 def _layout(planned: float, n_train: int, world: int, gpu: bool, vocab: int = 0, efficient: float = 0.0) -> tuple:
     """(B, T): about TARGET_STEPS steps over the planned characters (more when a step would exceed the
     widest step for this plan), but no step smaller than `efficient` characters (below it the fixed cost
-    of a step dominates and the device idles) unless that would leave fewer than MIN_STEPS steps; within
-    what the text can fill, and with a step's logits (B x T x V floats, kept about four times over by the
-    loss and its gradient) under ~70 MB."""
+    of a step dominates and the device idles) unless that would leave fewer than MIN_STEPS steps, and
+    a wider step's logits (B x T x V floats, kept about four times over by the loss and its gradient) under
+    LOGITS_PER_STEP; never fewer than MIN_STEP_CHARS characters a process, and within what the text can fill."""
     widest = MAX_STEP_CHARS * max(1.0, planned / MAX_STEP_AT) ** 0.5
-    per_step = min(max(min(planned / TARGET_STEPS, widest), efficient, MIN_STEP_CHARS * world),
-                   planned / MIN_STEPS,
-                   LOGITS_PER_STEP / max(vocab, 1))
+    per_step = max(min(max(min(planned / TARGET_STEPS, widest), efficient),
+                       planned / MIN_STEPS,
+                       LOGITS_PER_STEP / max(vocab, 1)),
+                   MIN_STEP_CHARS * world)
     seq_len = 128 if per_step >= 4096 else 64
     cap = 1024 if gpu else 64 * world  # a CPU is busy at 64 rows per process; a GPU wants far more
-    batch = int(min(cap, max(8, round(per_step / seq_len))))
+    batch = int(min(cap, round(per_step / seq_len)))
     return _fit(batch, seq_len, n_train, world)
 
 

@@ -190,6 +190,23 @@ def test_a_longer_budget_buys_more_steps_not_wider_ones():
     assert gpu.batch_size * gpu.seq_len > 4 * autosize.MAX_STEP_CHARS
 
 
+def test_no_step_is_narrower_than_sixteen_streams_not_for_more_updates_nor_for_a_large_vocabulary():
+    # 1.2M characters of Chinese, 6,174 distinct, on a busy CPU: the logits' memory cap and the wish for 400
+    # updates gave 8-10 streams, whose weights chase the few places they read (0.43-0.49 nats/char behind 16
+    # streams at 1 minute, side by side)
+    for seconds in (30, 60, 180, 600):
+        one = choose(1_080_000, 6_174, seconds=seconds, speed=SLOW)
+        assert one.batch_size * one.seq_len >= autosize.MIN_STEP_CHARS == 16 * 64
+        two = choose(1_080_000, 6_174, seconds=seconds, speed=SLOW, world=2)
+        assert two.batch_size * two.seq_len >= 2 * autosize.MIN_STEP_CHARS  # 16 streams in each process
+    # a step wider than that still keeps its logits within the cap (a GPU's hour on the same alphabet)
+    wide = choose(50_000_000, 6_174, seconds=3600, speed=FAST, gpu=True)
+    assert autosize.MIN_STEP_CHARS < wide.batch_size * wide.seq_len <= autosize.LOGITS_PER_STEP / 6_174
+    # and a small text still gets fewer streams: each holds whole chunks of its own
+    small = choose(3_000, 6_174, seconds=60, speed=SLOW)
+    assert small.batch_size * small.seq_len * 4 <= 3_000
+
+
 def test_costly_evaluations_are_spaced_by_their_cost_and_none_falls_just_before_the_end():
     # 1.5 s an evaluation in a 3-minute run: 10% of the budget (18 s) would spend 8% of it evaluating
     due = _cadence(180.0, np.arange(0.5, 180.0, 0.5), cost=1.5)
