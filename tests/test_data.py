@@ -118,6 +118,17 @@ def test_evaluation_slice_is_fixed_bounded_and_spread():
     assert full.scored() == len(ids) - 1
 
 
+
+def test_a_short_validation_text_is_scored_in_rows_that_each_score_their_burn_in():
+    ids = (np.arange(2_501) % 50).astype(np.uint8)  # 2,500 pairs: the tail of a 25 KB text
+    short = eval_streams(ids, 32, burn_in=256)
+    assert short.scored() == 2_500 and ((short.hi - short.lo) >= 256).all()  # every pair once, warmly
+    assert short.rows * short.width <= 2 * 2_500  # positions run to score them: 32 rows of 78 ran 10,700
+    # one row per process at least (each torchrun process scores its share), and a long text keeps all 32
+    assert eval_streams(ids[:601], 32, burn_in=256, min_rows=4).rows == 4
+    assert eval_streams(np.zeros(100_001, np.uint8), 32, burn_in=256).rows == 32
+    assert eval_streams(np.zeros(100_001, np.uint8), 32, burn_in=256, max_chars=4096).rows == 16
+
 def write_folder(root, files: dict):
     for name, text in files.items():
         path = root / name
