@@ -30,6 +30,7 @@ import json
 import os
 import random
 import re
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -97,7 +98,7 @@ def main():
     parser.add_argument("--budgets", nargs="+", default=["1m", "3m"])
     parser.add_argument("--cells", nargs="+", default=["order", "defaults", "transformer"],
                         choices=["order", "defaults", "transformer"], help="defaults includes new")
-    parser.add_argument("--rounds", type=int, default=1, help="transformer pairs per budget")
+    parser.add_argument("--rounds", type=int, default=1, help="transformer (or --against) pairs per budget")
     parser.add_argument("--flags", default="", help="flags added to charlm's side of the transformer pair")
     parser.add_argument("--against", metavar="FLAGS", help="in place of the cells: the defaults beside the defaults "
                         "with these flags added, side by side, --rounds times a budget")
@@ -114,7 +115,7 @@ def main():
         for budget in args.budgets:
             tag = budget.replace(".", "_")
             for r in range(args.rounds if args.against else 0):
-                train_pair(work, {f"auto-{tag}-{r}": [], f"against-{tag}-{r}": args.against.split()}, budget)
+                train_pair(work, {f"auto-{tag}-{r}": [], f"against-{tag}-{r}": shlex.split(args.against)}, budget)
                 auto, against = held_out_loss(work, f"auto-{tag}-{r}"), held_out_loss(work, f"against-{tag}-{r}")
                 print(f"{budget:>4} round {r + 1}  auto {auto:.4f}  auto {args.against} {against:.4f}  "
                       f"difference {against - auto:+.4f}", flush=True)

@@ -10,7 +10,7 @@ The rule, in four lines and a note (the measurements behind each constant are in
     B x T  the characters of one step: D / TARGET_STEPS (at least ~1,400 updates, enough for the schedule to
        work) up to MAX_STEP_CHARS (2,048 until D passes 8M, then growing as sqrt(D): a longer budget buys
        mostly more steps, not wider ones), never so small that a step's fixed cost dominates, and never
-       below MIN_STEP_CHARS (16 streams), whatever that leaves of the updates; T = 64 or 128
+       below MIN_STEP_CHARS a process (16 x 64 in one), whatever that leaves of the updates; T = 64 or 128
     dropout  by how often the run will see each character: D / N epochs
     (and the sample each periodic evaluation scores: D / 125 characters, 16,384 to 65,536)
 
@@ -51,7 +51,7 @@ TARGET_STEPS = 1400  # updates per run the layout aims at: the best 10-minute la
 # extrapolation (no GPU has measured it).
 MAX_STEP_CHARS, MAX_STEP_AT = 2048, 8e6
 MIN_STEPS = 400  # fewer updates than this and the schedule has no room: steps get smaller, to MIN_STEP_CHARS
-# 16 x 64: the best layout for 45 s of a 25k text. No step is narrower, not for more updates (MIN_STEPS) nor for
+# 16 x 64: the best layout for 45 s of a 25k text. No step is narrower (a process's share of it), not for more updates (MIN_STEPS) nor for
 # the logits' memory (LOGITS_PER_STEP): 16 streams beat the 8-10 those two gave 1.2M characters of Chinese
 # (6,174 distinct) by 0.43-0.49 nats/char at 1 minute and 0.04 at 3, side by side (BENCHMARKS.md 10, "The
 # narrowest step"). A step of a few streams reads a few places in the text, and the weights chase what is

@@ -126,14 +126,14 @@ def eval_streams(ids: np.ndarray, rows: int, burn_in: int = 0, max_chars: Option
     sample of them: `rows` segments of max_chars/rows pairs spread evenly from the first pair to the last,
     each warmed like a full pass's rows. The same ids and arguments always give the same segments.
 
-    A short text gets fewer rows, so that no row scores fewer characters than it burns in (but at least
-    min_rows: one per process): 32 rows over a 2,500-character tail ran 10,700 positions to score 2,500 and
-    took twice as long as 9 rows, which score the same characters as warmly."""
+    A whole pass over a short text gets fewer rows, so that no row scores fewer characters than it burns in,
+    though not fewer than min_rows (one per process) where `rows` and the text allow: 32 rows over a
+    2,500-character tail ran 10,700 positions to score 2,500 and took twice as long as 9 rows, which score the
+    same characters as warmly. A sample keeps its rows: its standard error compares them."""
     pairs = len(ids) - 1
-    scored = pairs if max_chars is None or max_chars <= 0 else min(pairs, max_chars)
-    if burn_in > 0:
-        rows = min(rows, max(min_rows, scored // burn_in))
     if max_chars is None or max_chars <= 0 or pairs <= max_chars:
+        if burn_in > 0:
+            rows = min(rows, max(min_rows, pairs // burn_in))
         return make_streams(ids, rows, burn_in, tags)
     rows = max(1, min(rows, max_chars))
     seg = np.diff(np.arange(rows + 1, dtype=np.int64) * max_chars // rows)  # (rows,) lengths: sum max_chars

@@ -198,7 +198,7 @@ def test_no_step_is_narrower_than_sixteen_streams_not_for_more_updates_nor_for_a
         one = choose(1_080_000, 6_174, seconds=seconds, speed=SLOW)
         assert one.batch_size * one.seq_len >= autosize.MIN_STEP_CHARS == 16 * 64
         two = choose(1_080_000, 6_174, seconds=seconds, speed=SLOW, world=2)
-        assert two.batch_size * two.seq_len >= 2 * autosize.MIN_STEP_CHARS  # 16 streams in each process
+        assert two.batch_size * two.seq_len >= 2 * autosize.MIN_STEP_CHARS  # as wide in each process
     # a step wider than that still keeps its logits within the cap (a GPU's hour on the same alphabet)
     wide = choose(50_000_000, 6_174, seconds=3600, speed=FAST, gpu=True)
     assert autosize.MIN_STEP_CHARS < wide.batch_size * wide.seq_len <= autosize.LOGITS_PER_STEP / 6_174

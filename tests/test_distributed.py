@@ -12,6 +12,7 @@ import time
 import pytest
 
 from charlm.train import _step_seed
+from conftest import word_text
 
 
 def torchrun(*args, cwd):
@@ -102,6 +103,29 @@ def two_nodes(*args, roots, timeout=240):
             pytest.fail(f"a node did not finish within {timeout} s: {' '.join(map(str, args))}")
         results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
     return results
+
+
+@pytest.mark.slow
+def test_ddp_run_on_a_small_text_reports_the_loss_of_its_whole_validation_tail(tmp_path):
+    # a 400-character tail is scored in fewer streams than 32, each warmed on 256 characters: one per process
+    text = word_text(100, seed=4)
+    corpus = tmp_path / "small.txt"
+    corpus.write_text(text, encoding="utf-8")
+    args = ["--hidden", "24", "--layers", "1", "--embedding", "0", "--dropout", "0", "--batch-size", "4",
+            "--seq-len", "16", "--no-preview", "--device", "cpu", "--precision", "fp32", "--eval-every", "3",
+            "--max-steps", "6", "--no-items", "--patience", "0"]
+    run = torchrun("train", corpus, "--out", tmp_path / "run", *args, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    tail = text[-round(len(text) * 0.1):]
+    (tmp_path / "tail.txt").write_text(tail, encoding="utf-8")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_chars"] for r in records] == [len(tail) - 1] * 2  # every character of it, on both processes
+    # the loss both processes reported together is the tail's, scored as one unbroken pass by one process
+    alone = subprocess.run([sys.executable, "-m", "charlm", "eval", "tail.txt", "-c", "run", "--streams", "1",
+                            "--json", "--device", "cpu"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert alone.returncode == 0, alone.stderr
+    best = min(records, key=lambda r: r["val_loss"])
+    assert abs(json.loads(alone.stdout)["loss"] - best["val_loss"]) < 1e-3
 
 
 @pytest.mark.slow
