@@ -51,12 +51,12 @@ TARGET_STEPS = 1400  # updates per run the layout aims at: the best 10-minute la
 # extrapolation (no GPU has measured it).
 MAX_STEP_CHARS, MAX_STEP_AT = 2048, 8e6
 MIN_STEPS = 400  # fewer updates than this and the schedule has no room: steps get smaller, to MIN_STEP_CHARS
-# 16 x 64: the best layout for 45 s of a 25k text. No step is narrower (a process's share of it), not for more updates (MIN_STEPS) nor for
-# the logits' memory (LOGITS_PER_STEP): 16 streams beat the 8-10 those two gave 1.2M characters of Chinese
-# (6,174 distinct) by 0.43-0.49 nats/char at 1 minute and 0.04 at 3, side by side (BENCHMARKS.md 10, "The
-# narrowest step"). A step of a few streams reads a few places in the text, and the weights chase what is
-# written there (train 2.4-2.6 nats/char against validation 5.1), most of all where each place has its own
-# characters.
+# 16 x 64: the best layout for 45 s of a 25k text. No step (a process's share of it) is narrower, not for more
+# updates (MIN_STEPS) nor for the logits' memory (LOGITS_PER_STEP): 16 streams beat the 8-10 those two gave 1.2M
+# characters of Chinese (6,174 distinct) by 0.43-0.49 nats/char at 1 minute and 0.04 at 3, side by side
+# (BENCHMARKS.md 10, "The narrowest step"). A step of a few streams reads a few places in the text, and the
+# weights chase what is written there (train 2.4-2.6 nats/char against validation 5.1), most of all where each
+# place has its own characters.
 MIN_STEP_CHARS = 1024
 ONE_HOT_MAX = 256  # one-hot input up to this vocabulary; an embedding beyond (its matrix would dominate)
 # ...except in a short run: there a 32-wide learned embedding beat one-hot input, side by side, by 0.27-0.35

@@ -484,8 +484,7 @@ class Trainer:
         streams = self.val_full
         if chars < self.val_full_chars:
             rows = max(self.config.eval_streams, full_pass_streams(chars, self.config.eval_streams))
-            streams = eval_streams(self.val_ids, rows, self.config.burn_in, chars, tags=self.val_tags,
-                                   min_rows=self.dist.world)
+            streams = eval_streams(self.val_ids, rows, self.config.burn_in, chars, tags=self.val_tags)
         mine = streams.select(slice(self.dist.rank, None, self.dist.world))
         self.callback("final_start", {"chars": streams.scored(), "of": self.val_full_chars, "step": self.best_step,
                                       "estimate_s": streams.scored() / self._fp32_rate() if self.val_rate else None})
