@@ -25,7 +25,8 @@ Pairs share the machine with each other, so the comparison within a pair is fair
 machine can move both. With --threads 2 the runs cannot share 2 cores, so they go one after another in the
 same order. `--no-fixed` leaves the old defaults out: auto runs beside the first grid model (a cell then takes
 two budgets, not three). `--against FLAGS` skips the sweep and runs auto beside auto with FLAGS added, in the
-same pair: the way to measure a rule change against the old rule's choice given as flags.
+same pair: the way to measure a rule change against the old rule's choice given as flags; its difference is
+the flags' run minus auto's (negative: the flags did better), as in bench/items.py.
 
     apt-get install fortunes fortunes-zh     # once
     .venv/bin/python bench/sweep.py --budgets 1m 3m
@@ -190,7 +191,7 @@ def main():
 def compare(work: Path, corpora: dict, args) -> None:
     """auto and auto with the --against flags in the same pair: the one fair way to tell two rules apart on a
     machine whose speed moves between pairs."""
-    print(f"| corpus | budget | round | auto | auto {args.against} | difference | auto chose | steps |")
+    print(f"| corpus | budget | round | auto | auto {args.against} | with the flags minus auto | auto chose | steps |")
     print("| --- | --- | ---: | ---: | ---: | ---: | --- | --- |")
     for name, corpus in corpora.items():
         for budget in args.budgets:
@@ -198,7 +199,7 @@ def compare(work: Path, corpora: dict, args) -> None:
                 res = run_pair(work, corpus, {"auto": [], "against": args.against.split()}, budget, args.threads,
                                args.logs and args.logs / f"round{r}")
                 print(f"| {name} | {budget} | {r} | {res['auto'][0]:.4f} | {res['against'][0]:.4f} | "
-                      f"{res['auto'][0] - res['against'][0]:+.4f} | `{res['auto'][1]}` | "
+                      f"{res['against'][0] - res['auto'][0]:+.4f} | `{res['auto'][1]}` | "
                       f"{res['auto'][2]} / {res['against'][2]} |", flush=True)
 
 
