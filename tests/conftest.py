@@ -71,6 +71,14 @@ def run_cli(*args, cwd=None, timeout=300, **kwargs) -> subprocess.CompletedProce
                           text=True, timeout=timeout, env=env, **kwargs)
 
 
+def torchrun(*args, cwd, nproc=2, timeout=300) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=NPROC -m charlm ARGS` as a real subprocess, one thread a process."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "charlm", *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
 def refused(result, *fragments) -> str:
     """The one error line of a refused command (exit non-zero, no traceback), holding every fragment."""
     assert result.exit_code != 0

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -19,7 +17,7 @@ from charlm.corpus import decode_corpus, load_corpus
 from charlm.errors import CharlmError
 from charlm.novelty import longest_copies
 from charlm.streams import eval_streams, make_streams
-from conftest import TINY, run_cli, word_text
+from conftest import TINY, run_cli, torchrun, word_text
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -222,11 +220,9 @@ def test_novelty_through_the_cli_finds_a_copied_line(tmp_path):
 def test_an_error_on_one_rank_ends_every_rank_with_its_message(tmp_path, words_file):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the run directory should go")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "charlm",
-           "train", str(words_file), "--out", str(blocker / "run"), "--max-steps", "5", *TINY]
     began = time.monotonic()
-    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    result = torchrun("train", words_file, "--out", blocker / "run", "--max-steps", "5", *TINY, cwd=tmp_path,
+                      timeout=120)
     assert result.returncode != 0
     assert time.monotonic() - began < 60  # not a collective's 30-minute timeout
     lines = [x for x in result.stderr.splitlines() if "error:" in x and "cannot write to" in x]

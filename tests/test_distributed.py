@@ -12,14 +12,7 @@ import time
 import pytest
 
 from charlm.train import _step_seed
-from conftest import word_text
-
-
-def torchrun(*args, cwd, nproc=2):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "charlm",
-           *map(str, args)]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+from conftest import torchrun, word_text
 
 
 def test_dropout_seeds_differ_by_process_and_step_and_repeat():
@@ -105,48 +98,38 @@ def two_nodes(*args, roots, timeout=240):
     return results
 
 
-@pytest.mark.slow
-def test_ddp_run_on_a_small_text_reports_the_loss_of_its_whole_validation_tail(tmp_path):
-    # a 400-character tail is scored in fewer streams than 32, each warmed on 256 characters: one per process
-    text = word_text(100, seed=4)
+def reports_its_whole_tail(tmp_path, text: str, nproc: int, hidden: int, seq_len: int) -> None:
+    """Train NPROC processes on a small text; every evaluation must score each character of its validation tail
+    (the last 10%), and the loss they report together must be the tail's as one process scores it unbroken."""
     corpus = tmp_path / "small.txt"
     corpus.write_text(text, encoding="utf-8")
-    args = ["--hidden", "24", "--layers", "1", "--embedding", "0", "--dropout", "0", "--batch-size", "4",
-            "--seq-len", "16", "--no-preview", "--device", "cpu", "--precision", "fp32", "--eval-every", "3",
+    args = ["--hidden", hidden, "--layers", "1", "--embedding", "0", "--dropout", "0", "--batch-size", "4",
+            "--seq-len", seq_len, "--no-preview", "--device", "cpu", "--precision", "fp32", "--eval-every", "3",
             "--max-steps", "6", "--no-items", "--patience", "0"]
-    run = torchrun("train", corpus, "--out", tmp_path / "run", *args, cwd=tmp_path)
+    run = torchrun("train", corpus, "--out", tmp_path / "run", *args, cwd=tmp_path, nproc=nproc)
     assert run.returncode == 0, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr and "best: val loss" in run.stderr
     tail = text[-round(len(text) * 0.1):]
     (tmp_path / "tail.txt").write_text(tail, encoding="utf-8")
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["val_chars"] for r in records] == [len(tail) - 1] * 2  # every character of it, on both processes
-    # the loss both processes reported together is the tail's, scored as one unbroken pass by one process
+    assert [r["val_chars"] for r in records] == [len(tail) - 1] * 2  # every character of it, at both evaluations
     alone = subprocess.run([sys.executable, "-m", "charlm", "eval", "tail.txt", "-c", "run", "--streams", "1",
                             "--json", "--device", "cpu"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert alone.returncode == 0, alone.stderr
     best = min(records, key=lambda r: r["val_loss"])
     assert abs(json.loads(alone.stdout)["loss"] - best["val_loss"]) < 1e-3
+
+
+@pytest.mark.slow
+def test_ddp_run_on_a_small_text_reports_the_loss_of_its_whole_validation_tail(tmp_path):
+    # a 400-character tail is scored in fewer streams than 32, each warmed on 256 characters: one per process
+    reports_its_whole_tail(tmp_path, word_text(100, seed=4), nproc=2, hidden=24, seq_len=16)
 
 
 @pytest.mark.slow
 def test_more_processes_than_validation_characters_still_score_the_tail(tmp_path):
-    # a 40-character text leaves 3 characters to predict in its tail: one of four processes scores none of them
-    corpus = tmp_path / "tiny.txt"
-    corpus.write_text("the cat sat on the mat and the dog ran\n", encoding="utf-8")
-    args = ["--hidden", "16", "--layers", "1", "--embedding", "0", "--dropout", "0", "--batch-size", "4",
-            "--seq-len", "4", "--no-preview", "--device", "cpu", "--precision", "fp32", "--eval-every", "3",
-            "--max-steps", "6", "--no-items", "--patience", "0"]
-    run = torchrun("train", corpus, "--out", tmp_path / "run", *args, cwd=tmp_path, nproc=4)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "Traceback" not in run.stderr and "best: val loss" in run.stderr
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["val_chars"] for r in records] == [3, 3]
-    (tmp_path / "tail.txt").write_text("ran\n", encoding="utf-8")  # the last 10%: 4 characters, 3 to predict
-    alone = subprocess.run([sys.executable, "-m", "charlm", "eval", "tail.txt", "-c", "run", "--streams", "1",
-                            "--json", "--device", "cpu"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert alone.returncode == 0, alone.stderr
-    best = min(records, key=lambda r: r["val_loss"])
-    assert abs(json.loads(alone.stdout)["loss"] - best["val_loss"]) < 1e-3
+    # a 39-character text leaves 4 in its tail, 3 to predict: one of four processes scores none of them
+    reports_its_whole_tail(tmp_path, "the cat sat on the mat and the dog ran\n", nproc=4, hidden=16, seq_len=4)
 
 
 @pytest.mark.slow

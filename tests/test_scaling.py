@@ -1,16 +1,13 @@
 """Beyond one process: torchrun + DDP on the CPU (gloo), and CUDA when present."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from charlm.errors import CharlmError
 from charlm.runtime import resolve_precision, setup_distributed
-from conftest import run_cli
+from conftest import run_cli, torchrun
 
 
 @pytest.mark.parametrize("capability, expected", [((7, 5), "fp32"), ((6, 1), "fp32"), ((8, 0), "bf16"),
@@ -42,13 +39,6 @@ def test_more_processes_than_gpus_is_one_clear_error(monkeypatch, device):
     assert messages[0] == messages[1]
     assert "2 processes" in messages[0] and "1 CUDA device" in messages[0]
     assert "--nproc_per_node=1" in messages[0] and "--device cpu" in messages[0]
-
-
-def torchrun(*args, cwd, nproc=2):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "charlm", *map(str, args)]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
 
 
 def val_losses(run_dir):
