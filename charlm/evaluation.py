@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from charlm.model import CharRNN
+from charlm.model import CharRNN, start_state
 from charlm.streams import Streams, eval_streams
 
 # Characters each evaluation stream reads per forward call: long chunks amortise the per-call cost and the
@@ -24,8 +24,10 @@ def autocast(device: torch.device, precision: str):
 
 @torch.no_grad()
 def evaluate_rows(model: CharRNN, streams: Streams, seq_len: int, device, precision: str = "fp32",
-                  progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
-    """A stateful pass: the sum of cross-entropy in nats of each row of `streams`, (rows,) float64.
+                  progress: Optional[Callable[[int, int], None]] = None,
+                  context_id: Optional[int] = None) -> np.ndarray:
+    """A stateful pass: the sum of cross-entropy in nats of each row of `streams`, (rows,) float64. Every row
+    starts where sampling does (model.start_state: after context_id, the text's line break).
 
     Each chunk's row sums stay on the device in float32 (every backend has it; MPS has no float64) and are
     added in float64 on the host once, at the end: no host sync per chunk, no precision lost over millions
@@ -36,7 +38,7 @@ def evaluate_rows(model: CharRNN, streams: Streams, seq_len: int, device, precis
     seq_len = max(8, min(seq_len, LOGITS_PER_CHUNK // max(1, streams.rows * model.config.vocab_size)))
     was_training = model.training
     model.eval()
-    state = model.init_state(streams.rows, device)
+    state = start_state(model, streams.rows, device, context_id)
     n = streams.num_chunks(seq_len)
     sums = torch.zeros(max(n, 1), streams.rows, dtype=torch.float32, device=device)  # (chunks, rows)
     pin = device.type == "cuda"
@@ -57,9 +59,11 @@ def evaluate_rows(model: CharRNN, streams: Streams, seq_len: int, device, precis
     return sums.cpu().double().sum(0).numpy()
 
 
-def evaluate(model: CharRNN, streams: Streams, seq_len: int, device, precision: str = "fp32") -> tuple:
+def evaluate(model: CharRNN, streams: Streams, seq_len: int, device, precision: str = "fp32",
+             context_id: Optional[int] = None) -> tuple:
     """A stateful pass: (sum of cross-entropy in nats, number of scored characters)."""
-    return float(evaluate_rows(model, streams, seq_len, device, precision).sum()), streams.scored()
+    sums = evaluate_rows(model, streams, seq_len, device, precision, context_id=context_id)
+    return float(sums.sum()), streams.scored()
 
 
 def standard_error(row_sums: np.ndarray, row_counts: np.ndarray) -> float:
@@ -79,11 +83,12 @@ def standard_error(row_sums: np.ndarray, row_counts: np.ndarray) -> float:
 
 def evaluate_text(model: CharRNN, ids: np.ndarray, device, seq_len: int = EVAL_SEQ_LEN, streams: int = 8,
                   burn_in: int = 256, precision: str = "fp32", max_chars: Optional[int] = None,
-                  progress: Optional[Callable[[int, int], None]] = None, tags: Optional[np.ndarray] = None) -> dict:
+                  progress: Optional[Callable[[int, int], None]] = None, tags: Optional[np.ndarray] = None,
+                  context_id: Optional[int] = None) -> dict:
     """Loss of the model on a text: nats/char, bits/char, perplexity, characters scored (every character
     after the first, or an evenly spread sample of max_chars of them, then with its standard error "se")."""
     layout = eval_streams(ids, streams, burn_in=burn_in, max_chars=max_chars, tags=tags)
-    sums = evaluate_rows(model, layout, seq_len, device, precision, progress)
+    sums = evaluate_rows(model, layout, seq_len, device, precision, progress, context_id)
     count = layout.scored()
     report = loss_report(float(sums.sum()) / max(count, 1), count)
     if count < len(ids) - 1:

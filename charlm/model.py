@@ -264,6 +264,32 @@ class Conditioned:
         return self
 
 
+@torch.no_grad()
+def start_state(model, batch: int, device=None, context_id: Optional[int] = None) -> st.State:
+    """Where every stream starts, in training, evaluation, scoring and sampling alike: the zero state, then
+    (given context_id: the text's line break, sample.default_context) the state after reading that one
+    character, in eval mode. `model` is a CharRNN or a tagged model's Conditioned view (the context is read in
+    its voice).
+
+    Why not zeros: a model meets the zero state only where a stream begins, a few dozen times an epoch, and
+    what it does there is barely trained. An LSTM's cell state is unbounded, and one 10-minute model of Tiny
+    Shakespeare, started from zeros on "BA" (a prime, or a validation row's first characters), latched a cell
+    into counting without end and wrote "&3&&3..." from then on: 43 of 2,704 two-letter primes did it, and 1 of
+    the final report's 32 rows, whose 52.8 nats/char made the report 3.05 where one stream gives 1.45. After
+    a line break first, none of the 2,704 did, and every row count gave 1.4533 (BENCHMARKS.md 10). A text
+    begins after a line break anyway, and GRU models score the same either way (1.4518 against 1.4519)."""
+    state = model.init_state(batch, device)
+    if context_id is None:
+        return state
+    was = model.training
+    model.eval()
+    try:
+        _, state = model(torch.full((batch, 1), int(context_id), dtype=torch.long, device=device), state)
+    finally:
+        model.train(was)
+    return state
+
+
 def layer_parameter_counts(config: ModelConfig) -> list:
     """(name, shape description, parameter count) per layer, by the same formulas PyTorch's modules use:
     a recurrent layer with input I and H units has G*H*(I + H) weights and 2*G*H biases (G gates)."""

@@ -1,8 +1,11 @@
 """Generation: warm the carried state on a prime, then feed each sampled character back in, one step at a time.
 
-    prime "hel" --forward (the training path)--> state, logits
+    line break, then prime "hel" --forward (the training path)--> state, logits
     loop: logits --temperature/top-k/top-p--> char c --step(c, state)--> state, logits
 
+Every sample starts where every training and validation stream does (model.start_state): after the text's
+line break (default_context), so a prime is read as the start of a line, and never from the bare zero
+state, which some LSTMs answer with a cell that counts without end (BENCHMARKS.md 10).
 The prefix is never run again: a step costs one pass over the weights whatever the length so far.
 `Sampler` keeps the state between calls, so an interactive session can alternate feed() and generate().
 """
@@ -44,7 +47,8 @@ class SampleConfig:
 
 
 def default_context(vocab: Vocabulary) -> str:
-    """What to warm on when there is no prime: a line break starts text the way a corpus usually does."""
+    """What every stream reads first, before a prime or a text: a line break starts text the way a corpus
+    usually does."""
     for ch in ("\n", " ", "."):
         if ch in vocab:
             return ch
@@ -149,6 +153,7 @@ class Sampler:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed if seed is not None else secrets.randbits(63))
         self.uniforms = Uniforms(self.generator, batch, self.device)
+        self.feed(vocab.encode(default_context(vocab)))  # the start state (model.start_state), and its logits
 
     @torch.no_grad()
     def feed(self, ids) -> None:
@@ -163,8 +168,6 @@ class Sampler:
     @torch.no_grad()
     def generate(self, cfg: SampleConfig) -> Iterator[List[str]]:
         """Yield one character per sample per step (an empty string once a sample has hit cfg.stop)."""
-        if self.logits is None:
-            self.feed(self.vocab.encode(default_context(self.vocab)))
         chars = self.vocab.chars
         stops = StopMatcher(cfg.stop, self.batch)
         for _ in range(cfg.length):

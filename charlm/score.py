@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from charlm import state as st
-from charlm.model import CharRNN
+from charlm.model import CharRNN, start_state
 from charlm.vocab import Vocabulary
 
 
@@ -190,11 +190,10 @@ def _score_block(model, ids, pos, base, lengths, state, context_id, burn_in, top
     for r, n in enumerate(lengths):
         targets[r, warm[r] : warm[r] + n] = ids[at : at + n]
         at += n
-    if state is None:
-        state = model.init_state(rows, device)
-    else:  # the first row carries the previous block's state; the others start fresh
-        fresh = model.init_state(rows - 1, device)
-        state = st.concat_rows([state, fresh])
+    # the first row carries the previous block's state (the text's first reads the context as its first input);
+    # the others start where every stream does, after the context (model.start_state), then warm up
+    first = model.init_state(1, device) if state is None else state
+    state = st.concat_rows([first, start_state(model, rows - 1, device, context_id)]) if rows > 1 else first
     out = {f: [[] for _ in range(rows)] for f in ("lp", "rank", "top_ids", "top_p")}
     xt = torch.from_numpy(x).to(device)
     tt = torch.from_numpy(targets).to(device)

@@ -28,11 +28,13 @@ from charlm import state as st
 from charlm.autosize import EVAL_CHARS
 from charlm.errors import CharlmError
 from charlm.evaluation import EVAL_SEQ_LEN, autocast, evaluate, evaluate_rows, full_pass_streams, standard_error
-from charlm.model import CharRNN
+from charlm.model import CharRNN, start_state
 from charlm.optim import AdamW
 from charlm.runtime import Dist, from_main
+from charlm.score import default_context_id
 from charlm.streams import eval_streams, make_streams
 from charlm.tags import TAG_DROPOUT
+from charlm.vocab import Vocabulary
 
 OPTIMIZERS = ("adamw", "adam", "rmsprop", "sgd")
 # The final report may always take this long, however short the run: a few seconds buy a whole small tail.
@@ -163,6 +165,9 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.device = device
         self.meta = meta  # model_config, vocab, corpus: copied into every checkpoint
+        # every stream, in training and in evaluation, starts after the text's line break, as sampling does
+        # (model.start_state); None for a caller without a vocabulary: the zero state
+        self.context_id = default_context_id(Vocabulary(meta["vocab"])) if meta.get("vocab") else None
         self.callback = callback or (lambda event, data: None)
         self.dist = dist_info
         self.stop_request: Optional[str] = None
@@ -218,7 +223,7 @@ class Trainer:
         self.chars_seen = 0  # training characters predicted so far, all processes together
         self.metrics: list = []
         self.eval_s = 0.0  # seconds spent in periodic evaluations (and their checkpoints) in this session
-        self.state = self.model.init_state(per_rank, device)
+        self.state = start_state(self.model, per_rank, device, self.context_id)
         self.best_weights: Optional[dict] = None  # a CPU copy of the best model, for the final full pass
         self.error: Optional[str] = None  # a failure on this process that every process must stop for
         # The latest applied step's loss, learning rate and gradient norm (before clipping), and the latest
@@ -270,7 +275,7 @@ class Trainer:
             self.cursor += 1
             if self.cursor == self.n_chunks:  # an epoch ends: streams restart at their beginnings
                 self.cursor, self.epoch = 0, self.epoch + 1
-                self.state = self.model.init_state(self.my_streams.rows, self.device)
+                self.state = start_state(self.model, self.my_streams.rows, self.device, self.context_id)
                 self._lay_out_epoch()
             now = time.perf_counter()
             rate = chars_since / max(now - last_report, 1e-9)
@@ -415,7 +420,8 @@ class Trainer:
         """(mean loss, characters scored) over every process's share of the validation streams, in the
         training precision unless told otherwise."""
         streams = streams if streams is not None else self.val_streams
-        total, count = evaluate(self.model, streams, EVAL_SEQ_LEN, self.device, precision or self.config.precision)
+        total, count = evaluate(self.model, streams, EVAL_SEQ_LEN, self.device, precision or self.config.precision,
+                                self.context_id)
         if self.dist.enabled:
             both = torch.tensor([total, float(count)], dtype=torch.float64 if self.device.type != "mps"
                                 else torch.float32, device=self.device)
@@ -492,7 +498,7 @@ class Trainer:
         def progress(done, total):
             self.callback("final_progress", {"done": done, "total": total})
 
-        sums = evaluate_rows(model, mine, EVAL_SEQ_LEN, self.device, "fp32", progress)
+        sums = evaluate_rows(model, mine, EVAL_SEQ_LEN, self.device, "fp32", progress, self.context_id)
         counts = mine.hi - mine.lo
         if self.dist.enabled:  # every process's rows, for the total and the standard error
             parts = [None] * self.dist.world

@@ -14,6 +14,7 @@ from charlm.streams import make_streams
 from charlm.evaluation import evaluate_text
 from charlm.model import CharRNN, ModelConfig, layer_parameter_counts
 from charlm.schedule import cosine_rate as learning_rate
+from charlm.score import default_context_id
 from charlm.train import TrainConfig, Trainer, evaluate
 
 from conftest import word_text
@@ -168,7 +169,8 @@ def test_bf16_runs_evaluate_periodically_in_bf16_and_report_the_best_model_in_fl
     assert result.full_val is not None  # a float32 report, though the sample was the whole tail
     best = CharRNN(model.config)
     best.load_state_dict(ckpt.load(tmp_path / "gru" / ckpt.BEST)["model"])
-    full32 = evaluate_text(best, val_ids, "cpu", streams=32, precision="fp32")
-    half = evaluate_text(best, val_ids, "cpu", streams=32, precision="bf16")
+    start = default_context_id(corpus.vocab)  # every stream starts after the text's line break, as sampling does
+    full32 = evaluate_text(best, val_ids, "cpu", streams=32, precision="fp32", context_id=start)
+    half = evaluate_text(best, val_ids, "cpu", streams=32, precision="bf16", context_id=start)
     assert result.full_val["loss"] == pytest.approx(full32["loss"], abs=1e-5)
     assert result.best_val_loss == pytest.approx(half["loss"], abs=1e-5)

@@ -41,6 +41,7 @@ class EvalRequest:
 def run_eval(r: EvalRequest, console: Console) -> None:
     from charlm.corpus import load_corpus
     from charlm.evaluation import evaluate_text
+    from charlm.score import default_context_id
 
     corpus, unknown, streams, max_chars = r.corpus, r.unknown, r.streams, r.max_chars
     check(unknown in ("error", "skip"), f"--unknown must be error or skip, got {unknown!r}")
@@ -65,7 +66,7 @@ def run_eval(r: EvalRequest, console: Console) -> None:
     with pass_progress(console, "scoring" if scored == text.chars - 1 else "scoring an even sample", scored) as bar:
         # a sample is spread over at least 64 segments: its standard error needs rows to compare
         report = evaluate_text(model, text.ids, device, streams=max(streams, 64) if max_chars else streams,
-                               max_chars=max_chars, progress=bar)
+                               max_chars=max_chars, progress=bar, context_id=default_context_id(vocab))
     report["checkpoint"] = payload["path"]
     if info.get("items") and end in vocab:
         # a model of a list: each item also scored as one, from the start of an item (as sampling writes)
@@ -97,6 +98,7 @@ def _eval_by_tag(r: EvalRequest, payload, model, vocab, device, console: Console
     """--by-tag: the text read with the model's own --tag-by rule (a folder of sub-folders, files named as
     the tags, or TAG<TAB>TEXT lines); each tag's part scored in its own voice and untagged, side by side."""
     from charlm.evaluation import evaluate_text
+    from charlm.score import default_context_id
     from charlm.tags import by_tag, load_tagged
 
     tags = TagSet.from_payload(payload)
@@ -117,7 +119,8 @@ def _eval_by_tag(r: EvalRequest, payload, model, vocab, device, console: Console
             base, size = done, len(ids) - 1
             step = (lambda d, n: bar(base + d * size // max(n, 1), 2 * total)) if bar else None
             done += size
-            return evaluate_text(voice, ids, device, streams=r.streams, progress=step)
+            return evaluate_text(voice, ids, device, streams=r.streams, progress=step,
+                                 context_id=default_context_id(vocab))
 
         for t, ids in parts.items():
             tagged_loss, plain = scored(model.conditioned(t), ids), scored(model, ids)

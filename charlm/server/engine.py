@@ -232,8 +232,8 @@ class Engine:
                 job.generator = torch.Generator(device=self.device).manual_seed(seed)
                 job.uniforms = Uniforms(job.generator, job.rows, self.device)
                 job.state = self.model.init_state(job.rows, self.device)
-                if len(job.prime_ids) == 0:  # no prime: start after the default context, as `charlm sample`
-                    job.prime_ids = self._context
+                # every job starts after the default context, then reads its prime, as `charlm sample` does
+                job.prime_ids = np.concatenate([self._context, job.prime_ids]).astype(np.int64)
                 job.stops = StopMatcher(job.cfg.stop, job.rows)
                 self._warming.append(job)
 
