@@ -11,7 +11,7 @@ The rule, in four lines and a note (the measurements behind each constant are in
        work) up to MAX_STEP_CHARS (2,048 until D passes 8M, then growing as sqrt(D): a longer budget buys
        mostly more steps, not wider ones), never so small that a step's fixed cost dominates, and never
        below MIN_STEP_CHARS a process (16 x 64 in one), whatever that leaves of the updates; T = 64 or 128
-    dropout  by how often the run will see each character: D / N epochs
+    dropout  by how often the run will see each character: D / N epochs; AdamW's weight decay likewise
     (and the sample each periodic evaluation scores: D / 125 characters, 16,384 to 65,536)
 
 The input is one-hot while the vocabulary is small (a gather, no weights) and a learned embedding beyond
@@ -68,6 +68,8 @@ ONE_HOT_MAX = 256  # one-hot input up to this vocabulary; an embedding beyond (i
 # thread each side by side on Tiny Shakespeare: 1.4823 against one-hot's 1.5158, both before INPUT_STD). Longer
 # runs and step or epoch budgets keep one-hot, the input they were measured with.
 SMALL_EMBEDDING, SHORT_PLAN = 32, 12e6
+# AdamW's weight decay for a run that reads its text up to twice, and for one that reads it more (_weight_decay)
+WEIGHT_DECAY_ONCE, WEIGHT_DECAY_REREAD = 0.01, 0.1
 HIDDEN_SIZES = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 # B x T x V of one step that a wider step may not pass (~64 MB a copy; the loss keeps about four): 2,048
 # characters of a 7,800-character vocabulary. It was 4M, which held 6,174 Chinese characters to 10 x 64 steps;
@@ -99,6 +101,7 @@ class Choice:
     parameters: int
     planned_chars: int  # D: characters the run is expected to read
     reason: str
+    weight_decay: float = WEIGHT_DECAY_ONCE  # AdamW's, on the weight matrices (_weight_decay)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -173,13 +176,23 @@ def _dropout(epochs: float) -> float:
     return 0.2 if epochs <= 60 else 0.3
 
 
+def _weight_decay(epochs: float) -> float:
+    """AdamW's decay on the weight matrices, by how often the run reads each character (as dropout): a text
+    read about once needs no pull toward zero, one read over and over does. Side by side, one thread each
+    (BENCHMARKS.md 10, "Weight decay"), 0.1 in place of 0.01 lost 0.012-0.027 nats/char where the plan read
+    the text once or a little more (Tiny Shakespeare and python-stdlib at 1 minute, python-stdlib at 3: 1.1
+    passes planned), and won 0.008 at three passes (Tiny Shakespeare, 3 minutes), 0.029-0.037 at five and
+    more (a 250 KB manual, 25k characters of Tang poems) and 0.035 in ten minutes of Tiny Shakespeare."""
+    return WEIGHT_DECAY_ONCE if epochs <= 2.0 else WEIGHT_DECAY_REREAD
+
+
 def choose(n_train: int, vocab: int, cell: str = "gru", seconds: Optional[float] = None,
            steps: Optional[int] = None, epochs: Optional[float] = None, speed: Optional[DeviceSpeed] = None,
            world: int = 1, gpu: bool = False, fixed: Optional[dict] = None) -> Choice:
     """The sizes for a run, from the training characters, the vocabulary, the budget (any of seconds, steps,
     epochs: the tightest wins) and the device's speed (needed for a time budget). `fixed` holds the values
-    the user gave (hidden, layers, embedding, batch_size, seq_len, dropout): they are kept, and the rest fit
-    around them."""
+    the user gave (hidden, layers, embedding, batch_size, seq_len, dropout, weight_decay): they are kept,
+    and the rest fit around them."""
     fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
     if "embedding" not in fixed and vocab <= ONE_HOT_MAX and seconds:
         one_hot = choose(n_train, vocab, cell, seconds, steps, epochs, speed, world, gpu, {**fixed, "embedding": 0})
@@ -237,8 +250,9 @@ def choose(n_train: int, vocab: int, cell: str = "gru", seconds: Optional[float]
             hidden, layers, params, planned, flops = h, lay, par, pla, flo
     batch, seq = layout(planned, efficient_step(flops))
     dropout = fixed.get("dropout", _dropout(planned / max(n_train, 1)))
+    decay = fixed.get("weight_decay", _weight_decay(planned / max(n_train, 1)))
     return Choice(hidden, layers, embedding, dropout, batch, seq, params, int(planned),
-                  _reason(hidden, layers, embedding, cell, n_train, vocab, seconds, steps, epochs, planned))
+                  _reason(hidden, layers, embedding, cell, n_train, vocab, seconds, steps, epochs, planned), decay)
 
 
 # Validation characters a periodic evaluation scores at most (they track the full pass to 0.01 nats/char,
@@ -271,7 +285,8 @@ def _reason(hidden, layers, embedding, cell, n_train, vocab, seconds, steps, epo
 def flags(choice: Choice) -> str:
     """The command-line flags that reproduce a choice exactly."""
     return (f"--hidden {choice.hidden} --layers {choice.layers} --embedding {choice.embedding} "
-            f"--dropout {choice.dropout:g} --batch-size {choice.batch_size} --seq-len {choice.seq_len}")
+            f"--dropout {choice.dropout:g} --weight-decay {choice.weight_decay:g} --batch-size {choice.batch_size} "
+            f"--seq-len {choice.seq_len}")
 
 
 def probe(device, cell: str, vocab: int, embedding: int, precision: str, world: int = 1,

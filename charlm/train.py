@@ -58,7 +58,8 @@ class TrainConfig:
     # Shakespeare, 0.06-0.10 at 1-1.5 min), as 3e-3 had beaten 2e-3; 8e-3 was no better at 3 min (BENCHMARKS.md 10)
     min_lr_frac: float = 0.05  # the cosine decay ends at this fraction of lr: most of the gain of decay
     warmup_steps: int = 50  # linear warmup protects the first steps from large, noisy updates
-    weight_decay: float = 0.01  # AdamW only, on weight matrices (not biases)
+    weight_decay: float = 0.01  # AdamW only, on weight matrices (not biases); `charlm train` sizes it with the
+    # model (autosize._weight_decay: 0.1 once the run reads its text more than twice)
     optimizer: str = "adamw"
     clip: float = 1.0  # global gradient-norm clip: recurrent nets spike without it
     epochs: Optional[float] = None  # stop limits: whichever comes first; None = no limit of that kind

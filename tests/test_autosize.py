@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from charlm import autosize, schedule
+from charlm import checkpoint as ckpt
 from charlm.autosize import DeviceSpeed, choose
 from charlm.cli.display import human_count
 from charlm.train import TrainConfig
@@ -73,6 +74,9 @@ def test_step_and_epoch_budgets_plan_from_what_they_read():
     by_epochs = choose(200_000, 65, epochs=3)
     assert by_epochs.planned_chars == 600_000
     assert choose(200_000, 65, epochs=50).dropout > by_epochs.dropout
+    # weight decay follows the passes too: a text read once is barely pulled toward zero, one reread is
+    once, reread = choose(200_000, 65, epochs=1), choose(200_000, 65, epochs=5)
+    assert once.weight_decay <= 0.01 < 0.1 <= reread.weight_decay
 
 
 def test_given_values_are_kept_and_the_rest_fit_around_them():
@@ -87,9 +91,9 @@ def test_flags_reproduce_the_choice():
     choice = choose(500_000, 90, seconds=120, speed=SLOW)
     words = autosize.flags(choice).split()
     given = {words[i].lstrip("-").replace("-", "_"): float(words[i + 1]) for i in range(0, len(words), 2)}
-    again = choose(500_000, 90, seconds=120, speed=SLOW, fixed={k: (v if k == "dropout" else int(v))
-                                                                for k, v in given.items()})
-    sizes = ("hidden", "layers", "embedding", "dropout", "batch_size", "seq_len", "parameters")
+    again = choose(500_000, 90, seconds=120, speed=SLOW,
+                   fixed={k: (v if k in ("dropout", "weight_decay") else int(v)) for k, v in given.items()})
+    sizes = ("hidden", "layers", "embedding", "dropout", "weight_decay", "batch_size", "seq_len", "parameters")
     assert [getattr(again, k) for k in sizes] == [getattr(choice, k) for k in sizes]
 
 
@@ -120,6 +124,10 @@ def test_train_with_auto_sizes_shows_and_saves_the_choice_and_resume_keeps_it(tm
     assert saved["model_config"]["embedding"] == 16
     assert saved["sizing"]["choice"]["hidden"] == saved["model_config"]["hidden"]
     assert f"--hidden {saved['model_config']['hidden']}" in repeat
+    # six seconds read these notes many times over: the optimizer ran with the chosen, stronger decay
+    decay = saved["train_config"]["weight_decay"]
+    assert decay == saved["sizing"]["choice"]["weight_decay"] > TrainConfig.weight_decay
+    assert {g["weight_decay"] for g in saved["optimizer"]["param_groups"]} == {decay, 0.0}
     resumed = run_cli("train", corpus, "--out", out, "--max-time", "9s", "--no-preview", "--embedding", "16",
                       "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
@@ -133,10 +141,11 @@ def test_explicit_flags_skip_the_probe_and_win(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text(word_text(300), encoding="utf-8")
     result = run_cli("train", corpus, "--out", tmp_path / "r", "--max-steps", "3", "--hidden", "40", "--layers", "1",
-                     "--embedding", "0", "--dropout", "0", "--batch-size", "8", "--seq-len", "16", "--no-preview",
-                     cwd=tmp_path)
+                     "--embedding", "0", "--dropout", "0", "--weight-decay", "0.05", "--batch-size", "8", "--seq-len",
+                     "16", "--no-preview", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "sizing" not in result.stderr and "1 x 40 gru" in result.stderr and "8 streams x 16" in result.stderr
+    assert ckpt.load(tmp_path / "r")["train_config"]["weight_decay"] == 0.05
 
 
 def _cadence(max_time: float, seconds: np.ndarray, cost: float = 0.0) -> list:

@@ -201,12 +201,17 @@ def test_train_help_states_the_defaults_training_uses():
 
     params = {p.name: p for p in typer.main.get_command(app).commands["train"].params}
     train, model = TrainConfig(), ModelConfig(vocab_size=2)
-    for option, value in (("lr", train.lr), ("weight_decay", train.weight_decay), ("warmup", train.warmup_steps),
+    for option, value in (("lr", train.lr), ("warmup", train.warmup_steps),
                           ("clip", train.clip), ("val_frac", train.val_frac), ("seed", train.seed),
                           ("optimizer", train.optimizer), ("cell", model.cell),
                           ("nonlinearity", model.nonlinearity)):
         stated = re.search(r"\[default: ([^\]]+)\]", params[option].help).group(1)
         assert (stated if isinstance(value, str) else float(stated)) == value, option
+    # weight decay is sized with the model: the help names both values autosize chooses between
+    from charlm.autosize import WEIGHT_DECAY_ONCE, WEIGHT_DECAY_REREAD
+
+    stated = re.search(r"\[default: ([^\]]+)\]", params["weight_decay"].help).group(1)
+    assert [float(x) for x in re.findall(r"\d+\.\d+", stated)] == [WEIGHT_DECAY_ONCE, WEIGHT_DECAY_REREAD]
 
 
 def test_usage_errors_are_one_line_through_the_real_entry_point():

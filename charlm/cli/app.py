@@ -111,8 +111,9 @@ def train(
                                                 show_default=False)] = None,
     optimizer: Annotated[Optional[str], typer.Option(help="adamw, adam, rmsprop or sgd \\[default: adamw].",
                                                      rich_help_panel=TRAIN, show_default=False)] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay \\[default: 0.01].",
-                                                          rich_help_panel=TRAIN, show_default=False)] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(
+        help="AdamW weight decay \\[default: auto: 0.01 for a run that reads its text up to twice, 0.1 for more].",
+        rich_help_panel=TRAIN, show_default=False)] = None,
     warmup: Annotated[Optional[int], typer.Option(help="Warmup steps \\[default: 50].", rich_help_panel=TRAIN,
                                                   show_default=False)] = None,
     clip: Annotated[Optional[float], typer.Option(help="Gradient clipping by global norm \\[default: 1.0].",

@@ -50,7 +50,7 @@ SHAPING = {  # field: (flag, checkpoint section, key there, default)
     "dropout": ("--dropout", "model_config", "dropout", None),
     "lr": ("--lr", "train_config", "lr", _TRAIN.lr),
     "optimizer": ("--optimizer", "train_config", "optimizer", _TRAIN.optimizer),
-    "weight_decay": ("--weight-decay", "train_config", "weight_decay", _TRAIN.weight_decay),
+    "weight_decay": ("--weight-decay", "train_config", "weight_decay", None),  # None: autosize decides
     "warmup": ("--warmup", "train_config", "warmup_steps", _TRAIN.warmup_steps),
     "clip": ("--clip", "train_config", "clip", _TRAIN.clip),
     "eval_chars": ("--eval-chars", "train_config", "eval_chars", None),
@@ -193,8 +193,11 @@ def plan_train(r: TrainRequest, max_time: Optional[float], console: Console, din
     eval_chars = _eval_chars(r, payload, sizing)
     if dinfo.enabled:
         batch = max(dinfo.world, batch - batch % dinfo.world)
+    decay = r.weight_decay  # given, or a resumed run's own; else what autosize chose with the sizes
+    if decay is None:
+        decay = sizing.get("choice", {}).get("weight_decay", TrainConfig.weight_decay)
     tconf = TrainConfig(batch_size=batch, seq_len=seq_len, lr=r.lr, warmup_steps=r.warmup,
-                        weight_decay=r.weight_decay, optimizer=r.optimizer, clip=r.clip, epochs=r.epochs,
+                        weight_decay=decay, optimizer=r.optimizer, clip=r.clip, epochs=r.epochs,
                         max_steps=r.max_steps, max_time=max_time, eval_every=r.eval_every, patience=r.patience,
                         val_frac=r.val_frac, seed=r.seed, precision=precision, eval_chars=eval_chars,
                         full_final_eval=r.full_final_eval)
@@ -318,7 +321,7 @@ def _sizes(r: TrainRequest, payload, corpus, train_ids, device, precision, dinfo
                 r.seq_len or saved_train.get("seq_len", 128), sizing)
     model_fixed = payload is not None  # --init-from: the model is the checkpoint's
     given = {"hidden": r.hidden, "layers": r.layers, "embedding": r.embedding, "dropout": r.dropout,
-             "batch_size": r.batch_size, "seq_len": r.seq_len}
+             "weight_decay": r.weight_decay, "batch_size": r.batch_size, "seq_len": r.seq_len}
     if model_fixed:
         mc = payload["model_config"]
         given.update(hidden=mc["hidden"], layers=mc["layers"], embedding=mc["embedding"],
