@@ -14,11 +14,11 @@ Corpora (made at run time from what the machine has; nothing is stored here):
 
 In every cell (corpus x budget) the runs train for the same wall-clock budget, two at a time, one thread each
 (OMP_NUM_THREADS=1), in this order: `auto` (no model or layout flags) beside `fixed` (the fixed defaults charlm
-had before: 2 x 512 GRU, one-hot, 64 x 128, dropout 0.2), then the grid models two at a time: 2 x 128 and
-2 x 256 (embedding 64 when the vocabulary has more than 256 characters, else one-hot), then 2 x 256 with a
-32-wide embedding whatever the vocabulary, all at 32 x 64 and dropout 0.1. `--grid` picks others: `2x384`,
-`2x384@64x128` (a layout other than 32 x 64), `2x256e32` (an embedding of 32). A budget is anything --max-time
-reads: 90s, 1m, 3m. Each run is scored on the whole validation tail (the last 10%) with its best checkpoint
+had before: 2 x 512 GRU, one-hot, 64 x 128, dropout 0.2, weight decay 0.01), then the grid models two at a
+time: 2 x 128 and 2 x 256 (embedding 64 when the vocabulary has more than 256 characters, else one-hot),
+then 2 x 256 with a 32-wide embedding whatever the vocabulary, all at 32 x 64 and dropout 0.1 (weight decay
+auto, as auto's). `--grid` picks others: `2x384`, `2x384@64x128` (a layout other than 32 x 64), `2x256e32`
+(an embedding of 32). A budget is anything --max-time reads: 90s, 1m, 3m. Each run is scored on the whole validation tail (the last 10%) with its best checkpoint
 (--full-final-eval: without it a short run on a large text scores an even sample sized to its budget, and two
 runs' samples then differ).
 Pairs share the machine with each other, so the comparison within a pair is fair; between pairs, a busy
@@ -53,8 +53,8 @@ sys.path.insert(0, str(ROOT))
 
 FORTUNES = Path("/usr/share/games/fortunes")
 MANUAL = Path("/usr/share/doc/nodejs/api/fs.md")  # apt-get install nodejs-doc (some releases ship fs.md.gz)
-FIXED = ["--hidden", "512", "--layers", "2", "--embedding", "0", "--dropout", "0.2", "--batch-size", "64",
-         "--seq-len", "128"]
+FIXED = ["--hidden", "512", "--layers", "2", "--embedding", "0", "--dropout", "0.2", "--weight-decay", "0.01",
+         "--batch-size", "64", "--seq-len", "128"]  # the old fixed defaults, weight decay included (now auto)
 
 
 def make_corpora(work: Path, names) -> dict:
