@@ -18,9 +18,9 @@ had before: 2 x 512 GRU, one-hot, 64 x 128, dropout 0.2, weight decay 0.01), the
 time: 2 x 128 and 2 x 256 (embedding 64 when the vocabulary has more than 256 characters, else one-hot),
 then 2 x 256 with a 32-wide embedding whatever the vocabulary, all at 32 x 64 and dropout 0.1 (weight decay
 auto, as auto's). `--grid` picks others: `2x384`, `2x384@64x128` (a layout other than 32 x 64), `2x256e32`
-(an embedding of 32). A budget is anything --max-time reads: 90s, 1m, 3m. Each run is scored on the whole validation tail (the last 10%) with its best checkpoint
-(--full-final-eval: without it a short run on a large text scores an even sample sized to its budget, and two
-runs' samples then differ).
+(an embedding of 32). A budget is anything --max-time reads: 90s, 1m, 3m. Each run is scored on the whole
+validation tail (the last 10%) with its best checkpoint (--full-final-eval: without it a short run on a
+large text scores an even sample sized to its budget, and two runs' samples then differ).
 Pairs share the machine with each other, so the comparison within a pair is fair; between pairs, a busy
 machine can move both. With --threads 2 the runs cannot share 2 cores, so they go one after another in the
 same order. `--no-fixed` leaves the old defaults out: auto runs beside the first grid model (a cell then takes

@@ -109,6 +109,7 @@ def _eval_by_tag(r: EvalRequest, payload, model, vocab, device, console: Console
     tagged = load_tagged([r.corpus], info.get("tag_by", "folder"), vocab, encoding, keep_crlf, unknown=r.unknown,
                          separator=info.get("separator", DOC_SEPARATOR), known=tags.names)
     parts = by_tag(tagged.corpus.ids, tagged.track, len(tags))
+    start = default_context_id(vocab)  # every pass starts after the line break (model.start_state)
     rows = []
     total = sum(max(0, len(ids) - 1) for ids in parts.values())
     with pass_progress(console, f"scoring {len(parts)} tags", 2 * total) as bar:
@@ -119,8 +120,7 @@ def _eval_by_tag(r: EvalRequest, payload, model, vocab, device, console: Console
             base, size = done, len(ids) - 1
             step = (lambda d, n: bar(base + d * size // max(n, 1), 2 * total)) if bar else None
             done += size
-            return evaluate_text(voice, ids, device, streams=r.streams, progress=step,
-                                 context_id=default_context_id(vocab))
+            return evaluate_text(voice, ids, device, streams=r.streams, progress=step, context_id=start)
 
         for t, ids in parts.items():
             tagged_loss, plain = scored(model.conditioned(t), ids), scored(model, ids)
