@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -73,8 +73,6 @@ def resumed(payload: dict, config) -> Resumed:
                               f"resume with {flag} {saved[key]}")
     known = {f.name for f in fields(config)}  # a newer charlm's fields are left out, an older one's take defaults
     old = type(config)(**{k: v for k, v in saved.items() if k in known}) if saved else config
-    if saved and "shift_epochs" not in saved and hasattr(old, "shift_epochs"):
-        old = replace(old, shift_epochs=False)  # a run begun before epochs were shifted keeps its layout
     restart, cooldown = payload.get("schedule_restart"), payload.get("schedule_cooldown")
     return Resumed(model=payload["model"], optimizer=payload["optimizer"], step=int(payload["step"]),
                    epoch=int(payload["epoch"]), cursor=int(payload["cursor"]),

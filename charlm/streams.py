@@ -16,13 +16,6 @@ chunk k with is the right state to start chunk k+1 with: that state is carried, 
 chunk (state.py). When B does not divide M the rows differ in length by one; a short row's missing last
 target is masked (-1), so one epoch predicts every training character exactly once.
 
-Training lays its text out again as each epoch begins: the first epoch as drawn above, every later one with
-the streams tiling the text from a drawn offset s below M/B (epoch_skip), so that the chunks, the batches
-and the places where backpropagation is cut are new in each pass over a text read many times:
-
-    epoch 0:   |a b c d e f g h|i j k l m n o p|q r s t u v w x|y
-    epoch 1:   a b c|d e f g h i j|k l m n o p q|r s t u v w x|y     s = 3: b, c, d are not predicted this epoch
-
 A `Streams` is only offsets into `ids`, which is usually the memory-mapped corpus (corpus.py): `chunk(k)`
 gathers the (B, T+1) window it needs and nothing else, so memory does not grow with the corpus, and a
 process under torchrun that `select`s its own rows reads only their text.
@@ -114,33 +107,17 @@ def _layout(ids: np.ndarray, starts: np.ndarray, ends: np.ndarray, burn_in: int,
                    length.astype(np.int64), int(length.max()), tags)
 
 
-def make_streams(ids: np.ndarray, rows: int, burn_in: int = 0, tags: Optional[np.ndarray] = None,
-                 skip: int = 0) -> Streams:
+def make_streams(ids: np.ndarray, rows: int, burn_in: int = 0, tags: Optional[np.ndarray] = None) -> Streams:
     """Lay ids out as `rows` contiguous streams that together score every pair once (the diagram above).
 
     With burn_in > 0, every row but the first also starts with up to burn_in unscored characters taken from
-    just before its own start, to warm its state. With skip > 0 the streams tile the pairs from `skip` on,
-    and the first `skip` pairs are not scored (a training epoch's shifted layout: epoch_skip)."""
+    just before its own start, to warm its state."""
     pairs = len(ids) - 1
     if pairs < 1:
         raise ValueError("need at least 2 characters to make a stream")
-    skip = max(0, min(skip, pairs - 1))
-    rows = max(1, min(rows, pairs - skip))
-    # row b scores [starts[b], starts[b+1])
-    starts = skip + np.arange(rows + 1, dtype=np.int64) * (pairs - skip) // rows
+    rows = max(1, min(rows, pairs))
+    starts = np.arange(rows + 1, dtype=np.int64) * pairs // rows  # row b scores [starts[b], starts[b+1])
     return _layout(ids, starts[:-1], starts[1:], burn_in, tags)
-
-
-def epoch_skip(pairs: int, rows: int, seed: int, epoch: int) -> int:
-    """Where a training epoch's streams begin: 0 in the first epoch, then a draw from (seed, epoch) below one
-    stream's length. Every epoch of an unshifted layout would cut the text into the same chunks, batched the
-    same way, and truncate backpropagation at the same characters; a shifted one moves every chunk boundary
-    and every stream's start, at the cost of the skipped characters in that epoch (under 1/rows of the text,
-    a different piece each time). A pure function, so a resumed run and every process agree on it."""
-    span = pairs // max(rows, 1)
-    if epoch <= 0 or span < 2:
-        return 0
-    return int(np.random.default_rng([seed % 2**63, epoch]).integers(0, span))
 
 
 def eval_streams(ids: np.ndarray, rows: int, burn_in: int = 0, max_chars: Optional[int] = None,

@@ -32,7 +32,7 @@ from charlm.model import CharRNN, start_state
 from charlm.optim import AdamW
 from charlm.runtime import Dist, from_main
 from charlm.score import default_context_id
-from charlm.streams import epoch_skip, eval_streams, make_streams
+from charlm.streams import eval_streams, make_streams
 from charlm.tags import TAG_DROPOUT
 from charlm.vocab import Vocabulary
 
@@ -91,9 +91,6 @@ class TrainConfig:
     eval_streams: int = 32  # parallel streams of the validation pass: 1.4x faster than 8, same loss to 1e-4
     # (fewer on a short validation text, each scoring at least its burn-in: streams.eval_streams)
     burn_in: int = 256  # characters that warm each validation stream but the first (streams.py)
-    # Each epoch after the first lays its streams out from another place in the text (streams.epoch_skip), so
-    # that a text read many times is not cut into the same chunks every time: BENCHMARKS.md 10, "Shifted epochs"
-    shift_epochs: bool = True
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -184,8 +181,6 @@ class Trainer:
         if reshuffle is not None:
             train_ids, train_tags = _text_and_tags(reshuffle(0))
         # a tagged text (tags.py): its tag track lies beside the ids in every layout
-        self.train_ids, self.train_tags = train_ids, train_tags  # a plain text: every epoch lays these out
-        self.shift_epochs = c.shift_epochs  # a resumed run keeps what it began with (_restore)
         self.train_streams = make_streams(train_ids, c.batch_size, tags=train_tags)
         if self.train_streams.rows % self.dist.world:
             raise CharlmError(
@@ -279,7 +274,7 @@ class Trainer:
             chars_since += scored
             self.chars_seen += scored
             self.cursor += 1
-            if self.cursor == self.n_chunks:  # an epoch ends: the next one's streams, from the start state
+            if self.cursor == self.n_chunks:  # an epoch ends: streams restart at their beginnings
                 self.cursor, self.epoch = 0, self.epoch + 1
                 self.state = start_state(self.model, self.my_streams.rows, self.device, self.context_id)
                 self._lay_out_epoch()
@@ -340,19 +335,12 @@ class Trainer:
             return None
 
     def _lay_out_epoch(self) -> None:
-        """This epoch's streams: for a list of items, the items in this epoch's order; for a text, the layout
-        shifted to this epoch's start (streams.epoch_skip). The same on every process and in a resumed run."""
-        c = self.config
-        if self.reshuffle is not None:
-            ids, tags = _text_and_tags(self.reshuffle(self.epoch))
-            self.train_streams = make_streams(ids, c.batch_size, tags=tags)
-        elif self.shift_epochs:
-            skip = epoch_skip(len(self.train_ids) - 1, c.batch_size, c.seed, self.epoch)
-            self.train_streams = make_streams(self.train_ids, c.batch_size, tags=self.train_tags, skip=skip)
-        else:
+        """For a list of items: this epoch's order of the items, in the same stream layout."""
+        if self.reshuffle is None:
             return
+        ids, tags = _text_and_tags(self.reshuffle(self.epoch))
+        self.train_streams = make_streams(ids, self.config.batch_size, tags=tags)
         self.my_streams = self.train_streams.select(self.my_rows)
-        self.n_chunks = self.train_streams.num_chunks(c.seq_len)
 
     def train_step(self, local_stop: Optional[str], clock: float) -> tuple:
         """One optimizer step. Returns (global mean loss, agreed stop reason or None).
@@ -565,7 +553,6 @@ class Trainer:
         self.model.load_state_dict(saved.model)
         self.optimizer.load_state_dict(saved.optimizer)
         self.step, self.epoch, self.cursor = saved.step, saved.epoch, saved.cursor
-        self.shift_epochs = saved.config.shift_epochs
         self._lay_out_epoch()
         self.elapsed, self.best_val, self.best_step = saved.elapsed, saved.best_val, saved.best_step
         self.bad_evals, self.chars_seen, self.metrics = saved.bad_evals, saved.chars_seen, saved.metrics

@@ -131,45 +131,6 @@ def test_carried_state_beats_reset_state(tmp_path):
     assert stateful < 0.6 * reset, (stateful, reset)
 
 
-def test_each_epoch_cuts_the_text_at_other_places_and_reads_nearly_all_of_it(tmp_path):
-    corpus = decode_corpus(word_text(600).encode(), "t.txt")
-    train_ids, val_ids = split_train_val(corpus.ids, 0.1)
-    torch.manual_seed(0)
-    model = CharRNN(ModelConfig(vocab_size=corpus.vocab.size, hidden=16, layers=1))
-    meta = {"model_config": model.config.to_dict(), "vocab": corpus.vocab.chars, "corpus": corpus.info()}
-    batch, seq_len = 8, 16
-    config = TrainConfig(batch_size=batch, seq_len=seq_len, epochs=5, precision="fp32", full_final_eval=False)
-    layouts, holder = {}, {}
-
-    def callback(event, data):  # the streams each epoch's steps read (the layout is laid out as an epoch begins)
-        if event == "step":
-            layouts.setdefault(data["epoch"], holder["t"].my_streams)
-
-    trainer = Trainer(model, train_ids, val_ids, config, tmp_path / "run", torch.device("cpu"), meta,
-                      callback=callback)
-    holder["t"] = trainer
-    layouts[0] = trainer.my_streams
-    assert trainer.run().stopped_by == "epochs"
-    assert sorted(layouts) == [0, 1, 2, 3, 4, 5]  # "5": the layout laid out as the last epoch ended
-
-    def predicted(s):  # the position in the text of every target the layout scores
-        return [p for b in range(s.rows) for p in range(s.begin[b] + s.lo[b] + 1, s.begin[b] + s.hi[b] + 1)]
-
-    def chunk_starts(s):  # the position of each chunk's first target: where backpropagation is cut
-        return frozenset(int(s.begin[b] + c + 1) for b in range(s.rows) for c in range(0, int(s.length[b]), seq_len))
-
-    pairs = len(train_ids) - 1
-    # the first epoch predicts every training character once, in the plain layout
-    assert sorted(predicted(layouts[0])) == list(range(1, pairs + 1))
-    for epoch in range(1, 5):
-        # every later one each character at most once, and all but less than one stream's share of them...
-        read = predicted(layouts[epoch])
-        assert len(set(read)) == len(read) > pairs * (1 - 1 / batch)
-    # ...and cuts the text into other chunks than every other epoch
-    cuts = [chunk_starts(layouts[e]) for e in range(5)]
-    assert all(cuts[i] != cuts[j] for i in range(5) for j in range(i))
-
-
 def test_same_seed_same_run(tmp_path):
     a, *_ , ma = train_small(tmp_path / "a", word_text(300), steps=20)
     b, *_ , mb = train_small(tmp_path / "b", word_text(300), steps=20)

@@ -107,14 +107,14 @@ def test_init_from_refuses_another_architecture(runner, words_file, first_run, t
 
 
 # ------------------------------------------------------------------------------------------ training longer
-def _trainer(tmp_path, name, max_steps, resume=None, stop_at=None, shift_epochs=True, lines=400):
-    corpus = decode_corpus(word_text(lines).encode(), "t.txt")
+def _trainer(tmp_path, name, max_steps, resume=None, stop_at=None):
+    corpus = decode_corpus(word_text(400).encode(), "t.txt")
     train_ids, val_ids = split_train_val(corpus.ids, 0.1)
     torch.manual_seed(0)
     model = CharRNN(ModelConfig(vocab_size=corpus.vocab.size, hidden=24, layers=1, dropout=0.0))
     meta = {"model_config": model.config.to_dict(), "vocab": corpus.vocab.chars, "corpus": corpus.info()}
     config = TrainConfig(batch_size=8, seq_len=16, max_steps=max_steps, eval_every=20, warmup_steps=10, lr=1e-2,
-                         precision="fp32", full_final_eval=False, shift_epochs=shift_epochs)
+                         precision="fp32", full_final_eval=False)
     rates = {}
     holder = {}
 
@@ -165,26 +165,6 @@ def test_resuming_an_interrupted_run_with_the_same_limits_keeps_its_schedule_exa
         assert rest_rates[step] == whole_rates[step]
     weights = zip(whole.model.state_dict().values(), rest.model.state_dict().values())
     assert all(torch.equal(a, b) for a, b in weights)
-
-
-def test_a_run_begun_before_epochs_were_shifted_resumes_in_its_own_layout(tmp_path, one_thread):
-    # 80 steps are several passes over this short text: the cut (step 37) and what follows lie in later epochs
-    whole, _ = _trainer(tmp_path, "whole", 80, shift_epochs=False, lines=40)
-    whole.run()
-    assert whole.epoch >= 4
-    cut, _ = _trainer(tmp_path, "cut", 80, stop_at=37, shift_epochs=False, lines=40)
-    assert cut.run().stopped_by == "interrupt"
-    saved = ckpt.load(tmp_path / "cut", prefer=ckpt.LAST)
-    del saved["train_config"]["shift_epochs"]  # what a charlm of before the shift wrote
-    rest, _ = _trainer(tmp_path, "cut", 80, resume=saved, lines=40)  # today's defaults (shifted epochs) resume it
-    assert rest.run().step == 80
-    weights = zip(whole.model.state_dict().values(), rest.model.state_dict().values())
-    assert all(torch.equal(a, b) for a, b in weights)
-    # and a run of today's, cut in the same place, would not have ended there: the layouts differ
-    shifted, _ = _trainer(tmp_path, "shifted", 80, lines=40)
-    shifted.run()
-    weights = zip(whole.model.state_dict().values(), shifted.model.state_dict().values())
-    assert not all(torch.equal(a, b) for a, b in weights)
 
 
 def test_a_closer_limit_needs_no_warm_up():
