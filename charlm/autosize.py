@@ -9,8 +9,10 @@ The rule, in four lines and a note (the measurements behind each constant are in
        P <= DATA_PARAMS_PER_CHAR x N (a small text cannot feed a big model)
     B x T  the characters of one step: D / TARGET_STEPS (at least ~1,400 updates, enough for the schedule to
        work) up to MAX_STEP_CHARS (2,048 until D passes 8M, then growing as sqrt(D): a longer budget buys
-       mostly more steps, not wider ones), never so small that a step's fixed cost dominates, and never
-       below MIN_STEP_CHARS a process (16 x 64 in one), whatever that leaves of the updates; T = 64 or 128
+       mostly more steps, not wider ones), or that widest step for a small alphabet read about once
+       (D <= READ_ONCE x N) in at least MIN_STEPS updates; never so small that a step's fixed cost dominates,
+       and never below MIN_STEP_CHARS a process (16 x 64 in one), whatever that leaves of the updates;
+       T = 64 or 128
     dropout  by how often the run will see each character: D / N epochs; AdamW's weight decay likewise
     (and the sample each periodic evaluation scores: D / 125 characters, 16,384 to 65,536)
 
@@ -68,7 +70,10 @@ ONE_HOT_MAX = 256  # one-hot input up to this vocabulary; an embedding beyond (i
 # thread each side by side on Tiny Shakespeare: 1.4823 against one-hot's 1.5158, both before INPUT_STD). Longer
 # runs and step or epoch budgets keep one-hot, the input they were measured with.
 SMALL_EMBEDDING, SHORT_PLAN = 32, 12e6
-# AdamW's weight decay for a run that reads its text up to twice, and for one that reads it more (_weight_decay)
+# A plan that reads its text up to this many times reads it "about once": the weaker weight decay
+# (_weight_decay), and the widest step for a small alphabet (_layout)
+READ_ONCE = 2.0
+# AdamW's weight decay for a run that reads its text about once, and for one that reads it more (_weight_decay)
 WEIGHT_DECAY_ONCE, WEIGHT_DECAY_REREAD = 0.01, 0.1
 HIDDEN_SIZES = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 # B x T x V of one step that a wider step may not pass (~64 MB a copy; the loss keeps about four): 2,048
@@ -142,12 +147,23 @@ def layers_for(hidden: int) -> int:
 
 def _layout(planned: float, n_train: int, world: int, gpu: bool, vocab: int = 0, efficient: float = 0.0) -> tuple:
     """(B, T): about TARGET_STEPS steps over the planned characters (more when a step would exceed the
-    widest step for this plan), but no step smaller than `efficient` characters (below it the fixed cost
-    of a step dominates and the device idles) unless that would leave fewer than MIN_STEPS steps, and
-    a wider step's logits (B x T x V floats, kept about four times over by the loss and its gradient) under
-    LOGITS_PER_STEP; never fewer than MIN_STEP_CHARS characters a process, and within what the text can fill."""
+    widest step for this plan; that widest step for a small alphabet read about once), but no step smaller
+    than `efficient` characters (below it the fixed cost of a step dominates and the device idles) unless
+    that would leave fewer than MIN_STEPS steps, and a wider step's logits (B x T x V floats, kept about four
+    times over by the loss and its gradient) under LOGITS_PER_STEP; never fewer than MIN_STEP_CHARS
+    characters a process, and within what the text can fill."""
     widest = MAX_STEP_CHARS * max(1.0, planned / MAX_STEP_AT) ** 0.5
-    per_step = max(min(max(min(planned / TARGET_STEPS, widest), efficient),
+    # A plan that reads a text of a small alphabet about once aims at the widest step, not at TARGET_STEPS
+    # updates: every character is new, and a wide step reads more of them a second (16 rows of a 2 x 256 GRU
+    # read 75% of what 32 read on a bf16 CPU: a step's fixed cost is half of a 16-row one). At 1 minute, one
+    # thread each side by side, 32 streams beat the 16 that TARGET_STEPS gave by 0.067 nats/char on Tiny
+    # Shakespeare and 0.096 on Python's sources (0.9 and 0.3 passes planned). Not for thousands of characters,
+    # whose decoder costs every row alike (Chinese, 6,174: 32 streams made 290 steps where 16 made 545, and
+    # lost 0.077), nor for a text read several times (a 250 KB manual wanted the updates: +0.061);
+    # BENCHMARKS.md 10, "Wide steps for a text read once".
+    once = planned <= READ_ONCE * n_train and vocab <= ONE_HOT_MAX
+    aim = widest if once else min(planned / TARGET_STEPS, widest)
+    per_step = max(min(max(aim, efficient),
                        planned / MIN_STEPS,
                        LOGITS_PER_STEP / max(vocab, 1)),
                    MIN_STEP_CHARS * world)
@@ -183,7 +199,7 @@ def _weight_decay(epochs: float) -> float:
     the text once or a little more (Tiny Shakespeare and python-stdlib at 1 minute, python-stdlib at 3: 1.1
     passes planned), and won 0.008 at three passes (Tiny Shakespeare, 3 minutes), 0.029-0.037 at five and
     more (a 250 KB manual, 25k characters of Tang poems) and 0.035 in ten minutes of Tiny Shakespeare."""
-    return WEIGHT_DECAY_ONCE if epochs <= 2.0 else WEIGHT_DECAY_REREAD
+    return WEIGHT_DECAY_ONCE if epochs <= READ_ONCE else WEIGHT_DECAY_REREAD
 
 
 def choose(n_train: int, vocab: int, cell: str = "gru", seconds: Optional[float] = None,

@@ -110,7 +110,9 @@ def test_probe_measures_this_device_and_leaves_the_seeded_rng_alone():
 
 def test_train_with_auto_sizes_shows_and_saves_the_choice_and_resume_keeps_it(tmp_path):
     corpus = tmp_path / "notes.txt"
-    corpus.write_text(word_text(600), encoding="utf-8")
+    # 7,900 characters: even a busy machine reads them more than twice in six seconds (with 23,000 a loaded
+    # one planned fewer passes, and the weaker decay, below)
+    corpus.write_text(word_text(200), encoding="utf-8")
     out = tmp_path / "run"
     first = run_cli("train", corpus, "--out", out, "--max-time", "6s", "--no-preview", "--embedding", "16",
                     cwd=tmp_path)
@@ -197,6 +199,23 @@ def test_a_longer_budget_buys_more_steps_not_wider_ones():
     # a run that reads hundreds of millions of characters (a GPU's ten minutes) takes wider steps
     gpu = choose(100_000_000, 65, seconds=600, speed=FAST, gpu=True)
     assert gpu.batch_size * gpu.seq_len > 4 * autosize.MAX_STEP_CHARS
+
+
+def test_a_large_text_of_few_characters_read_about_once_takes_wide_steps_a_small_one_more_updates():
+    # a minute on a busy CPU: a 4 MB text of 96 characters is read a fraction of the way through, so its
+    # steps are the widest this plan allows (a wide step reads more characters a second), not the ~1,400
+    # updates a text read several times gets
+    large = choose(4_000_000, 96, seconds=60, speed=SLOW)
+    small = choose(230_000, 96, seconds=60, speed=SLOW)
+    assert large.planned_chars <= autosize.READ_ONCE * 4_000_000  # read about once...
+    assert small.planned_chars > autosize.READ_ONCE * 230_000  # ...and a small text read several times
+    assert large.batch_size * large.seq_len == autosize.MAX_STEP_CHARS
+    assert small.batch_size * small.seq_len < autosize.MAX_STEP_CHARS
+    assert small.planned_chars / (small.batch_size * small.seq_len) > 1.5 * large.planned_chars / (
+        large.batch_size * large.seq_len)
+    # a large alphabet's decoder costs every row alike: wider steps would only halve its updates
+    chinese = choose(4_000_000, 6_174, seconds=60, speed=SLOW)
+    assert chinese.batch_size * chinese.seq_len < autosize.MAX_STEP_CHARS
 
 
 def test_no_step_is_narrower_than_sixteen_streams_not_for_more_updates_nor_for_a_large_vocabulary():
