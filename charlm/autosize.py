@@ -73,8 +73,10 @@ SMALL_EMBEDDING, SHORT_PLAN = 32, 12e6
 # A plan that reads its text up to this many times reads it "about once": the weaker weight decay
 # (_weight_decay), and the widest step for a small alphabet (_layout)
 READ_ONCE = 2.0
-# AdamW's weight decay for a run that reads its text about once, and for one that reads it more (_weight_decay)
-WEIGHT_DECAY_ONCE, WEIGHT_DECAY_REREAD = 0.01, 0.1
+# ...and beyond this many passes it reads it "many times": the strongest decay
+READ_MANY = 5.0
+# AdamW's weight decay for a run that reads its text about once, a few times, many times (_weight_decay)
+WEIGHT_DECAY_ONCE, WEIGHT_DECAY_REREAD, WEIGHT_DECAY_MANY = 0.01, 0.1, 0.3
 HIDDEN_SIZES = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 # B x T x V of one step that a wider step may not pass (~64 MB a copy; the loss keeps about four): 2,048
 # characters of a 7,800-character vocabulary. It was 4M, which held 6,174 Chinese characters to 10 x 64 steps;
@@ -198,8 +200,13 @@ def _weight_decay(epochs: float) -> float:
     (BENCHMARKS.md 10, "Weight decay"), 0.1 in place of 0.01 lost 0.012-0.027 nats/char where the plan read
     the text once or a little more (Tiny Shakespeare and python-stdlib at 1 minute, python-stdlib at 3: 1.1
     passes planned), and won 0.008 at three passes (Tiny Shakespeare, 3 minutes), 0.029-0.037 at five and
-    more (a 250 KB manual, 25k characters of Tang poems) and 0.035 in ten minutes of Tiny Shakespeare."""
-    return WEIGHT_DECAY_ONCE if epochs <= READ_ONCE else WEIGHT_DECAY_REREAD
+    more (a 250 KB manual, 25k characters of Tang poems) and 0.035 in ten minutes of Tiny Shakespeare. Past
+    READ_MANY passes 0.3 beat 0.1 in every pair (BENCHMARKS.md 10, "Weight decay for a text read many
+    times"): 0.119 on the Tang poems at 1 minute, 0.037 on 250 KB of fortunes, 0.020 on 31,000 names and
+    0.019 on a 250 KB manual at 3; ten minutes of Tiny Shakespeare (7 passes) 0.004."""
+    if epochs <= READ_ONCE:
+        return WEIGHT_DECAY_ONCE
+    return WEIGHT_DECAY_REREAD if epochs <= READ_MANY else WEIGHT_DECAY_MANY
 
 
 def choose(n_train: int, vocab: int, cell: str = "gru", seconds: Optional[float] = None,

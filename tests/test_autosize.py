@@ -75,8 +75,8 @@ def test_step_and_epoch_budgets_plan_from_what_they_read():
     assert by_epochs.planned_chars == 600_000
     assert choose(200_000, 65, epochs=50).dropout > by_epochs.dropout
     # weight decay follows the passes too: a text read once is barely pulled toward zero, one reread is
-    once, reread = choose(200_000, 65, epochs=1), choose(200_000, 65, epochs=5)
-    assert once.weight_decay <= 0.01 < 0.1 <= reread.weight_decay
+    once, reread, many = (choose(200_000, 65, epochs=e) for e in (1, 4, 20))
+    assert once.weight_decay <= 0.01 < 0.1 <= reread.weight_decay < many.weight_decay
 
 
 def test_given_values_are_kept_and_the_rest_fit_around_them():

@@ -207,11 +207,12 @@ def test_train_help_states_the_defaults_training_uses():
                           ("nonlinearity", model.nonlinearity)):
         stated = re.search(r"\[default: ([^\]]+)\]", params[option].help).group(1)
         assert (stated if isinstance(value, str) else float(stated)) == value, option
-    # weight decay is sized with the model: the help names both values autosize chooses between
-    from charlm.autosize import WEIGHT_DECAY_ONCE, WEIGHT_DECAY_REREAD
+    # weight decay is sized with the model: the help names the values autosize chooses between
+    from charlm.autosize import WEIGHT_DECAY_MANY, WEIGHT_DECAY_ONCE, WEIGHT_DECAY_REREAD
 
     stated = re.search(r"\[default: ([^\]]+)\]", params["weight_decay"].help).group(1)
-    assert [float(x) for x in re.findall(r"\d+\.\d+", stated)] == [WEIGHT_DECAY_ONCE, WEIGHT_DECAY_REREAD]
+    assert [float(x) for x in re.findall(r"\d+\.\d+", stated)] == [WEIGHT_DECAY_ONCE, WEIGHT_DECAY_REREAD,
+                                                                     WEIGHT_DECAY_MANY]
 
 
 def test_usage_errors_are_one_line_through_the_real_entry_point():
