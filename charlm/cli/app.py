@@ -112,7 +112,8 @@ def train(
     optimizer: Annotated[Optional[str], typer.Option(help="adamw, adam, rmsprop or sgd \\[default: adamw].",
                                                      rich_help_panel=TRAIN, show_default=False)] = None,
     weight_decay: Annotated[Optional[float], typer.Option(
-        help="AdamW weight decay \\[default: auto: 0.01 for a run that reads its text up to twice, 0.1 up to five times, 0.3 for more].",
+        help="AdamW weight decay \\[default: auto: 0.01 for a run that reads its text up to twice, "
+             "0.1 up to five times, 0.3 for more].",
         rich_help_panel=TRAIN, show_default=False)] = None,
     warmup: Annotated[Optional[int], typer.Option(help="Warmup steps \\[default: 50].", rich_help_panel=TRAIN,
                                                   show_default=False)] = None,
