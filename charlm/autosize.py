@@ -68,8 +68,10 @@ ONE_HOT_MAX = 256  # one-hot input up to this vocabulary; an embedding beyond (i
 # 0.015 left at 600 steps, none at 2,000, BENCHMARKS.md 10). Applied where it was measured: time budgets whose
 # plan reads up to SHORT_PLAN characters: 3-minute runs read ~2.7M, and 10-minute ones 5-9M (there too, one
 # thread each side by side on Tiny Shakespeare: 1.4823 against one-hot's 1.5158, both before INPUT_STD). Longer
-# runs and step or epoch budgets keep one-hot, the input they were measured with.
-SMALL_EMBEDDING, SHORT_PLAN = 32, 12e6
+# runs and step or epoch budgets keep one-hot, the input they were measured with. It was 12M until a faster
+# CPU step (recurrence.py, and freed memory kept) made ten minutes of Tiny Shakespeare on two threads plan
+# 14.4M: one-hot there scored 1.4146 where the embedding had scored 1.4042 at a 8.7M plan (BENCHMARKS.md 10).
+SMALL_EMBEDDING, SHORT_PLAN = 32, 20e6
 # A plan that reads its text up to this many times reads it "about once": the weaker weight decay
 # (_weight_decay), and the widest step for a small alphabet (_layout)
 READ_ONCE = 2.0

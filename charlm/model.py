@@ -12,8 +12,9 @@ across a change of tag follows the new one. Added, not joined: the first layer k
 
 The encoder is one-hot (I = V, the design's default) or a learned embedding (I = --embedding). Two ways run
 the same weights: `forward` walks a whole chunk with PyTorch's fused recurrent kernel (training, evaluation,
-warming on a prime), and `step` advances one character with a hand-written cell (sampling), where the
-fused kernel's per-call overhead would dominate. Both take and return the carried state (state.py).
+warming on a prime; a GRU training on a CPU goes through recurrence.py, whose backward pass is written for
+the recurrence), and `step` advances one character with a hand-written cell (sampling), where the fused
+kernel's per-call overhead would dominate. Both take and return the carried state (state.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from charlm import recurrence
 from charlm import state as st
 
 CELLS = ("rnn", "gru", "lstm")
@@ -157,6 +159,8 @@ class CharRNN(nn.Module):
                 # cores where torch.backends.cudnn.allow_tf32, PyTorch's default); the decoder stays in bf16.
                 with torch.autocast(x.device.type, enabled=False):
                     out, state = self.rnn(x.float(), st.cast(state, torch.float32))  # (B, T, H)
+            elif recurrence.usable(self.rnn, x):  # CPU GRU training: the recurrence's own backward
+                out, state = recurrence.gru_stack(self.rnn, x, state)  # (B, T, H)
             else:
                 out, state = self.rnn(x, state)  # (B, T, H)
         finally:
