@@ -51,7 +51,8 @@ def main():
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--rounds", type=int, default=25, help="turns each; every turn times 2 steps")
     parser.add_argument("--plain-malloc", action="store_true",
-                        help="leave glibc's malloc as it is (charlm train keeps freed memory: runtime.keep_freed_memory)")
+                        help="leave glibc's malloc as it is (charlm train keeps freed memory: "
+                             "runtime.keep_freed_memory)")
     args = parser.parse_args()
     kept = False if args.plain_malloc else keep_freed_memory()
     written = recurrence.usable
