@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from charlm import recurrence
+from charlm.dropout import dropout
 from charlm import state as st
 
 CELLS = ("rnn", "gru", "lstm")
@@ -165,7 +166,7 @@ class CharRNN(nn.Module):
                 out, state = self.rnn(x, state)  # (B, T, H)
         finally:
             onednn.enabled = before
-        return self.decoder(self.drop(out)), st.cast(state, carried)
+        return self.decoder(dropout(out, self.drop.p, self.training)), st.cast(state, carried)
 
     @staticmethod
     def _rnn_outside_autocast(x: torch.Tensor) -> bool:

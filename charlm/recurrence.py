@@ -29,6 +29,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from charlm.dropout import dropout
+
 _aten = torch.ops.aten
 
 
@@ -109,7 +111,7 @@ def gru_stack(gru: torch.nn.GRU, x: torch.Tensor, h0: torch.Tensor):
     finals = []
     for k in range(gru.num_layers):
         if k and gru.training and gru.dropout:  # in the products' dtype: a bf16 mask costs half an fp32 one
-            x = F.dropout(x.to(cdt), gru.dropout, training=True)
+            x = dropout(x.to(cdt), gru.dropout)
         w_ih, w_hh = getattr(gru, f"weight_ih_l{k}"), getattr(gru, f"weight_hh_l{k}")
         b_ih, b_hh = getattr(gru, f"bias_ih_l{k}"), getattr(gru, f"bias_hh_l{k}")
         xi = F.linear(x, w_ih, b_ih)  # (B, T, 3H): the input's share for the whole chunk, one product
