@@ -4,11 +4,12 @@ or (--against bernoulli) charlm's cheaper dropout mask (charlm/dropout.py) again
 Two Trainers with the same model, layout and precision run `Trainer.train_step` (forward, loss, backward,
 clip, AdamW) alternately, a few steps each turn, so both share the machine's noise; one trains through
 recurrence.py (what `charlm train` does on a CPU), the other with recurrence.usable switched off (PyTorch's
-nn.GRU, what it did before). The default row is auto's ten-minute Tiny Shakespeare model and layout: a
-2 x 384 GRU, 32-wide embedding, dropout 0.1, 32 x 64 chunks on one thread, 33-38 x 64 on two. Freed memory
-is kept in the process as `charlm train` keeps it (`--plain-malloc`: glibc's default). With --against
-bernoulli both sides train through recurrence.py and the baseline draws its dropout masks with F.dropout
-(bernoulli_, what charlm did before) in place of charlm/dropout.py's.
+nn.GRU, what it did before; both drop with charlm/dropout.py's mask). The default row is auto's ten-minute
+Tiny Shakespeare model and layout: a 2 x 384 GRU, 32-wide embedding, dropout 0.1, 32 x 64 chunks on one
+thread, 33-44 x 64 on two. Freed memory is kept in the process as `charlm train` keeps it (`--plain-malloc`:
+glibc's default). With --against bernoulli both sides train through recurrence.py and the baseline draws its
+dropout masks with F.dropout (bernoulli_, what charlm did before) in place of charlm/dropout.py's. The side
+named "charlm" is what `charlm train` runs now.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/recurrence.py --batch 32
     OMP_NUM_THREADS=2 .venv/bin/python bench/recurrence.py --batch 38
@@ -24,7 +25,6 @@ import time
 
 import numpy as np
 import torch
-
 import torch.nn.functional as F
 
 from charlm import model as model_module

@@ -17,8 +17,9 @@ The rule, in four lines and a note (the measurements behind each constant are in
     (and the sample each periodic evaluation scores: D / 125 characters, 16,384 to 65,536)
 
 The input is one-hot while the vocabulary is small (a gather, no weights) and a learned embedding beyond
-ONE_HOT_MAX characters, its width growing with the vocabulary; a small vocabulary gets a small embedding in
-place of one-hot when a time budget is too short to read SHORT_PLAN characters (it learns sooner). Speed
+ONE_HOT_MAX characters, its width growing with the vocabulary; when a time budget is too short to read
+SHORT_PLAN characters the input is narrower (it learns sooner): a small embedding in place of one-hot, and
+half the width for a large vocabulary. Speed
 comes from a probe of a second or two on the real device (two sizes of the real cell), fitted as seconds per
 step = c0 + c1 x FLOPs per step: c0 is the fixed cost of a step (kernel launches, the optimizer), c1 the
 inverse of the achieved FLOP rate.
@@ -71,6 +72,9 @@ ONE_HOT_MAX = 256  # one-hot input up to this vocabulary; an embedding beyond (i
 # runs and step or epoch budgets keep one-hot, the input they were measured with. It was 12M until a faster
 # CPU step (recurrence.py, and freed memory kept) made ten minutes of Tiny Shakespeare on two threads plan
 # 14.4M: one-hot there scored 1.4146 where the embedding had scored 1.4042 at a 8.7M plan (BENCHMARKS.md 10).
+# A large alphabet's embedding is halved in a short run for the same reason: side by side at 1 minute, one
+# thread each, half of embedding_for's width won on four texts of 641-6,174 distinct characters by
+# 0.03-0.11 nats/char (BENCHMARKS.md 10, "A narrower input for a large alphabet in a short run").
 SMALL_EMBEDDING, SHORT_PLAN = 32, 20e6
 # A plan that reads its text up to this many times reads it "about once": the weaker weight decay
 # (_weight_decay), and the widest step for a small alphabet (_layout)
@@ -138,11 +142,13 @@ def train_flops_per_char(cell: str, vocab: int, hidden: int, layers: int, embedd
     return 3.0 * (total + 2 * hidden * vocab)
 
 
-def embedding_for(vocab: int) -> int:
-    """0 (one-hot) for small vocabularies, else a power of two near 3 x sqrt(V), 32..256."""
+def embedding_for(vocab: int, short: bool = False) -> int:
+    """0 (one-hot) for small vocabularies, else a power of two near 3 x sqrt(V), 32..256. In a short run
+    (`short`: a time budget whose plan reads up to SHORT_PLAN characters) a narrower input learns sooner:
+    SMALL_EMBEDDING for a small vocabulary, half the width for a large one (near 1.5 x sqrt(V))."""
     if vocab <= ONE_HOT_MAX:
-        return 0
-    return int(min(256, max(32, 2 ** round(math.log2(3 * math.sqrt(vocab))))))
+        return SMALL_EMBEDDING if short else 0
+    return int(min(256, max(32, 2 ** round(math.log2((1.5 if short else 3) * math.sqrt(vocab))))))
 
 
 def layers_for(hidden: int) -> int:
@@ -219,13 +225,14 @@ def choose(n_train: int, vocab: int, cell: str = "gru", seconds: Optional[float]
     the user gave (hidden, layers, embedding, batch_size, seq_len, dropout, weight_decay): they are kept,
     and the rest fit around them."""
     fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
-    if "embedding" not in fixed and vocab <= ONE_HOT_MAX and seconds:
-        one_hot = choose(n_train, vocab, cell, seconds, steps, epochs, speed, world, gpu, {**fixed, "embedding": 0})
-        if one_hot.planned_chars > SHORT_PLAN:
-            return one_hot
-        # a short run: the same rule around a small embedding (its plan differs a little: a cheaper first layer)
+    if "embedding" not in fixed and seconds:
+        wide = choose(n_train, vocab, cell, seconds, steps, epochs, speed, world, gpu,
+                      {**fixed, "embedding": embedding_for(vocab)})  # one-hot for a small alphabet
+        if wide.planned_chars > SHORT_PLAN:
+            return wide
+        # a short run: the same rule around a narrower input (its plan differs a little: a cheaper first layer)
         return choose(n_train, vocab, cell, seconds, steps, epochs, speed, world, gpu,
-                      {**fixed, "embedding": SMALL_EMBEDDING})
+                      {**fixed, "embedding": embedding_for(vocab, short=True)})
     embedding = fixed.get("embedding", embedding_for(vocab))
     cap_params = DATA_PARAMS_PER_CHAR * n_train
 

@@ -288,6 +288,18 @@ def test_a_short_time_budget_on_a_small_alphabet_learns_an_embedding_and_a_long_
     assert short.planned_chars / (short.batch_size * short.seq_len) >= autosize.MIN_STEPS
 
 
+def test_a_short_time_budget_on_a_large_alphabet_learns_a_narrower_embedding():
+    # 25,000 characters of Tang poems, 2,409 distinct: at 1 minute a 64-wide input beat the 128 a long run gets
+    short = choose(22_500, 2_409, seconds=60, speed=SLOW)
+    assert short.planned_chars <= autosize.SHORT_PLAN
+    assert short.embedding == 64 and autosize.embedding_for(2_409) == 128
+    assert choose(22_500, 2_409, steps=300).embedding == 128  # a step budget keeps the width it always had
+    # six thousand characters: half of 256 in minutes, the full width for a run that reads past SHORT_PLAN
+    assert choose(1_100_000, 6_174, seconds=180, speed=SLOW).embedding == 128
+    assert choose(1_100_000, 6_174, seconds=7200, speed=FAST, gpu=True).embedding == 256
+    assert choose(22_500, 2_409, seconds=60, speed=SLOW, fixed={"embedding": 200}).embedding == 200
+
+
 def test_a_short_timed_run_builds_the_embedding_it_chose(tmp_path):
     corpus = tmp_path / "notes.txt"
     corpus.write_text(word_text(600), encoding="utf-8")

@@ -49,11 +49,38 @@ def test_kept_values_are_scaled_so_the_expectation_is_unchanged_and_the_gradient
     assert torch.allclose(x.grad, torch.where(kept, upstream / 0.75, torch.zeros(())), rtol=1e-6, atol=0)
 
 
-def test_it_keeps_the_dtype_and_is_the_identity_outside_training_or_at_zero():
+def test_any_shape_gets_a_mask_of_its_own_size():
+    """A count of values that is not a multiple of the four a draw serves (3 x 5 x 7 = 105)."""
+    torch.manual_seed(4)
+    x = torch.ones(3, 5, 7, requires_grad=True)
+    y = dropout(x, 0.5)
+    assert y.shape == (3, 5, 7)
+    assert set(y.unique().tolist()) == {0.0, 2.0}
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())
+
+
+def test_it_is_the_identity_outside_training_or_at_zero_and_refuses_a_rate_outside_0_1():
     x = torch.randn(4, 8, 16, dtype=torch.bfloat16)
-    assert dropout(x, 0.1).dtype == torch.bfloat16
     assert dropout(x, 0.1, training=False) is x
     assert dropout(x, 0.0) is x
+    for p in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="between 0 and 1"):
+            dropout(x, p)
+
+
+@pytest.mark.parametrize("p", [1e-6, 1.0, 1 - 1e-6])
+def test_rates_the_lanes_cannot_hold_are_dropped_as_pytorch_drops_them(p):
+    """Below 1/65,536, or that close to 1, the lanes would drop nothing or everything: F.dropout draws."""
+    torch.manual_seed(5)
+    x = torch.ones(64, 1024)
+    y = dropout(x, p)
+    dropped = (y == 0).float().mean().item()
+    assert dropped == pytest.approx(p, abs=0.001)
+    if p < 1:
+        assert torch.allclose(y[y != 0], torch.tensor(1 / (1 - p)))
+    with pytest.raises(ValueError, match="lane mask cannot hold"):
+        keep_mask((8,), p)
 
 
 def test_the_seed_decides_the_mask():
