@@ -19,10 +19,9 @@ The rule, in four lines and a note (the measurements behind each constant are in
 The input is one-hot while the vocabulary is small (a gather, no weights) and a learned embedding beyond
 ONE_HOT_MAX characters, its width growing with the vocabulary; when a time budget is too short to read
 SHORT_PLAN characters the input is narrower (it learns sooner): a small embedding in place of one-hot, and
-half the width for a large vocabulary. Speed
-comes from a probe of a second or two on the real device (two sizes of the real cell), fitted as seconds per
-step = c0 + c1 x FLOPs per step: c0 is the fixed cost of a step (kernel launches, the optimizer), c1 the
-inverse of the achieved FLOP rate.
+half the width for a large vocabulary. Speed comes from a probe of a second or two on the real device (two
+sizes of the real cell), fitted as seconds per step = c0 + c1 x FLOPs per step: c0 is the fixed cost of a
+step (kernel launches, the optimizer), c1 the inverse of the achieved FLOP rate.
 Everything here but `probe` is a pure function of its arguments.
 """
 
@@ -145,10 +144,11 @@ def train_flops_per_char(cell: str, vocab: int, hidden: int, layers: int, embedd
 def embedding_for(vocab: int, short: bool = False) -> int:
     """0 (one-hot) for small vocabularies, else a power of two near 3 x sqrt(V), 32..256. In a short run
     (`short`: a time budget whose plan reads up to SHORT_PLAN characters) a narrower input learns sooner:
-    SMALL_EMBEDDING for a small vocabulary, half the width for a large one (near 1.5 x sqrt(V))."""
+    SMALL_EMBEDDING for a small vocabulary, half the width (at least SMALL_EMBEDDING) for a large one."""
     if vocab <= ONE_HOT_MAX:
         return SMALL_EMBEDDING if short else 0
-    return int(min(256, max(32, 2 ** round(math.log2((1.5 if short else 3) * math.sqrt(vocab))))))
+    width = int(min(256, max(32, 2 ** round(math.log2(3 * math.sqrt(vocab))))))
+    return max(SMALL_EMBEDDING, width // 2) if short else width
 
 
 def layers_for(hidden: int) -> int:

@@ -298,6 +298,8 @@ def test_a_short_time_budget_on_a_large_alphabet_learns_a_narrower_embedding():
     assert choose(1_100_000, 6_174, seconds=180, speed=SLOW).embedding == 128
     assert choose(1_100_000, 6_174, seconds=7200, speed=FAST, gpu=True).embedding == 256
     assert choose(22_500, 2_409, seconds=60, speed=SLOW, fixed={"embedding": 200}).embedding == 200
+    # past the full width's cap (256) too: half of it
+    assert choose(2_000_000, 20_000, seconds=60, speed=SLOW).embedding == 128
 
 
 def test_a_short_timed_run_builds_the_embedding_it_chose(tmp_path):
