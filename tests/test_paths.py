@@ -95,7 +95,9 @@ def test_sample_command_says_when_it_moves_one_sample_to_the_cpu(runner, trained
 
 # ------------------------------------------------------------------------------------------ stop limits
 def test_max_time_stops_the_run(runner, words_file, tmp_path):
-    result = invoke(runner, "train", words_file, "--out", tmp_path / "run", "--max-time", "3s", *SMALL)
+    # --patience 0: a fast machine evaluates this small text often enough in 3 s for the early end to come first
+    result = invoke(runner, "train", words_file, "--out", tmp_path / "run", "--max-time", "3s", "--patience", "0",
+                    *SMALL)
     assert result.exit_code == 0, result.output
     assert "stopped: reached --max-time" in result.stderr
     payload = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
