@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -106,6 +106,7 @@ TRAIN_OPTIONS = {"--hidden": values(1, 16, size=True), "--layers": values(1, 2, 
 @given(options=st.dictionaries(st.sampled_from(sorted(TRAIN_OPTIONS)), st.none(), max_size=3).flatmap(
            lambda keys: st.fixed_dictionaries({k: TRAIN_OPTIONS[k] for k in keys})),
        corpus=st.one_of(st.none(), st.binary(max_size=400)), into=st.sampled_from(["new", "existing", "resume"]))
+@example(options={"--lr": "1927200235"}, corpus=None, into="new")  # a loss too large for its perplexity's float
 def test_train_with_generated_options_and_corpora(base, options, corpus, into):
     with tempfile.TemporaryDirectory() as tmp:
         run = _copy(base, Path(tmp))
