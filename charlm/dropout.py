@@ -21,6 +21,8 @@ process, step), so a resumed run draws the same masks as an unbroken one, as bef
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -38,9 +40,7 @@ def keep_mask(shape: torch.Size, p: float, device=None) -> tuple[torch.Tensor, f
     q = _dropped(p)
     if not 0 < q < 65536:
         raise ValueError(f"a lane mask cannot hold dropout {p}: p must be more than 1/65,536 from 0 and 1")
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     words = torch.empty(-(-n // _LANES), dtype=torch.int64, device=device).random_()  # bits 0..62 random
     words.bitwise_left_shift_(1)  # random bits 1..63; the lane holding bits 0-15 takes even values only
     lanes = words.view(torch.int16)[:n]  # (n,), each uniform over its lane's values

@@ -97,8 +97,13 @@ def evaluate_text(model: CharRNN, ids: np.ndarray, device, seq_len: int = EVAL_S
     return report
 
 
+def perplexity(loss: float) -> float:
+    """e^loss, held finite: a run thrown off by a huge learning rate can end thousands of nats out."""
+    return math.exp(min(loss, 700))
+
+
 def loss_report(loss: float, chars: int) -> dict:
-    return {"loss": loss, "bpc": loss / math.log(2), "perplexity": math.exp(min(loss, 700)), "chars": chars}
+    return {"loss": loss, "bpc": loss / math.log(2), "perplexity": perplexity(loss), "chars": chars}
 
 
 def full_pass_streams(pairs: int, base: int = 32) -> int:

@@ -86,7 +86,6 @@ class CharRNN(nn.Module):
             self.rnn = nn.RNN(in_size, c.hidden, nonlinearity=c.nonlinearity, **kwargs)
         else:
             self.rnn = (nn.GRU if c.cell == "gru" else nn.LSTM)(in_size, c.hidden, **kwargs)
-        self.drop = nn.Dropout(c.dropout)
         self.decoder = nn.Linear(c.hidden, c.vocab_size)
         self._init_input()
 
@@ -166,7 +165,7 @@ class CharRNN(nn.Module):
                 out, state = self.rnn(x, state)  # (B, T, H)
         finally:
             onednn.enabled = before
-        return self.decoder(dropout(out, self.drop.p, self.training)), st.cast(state, carried)
+        return self.decoder(dropout(out, self.config.dropout, self.training)), st.cast(state, carried)
 
     @staticmethod
     def _rnn_outside_autocast(x: torch.Tensor) -> bool:

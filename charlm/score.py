@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from charlm import state as st
+from charlm.evaluation import perplexity
 from charlm.model import CharRNN, start_state
 from charlm.vocab import Vocabulary
 
@@ -283,6 +284,6 @@ class Summary:
         loss = self.nats / self.chars if self.chars else float("nan")
         spans = sorted(self._best, key=lambda b: -b[0])
         return {"chars": self.chars, "nats": self.nats, "nats_per_char": loss, "bits_per_char": loss / math.log(2),
-                "perplexity": math.exp(min(loss, 700)) if self.chars else float("nan"),
+                "perplexity": perplexity(loss) if self.chars else float("nan"),
                 "surprising_spans": [{"start": s, "text": t, "nats": tot, "nats_per_char": tot / self.span}
                                      for tot, s, t in spans]}

@@ -171,6 +171,7 @@ def _eval_plan(tconf, trainer, passes: float = 0.0) -> str:
 
 def end_summary(console: Console, result, out: Path, r: TrainRequest, received: list) -> None:
     from charlm.cli.display import fits, say, say_commands, sparkline
+    from charlm.evaluation import perplexity
     from charlm.units import human_time
 
     # Every line fits the terminal: prose wraps at words, commands go on lines of their own (cli/display.py)
@@ -200,9 +201,9 @@ def end_summary(console: Console, result, out: Path, r: TrainRequest, received: 
             where = (f" on all {fv['chars']:,} validation characters" if fv["chars"] >= fv.get("of", fv["chars"])
                      else f" ±{fv['se']:.3f} on {fv['chars']:,} of {fv['of']:,} validation characters (an even "
                           "sample: --full-final-eval scores all)")
-        perplexity = math.exp(min(bv, 700))  # a run thrown off by a huge --lr can end thousands of nats out
-        spec = ".2f" if perplexity < 1e6 else ".3g"
-        best = (f"val loss {bv:.4f} nats/char, {bv / math.log(2):.3f} bpc, perplexity {perplexity:{spec}} "
+        ppl = perplexity(bv)
+        spec = ".2f" if ppl < 1e6 else ".3g"
+        best = (f"val loss {bv:.4f} nats/char, {bv / math.log(2):.3f} bpc, perplexity {ppl:{spec}} "
                 f"(step {result.best_step}){where}")
         spark = sparkline(vals)
         if not fits(console) or len(f"best: {best}   {spark}") <= console.width:
