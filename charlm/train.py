@@ -298,6 +298,8 @@ class Trainer:
         if stopped_by in ("max_steps", "epochs", "max_time", "patience"):
             if not self.metrics or self.metrics[-1]["step"] != self.step:
                 self._evaluate_and_save(self.last_loss, self.last_lr, self.last_rate, self.elapsed)
+                if not self.dist.enabled:  # the run's time includes the evaluation that ends it, as eval_s does
+                    self.elapsed = time.perf_counter() - started
             full_val = self._final_full_pass()
         elif stopped_by == "interrupt":
             self._save(ckpt.LAST)
