@@ -124,3 +124,68 @@ def test_the_time_a_run_reports_holds_its_evaluations(tmp_path, one_thread):
     result, _, _ = _run(tmp_path, "one", max_steps=1)
     assert result.step == 1 and result.eval_s > 0
     assert result.eval_s <= result.elapsed_s
+
+
+def test_the_last_weights_are_kept_when_the_whole_text_prefers_them(tmp_path, one_thread, monkeypatch):
+    # A periodic sample picks its best with its own noise: here it calls step 20 best by a wide margin, while the
+    # run (still improving) is better at step 40. The final pass scores both on the same characters; best.pt
+    # ends up holding what scores lower there, and says which step that was.
+    validate = Trainer._validate
+
+    def noisy(self):
+        val, scored = validate(self)
+        return (val - 5.0 if self.step == 20 else val), scored
+
+    monkeypatch.setattr(Trainer, "_validate", noisy)
+    events = []
+    result, whole, pairs = _run(tmp_path, "noisy", events)  # _run scores best.pt on the whole text
+    report = result.full_val
+    assert result.best_step == report["step"] == 40 and report["chars"] == pairs
+    assert report["compared"]["step"] == 20 and report["compared"]["loss"] > report["loss"]
+    assert whole["loss"] == pytest.approx(report["loss"], abs=1e-5)  # best.pt is the model reported
+    saved = ckpt.load(tmp_path / "noisy" / ckpt.BEST)
+    assert saved["step"] == saved["best_step"] == 40
+    start = next(data for event, data in events if event == "final_start")
+    assert (start["step"], start["last"]) == (20, 40)
+
+
+def test_the_sample_best_stays_when_the_whole_text_agrees(tmp_path, one_thread, monkeypatch):
+    # The other way round: the last weights are worse (their decoder's bias thrown off before the last
+    # evaluation): the final pass scores both and best.pt keeps step 20.
+    validate = Trainer._validate
+
+    def thrown_off(self):
+        if self.step == 40:
+            noise = torch.randn(self.model.decoder.bias.shape, generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                self.model.decoder.bias.add_(3 * noise)
+        return validate(self)
+
+    monkeypatch.setattr(Trainer, "_validate", thrown_off)
+    result, whole, pairs = _run(tmp_path, "agrees")
+    report = result.full_val
+    assert result.best_step == report["step"] == 20
+    assert report["compared"]["step"] == 40 and report["compared"]["loss"] > report["loss"] + 0.5
+    assert whole["loss"] == pytest.approx(report["loss"], abs=1e-5)
+    assert ckpt.load(tmp_path / "agrees" / ckpt.BEST)["step"] == 20
+
+
+def test_the_report_says_when_the_last_weights_were_kept(monkeypatch):
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from charlm.cli.display import final_line
+    from charlm.cli.train_report import end_summary
+
+    monkeypatch.setattr(sys, "argv", ["charlm", "train", "zh.txt", "--max-time", "3m"])
+    result = SimpleNamespace(stopped_by="max_time", step=824, epoch=1, elapsed_s=180.0, eval_s=6.0,
+                             best_val_loss=4.29, best_step=824, metrics=[{"val_loss": 4.4}, {"val_loss": 4.29}],
+                             full_val={"loss": 4.2904, "chars": 116140, "of": 116140, "se": 0.0, "step": 824,
+                                       "compared": {"step": 619, "loss": 4.3129}})
+    out = io.StringIO()
+    end_summary(Console(file=out, width=200), result, Path("checkpoints/zh"), SimpleNamespace(patience=3), [])
+    text = out.getvalue()
+    assert "val loss 4.2904" in text and "(step 824)" in text
+    assert "kept: the last step's weights, 4.2904 on these characters against 4.3129 for step 619" in text
+    assert "(step 619 and the last, 824)" in final_line({"chars": 10, "of": 10, "step": 619, "last": 824})

@@ -177,11 +177,13 @@ def cooldown_line(data: dict) -> str:
 
 
 def final_line(data: dict) -> str:
-    """'final report: an even sample of 2.0M of 10.2M validation characters in float32 (step 1,200), ~0:04'."""
+    """'final report: an even sample of 2.0M of 10.2M validation characters in float32 (step 1,200), ~0:04';
+    '(step 1,200 and the last, 1,450)' when the last weights are scored beside the sample's best."""
     what = f"all {human_count(data['of'])}" if data["chars"] >= data["of"] else \
         f"an even sample of {human_count(data['chars'])} of {human_count(data['of'])}"
     estimate = f", ~{human_time(data['estimate_s'])}" if (data.get("estimate_s") or 0) >= 1 else ""
-    return f"final report: {what} validation characters in float32 (step {data['step']:,}){estimate}"
+    steps = f"step {data['step']:,}" + (f" and the last, {data['last']:,}" if data.get("last") else "")
+    return f"final report: {what} validation characters in float32 ({steps}){estimate}"
 
 
 def run_summary(console: Console, info: dict) -> None:
