@@ -30,7 +30,7 @@ from charlm.errors import CharlmError
 from charlm.evaluation import EVAL_SEQ_LEN, autocast, evaluate, evaluate_rows, full_pass_streams, standard_error
 from charlm.model import CharRNN, start_state
 from charlm.optim import AdamW
-from charlm.runtime import Dist, from_main
+from charlm.runtime import Dist, agreed, from_main
 from charlm.score import default_context_id
 from charlm.streams import eval_streams, make_streams
 from charlm.tags import TAG_DROPOUT
@@ -72,7 +72,8 @@ class TrainConfig:
     # 0.01 nats/char of the full pass on Tiny Shakespeare and python-stdlib (BENCHMARKS.md), and a pass
     # costs the same on a 1 MB corpus and a 10 GB one. 0 = the whole validation text every time.
     eval_chars: int = EVAL_CHARS
-    # The final report scores the best model in float32 on the validation text. None: all of it when that
+    # The final report scores the best model in float32 on the validation text (and the last beside it, when
+    # the best was picked on a sample: Trainer._final_full_pass). None: all of it when that
     # fits in final_share of the budget (at least FINAL_MIN_S), else an evenly spread sample that does, with
     # its standard error (the end of a run stays inside its budget on a 10 GB corpus); True: all of it
     # whatever it costs; False: no final pass (the best periodic figure stands).
@@ -109,7 +110,8 @@ class TrainResult:
     best_step: int
     metrics: list = field(default_factory=list)
     elapsed_s: float = 0.0
-    # the final report: {"loss", "chars" scored, "of" (the validation text's), "se" (0 when all), "step"}
+    # the final report: {"loss", "chars" scored, "of" (the validation text's), "se" (0 when all), "step"}, and
+    # "compared": {"step", "loss"} when the last weights were scored beside the sample's best (_final_full_pass)
     full_val: Optional[dict] = None
     eval_s: float = 0.0  # seconds of this session spent in periodic evaluations and their checkpoints
     cooldown: Optional[schedule.Cooldown] = None  # where validation stopped improving and the run cooled down
@@ -298,8 +300,8 @@ class Trainer:
         if stopped_by in ("max_steps", "epochs", "max_time", "patience"):
             if not self.metrics or self.metrics[-1]["step"] != self.step:
                 self._evaluate_and_save(self.last_loss, self.last_lr, self.last_rate, self.elapsed)
-                if not self.dist.enabled:  # the run's time includes the evaluation that ends it, as eval_s does
-                    self.elapsed = time.perf_counter() - started
+                # the run's time includes the evaluation that ends it, as eval_s does (rank 0's clock, as above)
+                self.elapsed = from_main(self.dist, lambda: time.perf_counter() - started)
             full_val = self._final_full_pass()
         elif stopped_by == "interrupt":
             self._save(ckpt.LAST)
@@ -472,13 +474,14 @@ class Trainer:
 
     def _final_full_pass(self) -> Optional[dict]:
         """The best model's float32 loss on the validation text (all of it, or the sample _final_chars
-        affords, with its standard error), when the periodic passes read less or in bf16. Every checkpoint is
-        written before it starts, so an interrupt here (self.finishing) loses nothing.
+        affords, with its standard error), when the periodic passes read less or in bf16.
 
-        When the periodic passes read a sample and the last step is not the best, the last weights are scored
-        on the same characters too, and kept in best.pt if they score lower: a sample picks its best with the
-        sample's own noise (on 16k characters of a 6,000-character alphabet, 0.05 nats/char between
-        evaluations), and a run still improving at its end is usually best at its last step."""
+        When the periodic passes read a sample, the last step is not the best and the whole text fits twice in
+        the report's time (or --full-final-eval asks for all), the last weights are scored on the whole text
+        too, and the lower of the two is the run's best: a sample picks its best with the sample's own noise,
+        while a run still improving at its end is usually best at its last step (BENCHMARKS.md 10, "The last
+        weights beside the sample's best"). Checkpoints are written before the pass starts, and again only if
+        the last weights win (_keep_last; atomic files, so an interrupt here loses nothing)."""
         if not self.needs_full_pass or not math.isfinite(self.best_val):
             return None
         self.finishing = True
@@ -495,11 +498,10 @@ class Trainer:
             model = copy.deepcopy(self.model)
             model.load_state_dict(weights)
             candidates = [(self.best_step, model)]
-            if self.val_sample_chars < self.val_full_chars and self.metrics and self.metrics[-1]["step"] == self.step:
+            if (self.val_sample_chars < self.val_full_chars and self.metrics[-1]["step"] == self.step
+                    and from_main(self.dist, lambda: self._final_chars(passes=2)) >= self.val_full_chars):
                 candidates.append((self.step, self.model))
         chars = from_main(self.dist, self._final_chars)  # every process must lay out the same pass
-        if len(candidates) > 1 and chars < self.val_full_chars:  # two passes in the time of one
-            chars = max(chars // 2, min(self.val_sample_chars, chars))
         streams = self.val_full
         if chars < self.val_full_chars:
             rows = max(self.config.eval_streams, full_pass_streams(chars, self.config.eval_streams))
@@ -510,48 +512,66 @@ class Trainer:
                                       "last": self.step if passes > 1 else None,
                                       "estimate_s": passes * streams.scored() / self._fp32_rate()
                                       if self.val_rate else None})
-        scores = []
-        for k, (step, model) in enumerate(candidates):
-            def progress(done, total, k=k):
-                self.callback("final_progress", {"done": k * total + done, "total": passes * total})
-
-            sums = evaluate_rows(model, mine, EVAL_SEQ_LEN, self.device, "fp32", progress, self.context_id)
-            counts = mine.hi - mine.lo
-            if self.dist.enabled:  # every process's rows, for the total and the standard error
-                parts = [None] * self.dist.world
-                dist.all_gather_object(parts, (sums, counts))
-                sums = np.concatenate([p[0] for p in parts])
-                counts = np.concatenate([p[1] for p in parts])
-            scored = int(counts.sum())
-            scores.append((float(sums.sum()) / max(scored, 1), step, sums, counts))
-        loss, step, sums, counts = min(scores, key=lambda s: s[0])  # the same choice on every process
+        scores = [self._score_rows(model, mine, k, passes) for k, (_, model) in enumerate(candidates)]
+        k = min(range(passes), key=lambda i: scores[i][0])  # the same choice on every process
+        loss, sums, counts = scores[k]
         scored = int(counts.sum())
         se = standard_error(sums, counts) if scored < self.val_full_chars else 0.0
-        report = {"loss": loss, "chars": scored, "of": self.val_full_chars, "se": se, "step": step}
+        report = {"loss": loss, "chars": scored, "of": self.val_full_chars, "se": se, "step": candidates[k][0]}
         if passes > 1:
-            report["compared"] = {"step": scores[0][1] if step != scores[0][1] else scores[1][1],
-                                  "loss": max(s[0] for s in scores)}
-        if step != self.best_step:  # the last weights won: best.pt holds them now, with the last pass's figure
-            self.best_step, self.best_val, self.best_weights = step, self.metrics[-1]["val_loss"], None
-            self.metrics[-1]["best"] = True
-            self._save(ckpt.BEST)
-            if self.dist.is_main:
-                persist.rewrite_metrics(self.out_dir, self.metrics)
+            report["compared"] = {"step": candidates[1 - k][0], "loss": scores[1 - k][0]}
+        if candidates[k][0] != self.best_step:
+            self._keep_last()
         self.callback("final", report)
         return report
+
+    def _score_rows(self, model, rows, k: int, passes: int) -> tuple:
+        """(loss, per-row sums, per-row counts) of `model` on this process's `rows` and every other's: the
+        k-th of `passes` passes of the final report."""
+        def progress(done, total):
+            self.callback("final_progress", {"done": k * total + done, "total": passes * total})
+
+        sums = evaluate_rows(model, rows, EVAL_SEQ_LEN, self.device, "fp32", progress, self.context_id)
+        counts = rows.hi - rows.lo
+        if self.dist.enabled:  # every process's rows, for the total and the standard error
+            parts = [None] * self.dist.world
+            dist.all_gather_object(parts, (sums, counts))
+            sums = np.concatenate([p[0] for p in parts])
+            counts = np.concatenate([p[1] for p in parts])
+        return float(sums.sum()) / max(int(counts.sum()), 1), sums, counts
+
+    def _keep_last(self) -> None:
+        """The last weights scored lower than the sample's best on the whole validation text: they are the
+        run's best now, in best.pt and last.pt alike (a resumed run starts from that), and in metrics.jsonl. A
+        failed write fails the run as a periodic one does; the files it had are left as they were."""
+        self.best_step, self.best_val, self.bad_evals = self.step, self.metrics[-1]["val_loss"], 0
+        self.best_weights = None
+        self.metrics[-1]["best"] = True
+        carried = self._gather_state()
+
+        def write():
+            self._save(ckpt.BEST, carried)
+            self._save(ckpt.LAST, carried)
+            try:
+                persist.rewrite_metrics(self.out_dir, self.metrics)
+            except OSError as exc:
+                raise CharlmError(f"could not write {self.out_dir / persist.METRICS} ({exc.strerror or exc})")
+
+        agreed(self.dist, write, here=self.dist.is_main)
 
     def _fp32_rate(self) -> float:
         return self.val_rate / (FP32_OVER_BF16 if self.config.precision == "bf16" else 1.0)
 
-    def _final_chars(self) -> int:
+    def _final_chars(self, passes: int = 1) -> int:
         """How many validation characters the final report scores: all of them when asked (or when no
         periodic pass timed the model), else as many as fit in final_share of the budget (the time limit, or
-        the time the run took), and never fewer than a periodic pass scored or FINAL_MIN_CHARS."""
+        the time the run took; `passes` models share it), and never fewer than a periodic pass scored or
+        FINAL_MIN_CHARS."""
         c = self.config
         if c.full_final_eval or not self.val_rate:
             return self.val_full_chars
         budget = c.max_time or self.elapsed
-        affordable = int(self._fp32_rate() * max(c.final_share * budget, FINAL_MIN_S))
+        affordable = int(self._fp32_rate() * max(c.final_share * budget, FINAL_MIN_S) / passes)
         return min(self.val_full_chars, max(affordable, self.val_sample_chars, FINAL_MIN_CHARS))
 
     def _gather_state(self) -> list:

@@ -4,7 +4,10 @@ sample with its standard error; --full-final-eval scores everything; the termina
 from __future__ import annotations
 
 import io
+import json
 import math
+import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +17,8 @@ from rich.console import Console
 from charlm import checkpoint as ckpt
 from charlm import train as train_module
 from charlm.corpus import decode_corpus, split_train_val
-from charlm.cli.display import TrainDisplay
+from charlm.cli.display import TrainDisplay, final_line
+from charlm.cli.train_report import end_summary
 from charlm.evaluation import evaluate_text, standard_error
 from charlm.model import CharRNN, ModelConfig
 from charlm.train import TrainConfig, Trainer
@@ -143,10 +147,22 @@ def test_the_last_weights_are_kept_when_the_whole_text_prefers_them(tmp_path, on
     assert result.best_step == report["step"] == 40 and report["chars"] == pairs
     assert report["compared"]["step"] == 20 and report["compared"]["loss"] > report["loss"]
     assert whole["loss"] == pytest.approx(report["loss"], abs=1e-5)  # best.pt is the model reported
-    saved = ckpt.load(tmp_path / "noisy" / ckpt.BEST)
-    assert saved["step"] == saved["best_step"] == 40
+    # best.pt, last.pt and metrics.jsonl agree on it, as a resumed run reads them
+    for name in (ckpt.BEST, ckpt.LAST):
+        saved = ckpt.load(tmp_path / "noisy" / name)
+        assert saved["step"] == saved["best_step"] == 40 and saved["bad_evals"] == 0
+        assert saved["best_val_loss"] == result.best_val_loss == result.metrics[-1]["val_loss"]
+    records = [json.loads(line) for line in (tmp_path / "noisy" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["best"]][-1] == 40
     start = next(data for event, data in events if event == "final_start")
     assert (start["step"], start["last"]) == (20, 40)
+    # and the report names it
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "argv", ["charlm", "train", "t.txt", "--max-steps", "40"])
+    end_summary(Console(file=out, width=200), result, tmp_path / "noisy", SimpleNamespace(patience=3), [])
+    assert "(step 40)" in out.getvalue()
+    assert f"best.pt: the last step's weights: {report['loss']:.4f} on the same characters against " \
+           f"{report['compared']['loss']:.4f} for step 20" in out.getvalue()
 
 
 def test_the_sample_best_stays_when_the_whole_text_agrees(tmp_path, one_thread, monkeypatch):
@@ -170,22 +186,26 @@ def test_the_sample_best_stays_when_the_whole_text_agrees(tmp_path, one_thread, 
     assert ckpt.load(tmp_path / "agrees" / ckpt.BEST)["step"] == 20
 
 
-def test_the_report_says_when_the_last_weights_were_kept(monkeypatch):
-    import sys
-    from pathlib import Path
-    from types import SimpleNamespace
-
-    from charlm.cli.display import final_line
-    from charlm.cli.train_report import end_summary
-
-    monkeypatch.setattr(sys, "argv", ["charlm", "train", "zh.txt", "--max-time", "3m"])
-    result = SimpleNamespace(stopped_by="max_time", step=824, epoch=1, elapsed_s=180.0, eval_s=6.0,
-                             best_val_loss=4.29, best_step=824, metrics=[{"val_loss": 4.4}, {"val_loss": 4.29}],
-                             full_val={"loss": 4.2904, "chars": 116140, "of": 116140, "se": 0.0, "step": 824,
-                                       "compared": {"step": 619, "loss": 4.3129}})
-    out = io.StringIO()
-    end_summary(Console(file=out, width=200), result, Path("checkpoints/zh"), SimpleNamespace(patience=3), [])
-    text = out.getvalue()
-    assert "val loss 4.2904" in text and "(step 824)" in text
-    assert "kept: the last step's weights, 4.2904 on these characters against 4.3129 for step 619" in text
+def test_the_final_line_names_both_steps():
     assert "(step 619 and the last, 824)" in final_line({"chars": 10, "of": 10, "step": 619, "last": 824})
+    assert "(step 619)" in final_line({"chars": 10, "of": 10, "step": 619, "last": None})
+
+
+def test_no_second_pass_when_the_whole_text_does_not_fit_twice(tmp_path, one_thread, monkeypatch):
+    # A large text in a short budget: the report reads a sample, and the last weights are not scored beside
+    # the best (the end of a run stays inside its budget); the sample's best stands.
+    monkeypatch.setattr(train_module, "FINAL_MIN_S", 0.0)
+    monkeypatch.setattr(train_module, "FINAL_MIN_CHARS", 0)
+    validate = Trainer._validate
+
+    def noisy(self):
+        val, scored = validate(self)
+        return (val - 5.0 if self.step == 20 else val), scored
+
+    monkeypatch.setattr(Trainer, "_validate", noisy)
+    events = []
+    result, _, pairs = _run(tmp_path, "short", events, final_share=1e-9)
+    assert result.best_step == result.full_val["step"] == 20 and "compared" not in result.full_val
+    assert result.full_val["chars"] < pairs
+    start = next(data for event, data in events if event == "final_start")
+    assert start["last"] is None

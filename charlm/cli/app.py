@@ -136,7 +136,8 @@ def train(
         show_default=False)] = None,
     full_final_eval: Annotated[Optional[bool], typer.Option(
         "--full-final-eval/--no-full-final-eval",
-        help="At the end, score the best model in float32 on the whole validation text whatever it costs "
+        help="At the end, score the best model in float32 on the whole validation text whatever it costs, "
+             "and the last beside it when a sample of the text picked the best (the lower is kept) "
              "(--no-...: skip it) \\[default: the whole text when that fits in 5% of the budget (at least 2 s), "
              "else an even sample that does, with its standard error].", rich_help_panel=TRAIN,
         show_default=False)] = None,

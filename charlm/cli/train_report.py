@@ -213,8 +213,8 @@ def end_summary(console: Console, result, out: Path, r: TrainRequest, received: 
             console.print("  " + spark[-max(1, console.width - 3):], highlight=False, soft_wrap=True)
         other = (result.full_val or {}).get("compared")
         if other and other["step"] != result.best_step and result.best_step == result.step:
-            say(console, "kept", f"the last step's weights, {bv:.4f} on these characters against {other['loss']:.4f} "
-                f"for step {other['step']:,} (the periodic sample's best); best.pt holds them")
+            say(console, "best.pt", f"the last step's weights: {bv:.4f} on the same characters against "
+                f"{other['loss']:.4f} for step {other['step']:,}, the periodic sample's best")
     say(console, "run", f"{out}/ (best.pt, last.pt, metrics.jsonl)")
     say_commands(console, "next", [["charlm", "sample", "-c", shlex.quote(str(out)), "--prime", '"..."'],
                                    ["charlm", "plot", shlex.quote(str(out))]])
