@@ -130,10 +130,8 @@ def test_the_time_a_run_reports_holds_its_evaluations(tmp_path, one_thread):
     assert result.eval_s <= result.elapsed_s
 
 
-def test_the_last_weights_are_kept_when_the_whole_text_prefers_them(tmp_path, one_thread, monkeypatch):
-    # A periodic sample picks its best with its own noise: here it calls step 20 best by a wide margin, while the
-    # run (still improving) is better at step 40. The final pass scores both on the same characters; best.pt
-    # ends up holding what scores lower there, and says which step that was.
+def _sample_favours_step_20(monkeypatch):
+    """The periodic sample reads step 20's model 5 nats/char lower than it is: a sample's noise, writ large."""
     validate = Trainer._validate
 
     def noisy(self):
@@ -141,6 +139,13 @@ def test_the_last_weights_are_kept_when_the_whole_text_prefers_them(tmp_path, on
         return (val - 5.0 if self.step == 20 else val), scored
 
     monkeypatch.setattr(Trainer, "_validate", noisy)
+
+
+def test_the_last_weights_are_kept_when_the_whole_text_prefers_them(tmp_path, one_thread, monkeypatch):
+    # A periodic sample picks its best with its own noise: here it calls step 20 best by a wide margin, while the
+    # run (still improving) is better at step 40. The final pass scores both on the same characters; best.pt
+    # ends up holding what scores lower there, and says which step that was.
+    _sample_favours_step_20(monkeypatch)
     events = []
     result, whole, pairs = _run(tmp_path, "noisy", events)  # _run scores best.pt on the whole text
     report = result.full_val
@@ -196,13 +201,7 @@ def test_no_second_pass_when_the_whole_text_does_not_fit_twice(tmp_path, one_thr
     # the best (the end of a run stays inside its budget); the sample's best stands.
     monkeypatch.setattr(train_module, "FINAL_MIN_S", 0.0)
     monkeypatch.setattr(train_module, "FINAL_MIN_CHARS", 0)
-    validate = Trainer._validate
-
-    def noisy(self):
-        val, scored = validate(self)
-        return (val - 5.0 if self.step == 20 else val), scored
-
-    monkeypatch.setattr(Trainer, "_validate", noisy)
+    _sample_favours_step_20(monkeypatch)
     events = []
     result, _, pairs = _run(tmp_path, "short", events, final_share=1e-9)
     assert result.best_step == result.full_val["step"] == 20 and "compared" not in result.full_val
