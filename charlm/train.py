@@ -543,7 +543,8 @@ class Trainer:
     def _keep_last(self) -> None:
         """The last weights scored lower than the sample's best on the whole validation text: they are the
         run's best now, in best.pt and last.pt alike (a resumed run starts from that), and in metrics.jsonl. A
-        failed write fails the run as a periodic one does; the files it had are left as they were."""
+        failed write fails the run as a periodic one does; each file is whole, the old one or the new (a write
+        that fails after best.pt leaves the new best.pt beside the old last.pt)."""
         self.best_step, self.best_val, self.bad_evals = self.step, self.metrics[-1]["val_loss"], 0
         self.best_weights = None
         self.metrics[-1]["best"] = True

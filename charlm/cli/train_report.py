@@ -212,7 +212,7 @@ def end_summary(console: Console, result, out: Path, r: TrainRequest, received: 
             say(console, "best", best)
             console.print("  " + spark[-max(1, console.width - 3):], highlight=False, soft_wrap=True)
         other = (result.full_val or {}).get("compared")
-        if other and other["step"] != result.best_step and result.best_step == result.step:
+        if other and result.best_step == result.step:  # compared, and the last step won: best.pt changed
             say(console, "best.pt", f"the last step's weights: {bv:.4f} on the same characters against "
                 f"{other['loss']:.4f} for step {other['step']:,}, the periodic sample's best")
     say(console, "run", f"{out}/ (best.pt, last.pt, metrics.jsonl)")
